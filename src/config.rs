@@ -1,0 +1,517 @@
+//! The plugin configuration operators write (the Wasm filter's `configuration` JSON).
+//!
+//! Parsing is strict: a missing required key, a wrong type or an unknown key is an error that
+//! names the key, so Envoy refuses the configuration instead of running a guard that silently
+//! does nothing. Secrets may be named through environment variables (`<field>_env`) that
+//! Envoy hands to the VM, which keeps them out of config dumps; neither form is ever logged.
+
+use serde_json::{Map, Value};
+use std::fmt;
+use std::time::Duration;
+
+/// A secret value; its `Debug` form never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Where an upstream API is reached from Envoy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Envoy cluster name for `dispatch_http_call`.
+    pub cluster: String,
+    /// `:authority` of the calls; defaults to the cluster name.
+    pub authority: String,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SynapseConfig {
+    pub upstream: Upstream,
+    pub admin_token: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveKitConfig {
+    pub upstream: Upstream,
+    pub api_key: Secret,
+    pub api_secret: Secret,
+}
+
+/// What the guard does when it cannot complete a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Let the token through: calls keep working while the guard is degraded.
+    Open,
+    /// Answer 503 `M_UNKNOWN`: the limit is never exceeded, at the price of refused joins.
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub synapse: SynapseConfig,
+    pub livekit: LiveKitConfig,
+    pub token_paths: Vec<String>,
+    pub limit_state_type: String,
+    pub limit_cache_ttl: Duration,
+    pub failure_mode: FailureMode,
+    /// How long an admitted user who has not shown up in LiveKit still holds a place.
+    pub reservation: Duration,
+}
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_LIMIT_CACHE_TTL_SECONDS: u64 = 10;
+pub const DEFAULT_RESERVATION_SECONDS: u64 = 30;
+pub const DEFAULT_LIMIT_STATE_TYPE: &str = "io.lotus.voice_limit";
+pub const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/sfu/get", "/get_token"];
+
+/// A configuration error, naming the offending key (never a secret's value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+impl Config {
+    /// Parses the plugin configuration. `env` looks up the environment variables named by
+    /// `*_env` keys (the process environment inside Envoy, a map in tests).
+    pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let root: Value = serde_json::from_slice(json)
+            .map_err(|e| ConfigError(format!("configuration is not valid JSON: {e}")))?;
+        let mut root = Object::new(root, "configuration")?;
+
+        let mut synapse = root.object("synapse")?;
+        let synapse_config = SynapseConfig {
+            upstream: upstream(&mut synapse)?,
+            admin_token: secret(&mut synapse, "admin_token", env)?,
+        };
+        synapse.finish()?;
+
+        let mut livekit = root.object("livekit")?;
+        let livekit_config = LiveKitConfig {
+            upstream: upstream(&mut livekit)?,
+            api_key: secret(&mut livekit, "api_key", env)?,
+            api_secret: secret(&mut livekit, "api_secret", env)?,
+        };
+        livekit.finish()?;
+
+        let token_paths = match root.take("token_paths") {
+            None => DEFAULT_TOKEN_PATHS.iter().map(|p| p.to_string()).collect(),
+            Some(value) => token_paths(value)?,
+        };
+        let limit_state_type = root
+            .optional_string("limit_state_type")?
+            .unwrap_or_else(|| DEFAULT_LIMIT_STATE_TYPE.to_owned());
+        if limit_state_type.is_empty() {
+            return err("limit_state_type: must not be empty");
+        }
+        let limit_cache_ttl = Duration::from_secs(
+            root.optional_u64("limit_cache_ttl_seconds", 0)?
+                .unwrap_or(DEFAULT_LIMIT_CACHE_TTL_SECONDS),
+        );
+        let failure_mode = match root.optional_string("failure_mode")?.as_deref() {
+            None | Some("open") => FailureMode::Open,
+            Some("closed") => FailureMode::Closed,
+            Some(other) => {
+                return err(format!(
+                    "failure_mode: expected \"open\" or \"closed\", got {other:?}"
+                ))
+            }
+        };
+        let reservation = Duration::from_secs(
+            root.optional_u64("reservation_seconds", 1)?
+                .unwrap_or(DEFAULT_RESERVATION_SECONDS),
+        );
+        root.finish()?;
+
+        Ok(Config {
+            synapse: synapse_config,
+            livekit: livekit_config,
+            token_paths,
+            limit_state_type,
+            limit_cache_ttl,
+            failure_mode,
+            reservation,
+        })
+    }
+
+    /// Whether a request path (query string ignored) is a token endpoint.
+    ///
+    /// lk-jwt-service's Go router unescapes the path before matching, so `/s%66u/get` reaches
+    /// the token handler; the decoded path is compared too, or such a request would pass
+    /// unguarded. Matching a few paths that the router then refuses costs nothing.
+    pub fn is_token_path(&self, path: &str) -> bool {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let decoded = percent_decode(path);
+        self.token_paths
+            .iter()
+            .any(|p| p == path || decoded.as_deref() == Some(p.as_str()))
+    }
+}
+
+/// Decodes `%XX` escapes; `None` when there are none or they do not decode to UTF-8.
+fn percent_decode(path: &str) -> Option<String> {
+    if !path.contains('%') {
+        return None;
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[i], escaped) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn upstream(obj: &mut Object) -> Result<Upstream, ConfigError> {
+    let cluster = obj.required_string("cluster")?;
+    if cluster.is_empty() {
+        return err(format!("{}.cluster: must not be empty", obj.name));
+    }
+    let authority = obj
+        .optional_string("authority")?
+        .unwrap_or_else(|| cluster.clone());
+    let timeout_ms = obj
+        .optional_u64("timeout_ms", 1)?
+        .unwrap_or(DEFAULT_TIMEOUT_MS);
+    Ok(Upstream {
+        cluster,
+        authority,
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// A secret given inline as `field` or through the environment variable named by `field_env`.
+fn secret(
+    obj: &mut Object,
+    field: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    let env_field = format!("{field}_env");
+    let inline = obj.optional_string(field)?;
+    let from_env = obj.optional_string(&env_field)?;
+    let value = match (inline, from_env) {
+        (Some(_), Some(_)) => {
+            return err(format!(
+                "{0}.{field} and {0}.{env_field}: give only one of them",
+                obj.name
+            ))
+        }
+        (Some(value), None) => value,
+        (None, Some(var)) => match env(&var) {
+            Some(value) => value,
+            None => {
+                return err(format!(
+                    "{}.{env_field}: environment variable {var:?} is not set in the Wasm VM \
+                     (list it in vm_config.environment_variables.host_env_keys)",
+                    obj.name
+                ))
+            }
+        },
+        (None, None) => {
+            return err(format!(
+                "{0}.{field} (or {0}.{env_field}) is required",
+                obj.name
+            ))
+        }
+    };
+    if value.is_empty() {
+        return err(format!("{}.{field}: must not be empty", obj.name));
+    }
+    Ok(Secret(value))
+}
+
+fn token_paths(value: Value) -> Result<Vec<String>, ConfigError> {
+    let Value::Array(items) = value else {
+        return err("token_paths: expected an array of paths");
+    };
+    let mut paths = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Value::String(p) if p.starts_with('/') && !p.contains(['?', '#']) => paths.push(p),
+            other => {
+                return err(format!(
+                    "token_paths: expected paths starting with '/' and without a query, got {other}"
+                ))
+            }
+        }
+    }
+    if paths.is_empty() {
+        return err("token_paths: must list at least one path");
+    }
+    Ok(paths)
+}
+
+/// A JSON object being consumed key by key; whatever is left at the end is unknown.
+struct Object {
+    name: String,
+    map: Map<String, Value>,
+}
+
+impl Object {
+    fn new(value: Value, name: &str) -> Result<Object, ConfigError> {
+        match value {
+            Value::Object(map) => Ok(Object {
+                name: name.to_owned(),
+                map,
+            }),
+            _ => err(format!("{name}: expected a JSON object")),
+        }
+    }
+
+    fn path(&self, key: &str) -> String {
+        if self.name == "configuration" {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.name)
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key)
+    }
+
+    fn object(&mut self, key: &str) -> Result<Object, ConfigError> {
+        let path = self.path(key);
+        match self.take(key) {
+            None => err(format!("{path} is required")),
+            Some(value) => Object::new(value, &path),
+        }
+    }
+
+    fn required_string(&mut self, key: &str) -> Result<String, ConfigError> {
+        match self.optional_string(key)? {
+            Some(s) => Ok(s),
+            None => err(format!("{} is required", self.path(key))),
+        }
+    }
+
+    fn optional_string(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => err(format!(
+                "{}: expected a string, got {}",
+                self.path(key),
+                kind(&other)
+            )),
+        }
+    }
+
+    fn optional_u64(&mut self, key: &str, min: u64) -> Result<Option<u64>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= min) => Ok(n.as_u64()),
+            Some(other) => err(format!(
+                "{}: expected an integer >= {min}, got {other}",
+                self.path(key)
+            )),
+        }
+    }
+
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.map.keys().next() {
+            None => Ok(()),
+            Some(key) => err(format!("{}: unknown key", self.path(key))),
+        }
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{
+        "synapse": {"cluster": "synapse", "admin_token": "syt_secret"},
+        "livekit": {"cluster": "livekit", "api_key": "devkey", "api_secret": "lk_secret"}
+    }"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::parse(json.as_bytes(), &no_env)
+    }
+
+    fn error_of(json: &str) -> String {
+        parse(json).unwrap_err().0
+    }
+
+    #[test]
+    fn minimal_configuration_gets_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.synapse.upstream.cluster, "synapse");
+        assert_eq!(c.synapse.upstream.authority, "synapse");
+        assert_eq!(c.synapse.upstream.timeout, Duration::from_millis(5000));
+        assert_eq!(c.synapse.admin_token.expose(), "syt_secret");
+        assert_eq!(c.livekit.upstream.authority, "livekit");
+        assert_eq!(c.livekit.api_key.expose(), "devkey");
+        assert_eq!(c.livekit.api_secret.expose(), "lk_secret");
+        assert_eq!(c.token_paths, ["/sfu/get", "/get_token"]);
+        assert_eq!(c.limit_state_type, "io.lotus.voice_limit");
+        assert_eq!(c.limit_cache_ttl, Duration::from_secs(10));
+        assert_eq!(c.failure_mode, FailureMode::Open);
+        assert_eq!(c.reservation, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn full_configuration() {
+        let c = parse(
+            r#"{
+            "synapse": {"cluster": "hs", "authority": "matrix.example", "admin_token": "t", "timeout_ms": 250},
+            "livekit": {"cluster": "lk", "authority": "sfu", "api_key": "k", "api_secret": "s", "timeout_ms": 300},
+            "token_paths": ["/get_token"],
+            "limit_state_type": "org.example.limit",
+            "limit_cache_ttl_seconds": 0,
+            "failure_mode": "closed",
+            "reservation_seconds": 5
+        }"#,
+        )
+        .unwrap();
+        assert_eq!(c.synapse.upstream.authority, "matrix.example");
+        assert_eq!(c.synapse.upstream.timeout, Duration::from_millis(250));
+        assert_eq!(c.livekit.upstream.timeout, Duration::from_millis(300));
+        assert_eq!(c.token_paths, ["/get_token"]);
+        assert_eq!(c.limit_state_type, "org.example.limit");
+        assert_eq!(c.limit_cache_ttl, Duration::ZERO);
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.reservation, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn secrets_can_come_from_the_environment() {
+        let env = |name: &str| match name {
+            "SYNAPSE_TOKEN" => Some("from-env".to_owned()),
+            "LK_SECRET" => Some("lk-from-env".to_owned()),
+            _ => None,
+        };
+        let c = Config::parse(
+            br#"{"synapse": {"cluster": "s", "admin_token_env": "SYNAPSE_TOKEN"},
+                 "livekit": {"cluster": "l", "api_key": "k", "api_secret_env": "LK_SECRET"}}"#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.synapse.admin_token.expose(), "from-env");
+        assert_eq!(c.livekit.api_secret.expose(), "lk-from-env");
+        let e = Config::parse(
+            br#"{"synapse": {"cluster": "s", "admin_token_env": "MISSING"},
+                 "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#,
+            &env,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("synapse.admin_token_env") && e.0.contains("MISSING"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(error_of("{}"), "synapse is required");
+        assert_eq!(error_of("[]"), "configuration: expected a JSON object");
+        assert!(error_of("{").starts_with("configuration is not valid JSON"));
+        assert_eq!(
+            error_of(r#"{"synapse": {"admin_token": "t"}, "livekit": {}}"#),
+            "synapse.cluster is required"
+        );
+        assert_eq!(
+            error_of(r#"{"synapse": {"cluster": "s"}, "livekit": {}}"#),
+            "synapse.admin_token (or synapse.admin_token_env) is required"
+        );
+        let with = |extra: &str| MINIMAL.replacen('{', &format!("{{{extra},"), 1);
+        assert_eq!(
+            error_of(&with(r#""limit_cache_ttl_seconds": "10""#)),
+            r#"limit_cache_ttl_seconds: expected an integer >= 0, got "10""#
+        );
+        assert_eq!(error_of(&with(r#""bogus": 1"#)), "bogus: unknown key");
+        assert_eq!(
+            error_of(&with(r#""failure_mode": "maybe""#)),
+            r#"failure_mode: expected "open" or "closed", got "maybe""#
+        );
+        assert_eq!(
+            error_of(&with(r#""token_paths": []"#)),
+            "token_paths: must list at least one path"
+        );
+        assert_eq!(
+            error_of(&with(r#""reservation_seconds": 0"#)),
+            "reservation_seconds: expected an integer >= 1, got 0"
+        );
+        assert_eq!(
+            error_of(
+                r#"{"synapse": {"cluster": "s", "admin_token": "t", "timeout": 5},
+                    "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#
+            ),
+            "synapse.timeout: unknown key"
+        );
+        assert_eq!(
+            error_of(
+                r#"{"synapse": {"cluster": "s", "admin_token": 5},
+                    "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#
+            ),
+            "synapse.admin_token: expected a string, got a number"
+        );
+    }
+
+    #[test]
+    fn errors_never_contain_secrets() {
+        let e = error_of(
+            r#"{"synapse": {"cluster": "s", "admin_token": "syt_topsecret", "admin_token_env": "X"},
+                "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#,
+        );
+        assert!(!e.contains("topsecret"), "{e}");
+        let c = parse(MINIMAL).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("syt_secret") && !debug.contains("lk_secret"));
+    }
+
+    #[test]
+    fn token_paths_ignore_the_query_string() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.is_token_path("/sfu/get"));
+        assert!(c.is_token_path("/get_token?x=1"));
+        assert!(!c.is_token_path("/sfu/get/"));
+        assert!(!c.is_token_path("/healthz"));
+        assert!(c.is_token_path("/s%66u/get"));
+        assert!(c.is_token_path("/get%5Ftoken"));
+        assert!(!c.is_token_path("/sfu%2"));
+    }
+}

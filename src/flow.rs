@@ -1,0 +1,969 @@
+//! The admission of one token request, top to bottom, as a sans-IO state machine.
+//!
+//! The host adapter feeds it what happens on the stream and on the calls it made, and carries
+//! out the [`Effect`]s it returns. Nothing here touches the host, so the whole flow is tested
+//! natively.
+//!
+//! 1. Request body complete ([`Admission::on_request_body`]): read the room the way
+//!    lk-jwt-service does; find its limit in the shared cache, or ask Synapse. The request goes
+//!    on to lk-jwt-service at once: the lookups run while it works.
+//!    With a known limit, LiveKit is asked who is in the room under the alias lk-jwt-service
+//!    0.4.3+ will choose, so that answer is usually ready when the token arrives.
+//! 2. Response headers ([`Admission::on_response_headers`]): anything but a 200 passes
+//!    unchanged; a 200 for a room without a limit passes at once; otherwise it is held.
+//! 3. Response body ([`Admission::on_response_body`]): the token's `video.room` and `sub`
+//!    say which LiveKit room and who. If the early LiveKit answer was for another room
+//!    (an older lk-jwt-service), LiveKit is asked again.
+//! 4. Decision ([`Admission::advance`]): with the limit and the participants known, the held
+//!    response goes on, or becomes a 403 `M_FORBIDDEN`. Any failure on the way lets the token
+//!    through (`failure_mode: open`) or answers 503 (`closed`); every path ends the stream.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::config::{Config, FailureMode, Upstream};
+use crate::decision::should_block;
+use crate::jwt::{self, JoinClaims};
+use crate::limit_cache::{self, Cached};
+use crate::livekit;
+use crate::livekit_names::{matrix_user_of_identity, room_alias};
+use crate::reply::{self, LocalReply};
+use crate::store::SharedStore;
+use crate::synapse::{self, Limit};
+use crate::token_request::{self, Shape, TokenRequest};
+
+/// What the admission needs from its surroundings at each step.
+pub struct Env<'a> {
+    pub config: &'a Config,
+    pub store: &'a dyn SharedStore,
+    /// Milliseconds since the Unix epoch.
+    pub now_ms: u64,
+}
+
+/// The guard's counters (exported as `voice_limit_guard.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Counter {
+    TokenRequests,
+    Allowed,
+    Blocked,
+    FailOpen,
+    FailClosed,
+    SynapseLookups,
+    LimitCacheHits,
+    LivekitLookups,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::TokenRequests,
+        Counter::Allowed,
+        Counter::Blocked,
+        Counter::FailOpen,
+        Counter::FailClosed,
+        Counter::SynapseLookups,
+        Counter::LimitCacheHits,
+        Counter::LivekitLookups,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::TokenRequests => "voice_limit_guard.token_requests",
+            Counter::Allowed => "voice_limit_guard.allowed",
+            Counter::Blocked => "voice_limit_guard.blocked",
+            Counter::FailOpen => "voice_limit_guard.fail_open",
+            Counter::FailClosed => "voice_limit_guard.fail_closed",
+            Counter::SynapseLookups => "voice_limit_guard.synapse_lookups",
+            Counter::LimitCacheHits => "voice_limit_guard.limit_cache_hits",
+            Counter::LivekitLookups => "voice_limit_guard.livekit_lookups",
+        }
+    }
+}
+
+/// Which question an outgoing call asks; the host hands it back with the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallKind {
+    LimitLookup,
+    /// `ListParticipants` for this LiveKit room.
+    ListParticipants(String),
+}
+
+/// An HTTP call to make with `dispatch_http_call`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub kind: CallKind,
+    pub cluster: String,
+    /// Pseudo-headers included.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// What the host must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Dispatch(HttpCall),
+    Count(Counter),
+    /// Let the upstream response go on unchanged.
+    PassResponse,
+    /// Replace the upstream response with this one.
+    Reply(LocalReply),
+}
+
+#[derive(Debug)]
+enum LimitState {
+    /// The request body has not been read yet.
+    Unknown,
+    /// This request asked Synapse.
+    Asking,
+    /// Another request is asking Synapse for the same room.
+    AskedByOther,
+    Known(Limit),
+    Failed(String),
+}
+
+#[derive(Debug)]
+enum ParticipantState {
+    Asking,
+    Known(Vec<String>),
+    Failed(String),
+}
+
+#[derive(Debug)]
+enum ResponseState {
+    NotYet,
+    /// A 200 is held until the decision.
+    Holding(JoinClaims),
+    /// The response was passed or replaced; nothing more to do.
+    Done,
+}
+
+/// One token request on its way through the guard.
+#[derive(Debug)]
+pub struct Admission {
+    request: Result<TokenRequest, token_request::BodyError>,
+    limit: LimitState,
+    /// The LiveKit room asked about, and what is known of its participants.
+    participants: Option<(String, ParticipantState)>,
+    response: ResponseState,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Admission {
+    pub fn new() -> Admission {
+        Admission {
+            request: Err(token_request::BodyError::NoRoom),
+            limit: LimitState::Unknown,
+            participants: None,
+            response: ResponseState::NotYet,
+        }
+    }
+
+    fn room(&self) -> &str {
+        self.request.as_ref().map_or("?", |r| r.room.as_str())
+    }
+
+    /// Step 1: the whole request body is here.
+    pub fn on_request_body(&mut self, body: &[u8], env: &Env) -> Vec<Effect> {
+        let mut effects = vec![Effect::Count(Counter::TokenRequests)];
+        self.request = token_request::parse(body);
+        let Ok(request) = &self.request else {
+            // lk-jwt-service refuses such a body; should it issue a token anyway, step 4 fails.
+            return effects;
+        };
+        let room = request.room.clone();
+        let cfg = env.config;
+        let cached = if cfg.limit_cache_ttl.is_zero() {
+            Ok(Cached::Claimed)
+        } else {
+            let pending_ms = cfg.synapse.upstream.timeout.as_millis() as u64;
+            limit_cache::read_or_claim(env.store, &room, env.now_ms, pending_ms)
+        };
+        match cached {
+            Ok(Cached::Known(limit)) => {
+                effects.push(Effect::Count(Counter::LimitCacheHits));
+                self.limit = LimitState::Known(limit);
+                self.ask_livekit_early(env, &mut effects);
+            }
+            Ok(Cached::Pending) => self.limit = LimitState::AskedByOther,
+            Ok(Cached::Claimed) | Err(_) => self.ask_synapse(env, &mut effects),
+        }
+        effects
+    }
+
+    /// Step 2: the upstream response headers. `status` is `None` when unreadable.
+    pub fn on_response_headers(
+        &mut self,
+        status: Option<u32>,
+        end_of_stream: bool,
+        env: &Env,
+    ) -> Vec<Effect> {
+        if status != Some(200) {
+            self.response = ResponseState::Done;
+            return vec![Effect::PassResponse];
+        }
+        if let LimitState::Known(Limit::None) = self.limit {
+            self.response = ResponseState::Done;
+            return vec![Effect::Count(Counter::Allowed), Effect::PassResponse];
+        }
+        if end_of_stream {
+            // Holding a response without a body would never end.
+            return self.fail("lk-jwt-service answered 200 without a body".into(), env);
+        }
+        Vec::new()
+    }
+
+    /// Step 3: the whole body of a held 200.
+    pub fn on_response_body(&mut self, body: &[u8], env: &Env) -> Vec<Effect> {
+        if matches!(self.response, ResponseState::Done) {
+            return Vec::new();
+        }
+        match issued_token(body).and_then(|t| jwt::join_claims(&t).map_err(|e| e.to_string())) {
+            Ok(claims) => {
+                self.response = ResponseState::Holding(claims);
+                self.advance(env)
+            }
+            Err(reason) => self.fail(reason, env),
+        }
+    }
+
+    /// The answer to a call this admission asked for (`status` is `None` when the call
+    /// failed or was reset).
+    pub fn on_call_response(
+        &mut self,
+        kind: CallKind,
+        status: Option<u32>,
+        body: &[u8],
+        env: &Env,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match kind {
+            CallKind::LimitLookup => self.on_limit_answer(status, body, env, &mut effects),
+            CallKind::ListParticipants(room) => {
+                let Some((asked, state)) = &mut self.participants else {
+                    return effects;
+                };
+                if *asked != room {
+                    return effects; // an answer about a room no longer in question
+                }
+                *state = match livekit::parse_list_response(status, body) {
+                    Ok(identities) => ParticipantState::Known(identities),
+                    Err(e) => ParticipantState::Failed(e.to_string()),
+                };
+            }
+        }
+        effects.extend(self.advance(env));
+        effects
+    }
+
+    fn on_limit_answer(
+        &mut self,
+        status: Option<u32>,
+        body: &[u8],
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) {
+        let cfg = env.config;
+        let room = self.room().to_owned();
+        match synapse::parse_state_response(status, body, &cfg.limit_state_type) {
+            Ok(limit) => {
+                let ttl_ms = cfg.limit_cache_ttl.as_millis() as u64;
+                if let Err(e) =
+                    limit_cache::store_answer(env.store, &room, limit, env.now_ms, ttl_ms)
+                {
+                    log::debug!("room {room}: limit not cached: {e}");
+                }
+                self.limit = LimitState::Known(limit);
+                if matches!(self.response, ResponseState::NotYet) {
+                    self.ask_livekit_early(env, effects);
+                }
+            }
+            Err(e) => {
+                if !cfg.limit_cache_ttl.is_zero() {
+                    // Failures are not cached: the next request asks again.
+                    let _ = limit_cache::release_claim(env.store, &room, env.now_ms);
+                }
+                self.limit = LimitState::Failed(e.to_string());
+            }
+        }
+    }
+
+    /// Step 4: decides once everything needed is known; until then keeps holding.
+    fn advance(&mut self, env: &Env) -> Vec<Effect> {
+        let ResponseState::Holding(claims) = &self.response else {
+            return Vec::new();
+        };
+        let claims = claims.clone();
+        let request = match &self.request {
+            Ok(request) => request.clone(),
+            Err(e) => {
+                let reason =
+                    format!("lk-jwt-service issued a token for a body the guard cannot read: {e}");
+                return self.fail(reason, env);
+            }
+        };
+        let max_users = match &self.limit {
+            LimitState::Unknown | LimitState::Asking => return Vec::new(),
+            LimitState::AskedByOther => {
+                // The other request's answer may be cached by now; if not, ask ourselves.
+                match limit_cache::peek(env.store, &request.room, env.now_ms) {
+                    Some(Cached::Known(limit)) => {
+                        self.limit = LimitState::Known(limit);
+                        return self.advance(env);
+                    }
+                    _ => {
+                        let mut effects = Vec::new();
+                        self.ask_synapse(env, &mut effects);
+                        return effects;
+                    }
+                }
+            }
+            LimitState::Failed(reason) => {
+                let reason = format!("limit lookup failed: {reason}");
+                return self.fail(reason, env);
+            }
+            LimitState::Known(Limit::None) => {
+                self.response = ResponseState::Done;
+                return vec![Effect::Count(Counter::Allowed), Effect::PassResponse];
+            }
+            LimitState::Known(Limit::MaxUsers(n)) => *n,
+        };
+        match &self.participants {
+            Some((room, ParticipantState::Known(identities))) if *room == claims.room => {
+                let identities = identities.clone();
+                self.decide(&request, &claims, max_users, &identities)
+            }
+            Some((room, ParticipantState::Asking)) if *room == claims.room => Vec::new(),
+            Some((room, ParticipantState::Failed(reason))) if *room == claims.room => {
+                let reason = format!("participant lookup failed: {reason}");
+                self.fail(reason, env)
+            }
+            _ => {
+                let mut effects = Vec::new();
+                self.ask_livekit(&claims.room, env, &mut effects);
+                effects
+            }
+        }
+    }
+
+    fn decide(
+        &mut self,
+        request: &TokenRequest,
+        claims: &JoinClaims,
+        max_users: u32,
+        identities: &[String],
+    ) -> Vec<Effect> {
+        self.response = ResponseState::Done;
+        let present: BTreeSet<&str> = identities
+            .iter()
+            .map(|identity| matrix_user_of_identity(identity))
+            .collect();
+        let requester = requester_of(request, claims);
+        if should_block(max_users, &present, requester) {
+            log::info!(
+                "room {}: refused {requester}: {} of {max_users} users already present",
+                request.room,
+                present.len()
+            );
+            vec![
+                Effect::Count(Counter::Blocked),
+                Effect::Reply(reply::channel_full()),
+            ]
+        } else {
+            vec![Effect::Count(Counter::Allowed), Effect::PassResponse]
+        }
+    }
+
+    fn fail(&mut self, reason: String, env: &Env) -> Vec<Effect> {
+        self.response = ResponseState::Done;
+        let room = self.room();
+        match env.config.failure_mode {
+            FailureMode::Open => {
+                log::warn!("room {room}: {reason}; letting the token through (failure_mode open)");
+                vec![Effect::Count(Counter::FailOpen), Effect::PassResponse]
+            }
+            FailureMode::Closed => {
+                log::warn!("room {room}: {reason}; refusing the token (failure_mode closed)");
+                vec![
+                    Effect::Count(Counter::FailClosed),
+                    Effect::Reply(reply::check_failed()),
+                ]
+            }
+        }
+    }
+
+    fn ask_synapse(&mut self, env: &Env, effects: &mut Vec<Effect>) {
+        let cfg = env.config;
+        let path = synapse::state_path(self.room(), &cfg.limit_state_type);
+        let bearer = format!("Bearer {}", cfg.synapse.admin_token.expose());
+        effects.push(Effect::Count(Counter::SynapseLookups));
+        effects.push(Effect::Dispatch(call(
+            CallKind::LimitLookup,
+            &cfg.synapse.upstream,
+            "GET",
+            path,
+            vec![("authorization".into(), bearer)],
+            Vec::new(),
+        )));
+        self.limit = LimitState::Asking;
+    }
+
+    /// Asks LiveKit under the alias lk-jwt-service 0.4.3+ derives, before the token exists.
+    fn ask_livekit_early(&mut self, env: &Env, effects: &mut Vec<Effect>) {
+        let (Ok(request), LimitState::Known(Limit::MaxUsers(_)), None) =
+            (&self.request, &self.limit, &self.participants)
+        else {
+            return;
+        };
+        let alias = room_alias(&request.room, request.slot());
+        self.ask_livekit(&alias, env, effects);
+    }
+
+    fn ask_livekit(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
+        let cfg = &env.config.livekit;
+        let token = jwt::admin_token(
+            cfg.api_key.expose(),
+            cfg.api_secret.expose(),
+            room,
+            env.now_ms / 1000,
+        );
+        effects.push(Effect::Count(Counter::LivekitLookups));
+        effects.push(Effect::Dispatch(call(
+            CallKind::ListParticipants(room.to_owned()),
+            &cfg.upstream,
+            "POST",
+            livekit::LIST_PARTICIPANTS_PATH.to_owned(),
+            vec![
+                ("authorization".into(), format!("Bearer {token}")),
+                ("content-type".into(), "application/json".into()),
+            ],
+            livekit::list_participants_body(room),
+        )));
+        self.participants = Some((room.to_owned(), ParticipantState::Asking));
+    }
+}
+
+/// The Matrix user asking: the OpenID-verified claim of a new-shape request (lk-jwt-service
+/// issues a token only when it holds), else the user part of a `<user>:<device>` identity.
+fn requester_of<'a>(request: &'a TokenRequest, claims: &'a JoinClaims) -> &'a str {
+    if request.shape == Shape::New && !request.claimed_user_id.is_empty() {
+        &request.claimed_user_id
+    } else {
+        matrix_user_of_identity(&claims.identity)
+    }
+}
+
+fn issued_token(body: &[u8]) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Issued {
+        jwt: String,
+    }
+    serde_json::from_slice::<Issued>(body)
+        .map(|issued| issued.jwt)
+        .map_err(|_| "lk-jwt-service's 200 carries no {\"jwt\": ...} body".to_owned())
+}
+
+fn call(
+    kind: CallKind,
+    upstream: &Upstream,
+    method: &str,
+    path: String,
+    mut extra: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> HttpCall {
+    let mut headers = vec![
+        (":method".to_owned(), method.to_owned()),
+        (":path".to_owned(), path),
+        (":authority".to_owned(), upstream.authority.clone()),
+    ];
+    headers.append(&mut extra);
+    HttpCall {
+        kind,
+        cluster: upstream.cluster.clone(),
+        headers,
+        body,
+        timeout: upstream.timeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    fn config(extra: &str) -> Config {
+        let json = format!(
+            r#"{{"synapse": {{"cluster": "synapse", "admin_token": "syt_admin", "timeout_ms": 1000}},
+                "livekit": {{"cluster": "livekit", "api_key": "devkey", "api_secret": "lk_secret"}}{extra}}}"#
+        );
+        Config::parse(json.as_bytes(), &|_| None).unwrap()
+    }
+
+    const ROOM: &str = "!room:example.com";
+
+    fn legacy_body(user: &str, device: &str) -> Vec<u8> {
+        format!(
+            r#"{{"room":"{ROOM}","openid_token":{{"access_token":"openid:{user}","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"device_id":"{device}"}}"#
+        )
+        .into_bytes()
+    }
+
+    fn issued(room: &str, identity: &str) -> Vec<u8> {
+        let payload = format!(
+            r#"{{"sub":"{identity}","exp":4000000000,"video":{{"room":"{room}","roomJoin":true}}}}"#
+        );
+        let jwt = format!(
+            "eyJhbGciOiJIUzI1NiJ9.{}.sig",
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        format!("{{\"url\":\"ws://sfu\",\"jwt\":\"{jwt}\"}}\n").into_bytes()
+    }
+
+    fn legacy_alias() -> String {
+        room_alias(ROOM, "m.call#ROOM")
+    }
+
+    fn limit_answer(n: u32) -> Vec<u8> {
+        format!(r#"{{"state":[{{"type":"io.lotus.voice_limit","state_key":"","content":{{"max_users":{n}}}}}]}}"#)
+            .into_bytes()
+    }
+
+    fn participants(identities: &[&str]) -> Vec<u8> {
+        let list: Vec<String> = identities
+            .iter()
+            .map(|i| format!(r#"{{"identity":"{i}","state":"ACTIVE"}}"#))
+            .collect();
+        format!(r#"{{"participants":[{}]}}"#, list.join(",")).into_bytes()
+    }
+
+    fn dispatched(effects: &[Effect]) -> Vec<&HttpCall> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Dispatch(call) => Some(call),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn counters(effects: &[Effect]) -> Vec<Counter> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Count(c) => Some(*c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn outcome(effects: &[Effect]) -> Option<u32> {
+        effects.iter().find_map(|e| match e {
+            Effect::PassResponse => Some(200),
+            Effect::Reply(r) => Some(r.status),
+            _ => None,
+        })
+    }
+
+    /// Runs a whole legacy admission for `identity` into a room limited to `limit` whose
+    /// LiveKit room holds `present`; returns every effect in order.
+    fn admit(
+        cfg: &Config,
+        store: &MemoryStore,
+        limit: u32,
+        present: &[&str],
+        user: &str,
+    ) -> Vec<Effect> {
+        let env = Env {
+            config: cfg,
+            store,
+            now_ms: 1_000,
+        };
+        let mut a = Admission::new();
+        let mut all = a.on_request_body(&legacy_body(user, "DEV"), &env);
+        if dispatched(&all)
+            .iter()
+            .any(|c| c.kind == CallKind::LimitLookup)
+        {
+            let e =
+                a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(limit), &env);
+            all.extend(e);
+        }
+        all.extend(a.on_response_headers(Some(200), false, &env));
+        all.extend(a.on_response_body(&issued(&legacy_alias(), &format!("{user}:DEV")), &env));
+        if let Some(call) = dispatched(&all)
+            .into_iter()
+            .find(|c| matches!(c.kind, CallKind::ListParticipants(_)))
+            .cloned()
+        {
+            all.extend(a.on_call_response(call.kind, Some(200), &participants(present), &env));
+        }
+        all
+    }
+
+    #[test]
+    fn limit_lookup_is_a_bearer_get_on_the_admin_state_api() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let effects = Admission::new().on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        let calls = dispatched(&effects);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].cluster, "synapse");
+        assert_eq!(calls[0].timeout, Duration::from_millis(1000));
+        assert_eq!(
+            calls[0].headers,
+            [
+                (":method".into(), "GET".into()),
+                (":path".into(), "/_synapse/admin/v1/rooms/%21room%3Aexample.com/state?type=io.lotus.voice_limit".into()),
+                (":authority".into(), "synapse".into()),
+                ("authorization".into(), "Bearer syt_admin".into()),
+            ]
+        );
+        assert_eq!(
+            counters(&effects),
+            [Counter::TokenRequests, Counter::SynapseLookups]
+        );
+    }
+
+    #[test]
+    fn below_the_limit_the_token_passes() {
+        let cfg = config("");
+        let effects = admit(
+            &cfg,
+            &MemoryStore::default(),
+            2,
+            &["@a:example.com:D1"],
+            "@b:example.com",
+        );
+        assert_eq!(outcome(&effects), Some(200));
+        assert!(counters(&effects).contains(&Counter::Allowed));
+    }
+
+    #[test]
+    fn a_full_room_refuses_a_new_user_with_403() {
+        let cfg = config("");
+        let effects = admit(
+            &cfg,
+            &MemoryStore::default(),
+            2,
+            &[
+                "@a:example.com:D1",
+                "@a:example.com:D2",
+                "@b:example.com:D1",
+            ],
+            "@c:example.com",
+        );
+        assert_eq!(outcome(&effects), Some(403));
+        assert!(counters(&effects).contains(&Counter::Blocked));
+        let Some(Effect::Reply(reply)) = effects.iter().find(|e| matches!(e, Effect::Reply(_)))
+        else {
+            panic!("no reply")
+        };
+        assert_eq!(
+            reply.body,
+            r#"{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}"#
+        );
+        assert!(reply
+            .headers
+            .contains(&("access-control-allow-origin", "*")));
+    }
+
+    #[test]
+    fn a_present_user_gets_in_with_another_device() {
+        let cfg = config("");
+        let effects = admit(
+            &cfg,
+            &MemoryStore::default(),
+            1,
+            &["@a:example.com:D1"],
+            "@a:example.com",
+        );
+        assert_eq!(outcome(&effects), Some(200));
+    }
+
+    #[test]
+    fn the_livekit_query_runs_early_under_the_predicted_alias() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut a = Admission::new();
+        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        // The Synapse answer arrives while lk-jwt-service still works: LiveKit is asked now.
+        let effects = a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(2), &env);
+        let calls = dispatched(&effects);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].kind, CallKind::ListParticipants(legacy_alias()));
+        assert_eq!(
+            calls[0].body,
+            livekit::list_participants_body(&legacy_alias())
+        );
+        let auth = &calls[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .unwrap()
+            .1;
+        assert!(auth.starts_with("Bearer ey"));
+        // Its answer is ready before the token: the decision needs no further call.
+        assert!(a
+            .on_call_response(calls[0].kind.clone(), Some(200), &participants(&[]), &env)
+            .is_empty());
+        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
+        let effects = a.on_response_body(&issued(&legacy_alias(), "@a:example.com:D"), &env);
+        assert_eq!(dispatched(&effects).len(), 0);
+        assert_eq!(outcome(&effects), Some(200));
+    }
+
+    #[test]
+    fn a_token_for_another_alias_is_checked_again() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut a = Admission::new();
+        a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
+        a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(1), &env);
+        a.on_call_response(
+            CallKind::ListParticipants(legacy_alias()),
+            Some(200),
+            &participants(&[]),
+            &env,
+        );
+        a.on_response_headers(Some(200), false, &env);
+        // An lk-jwt-service older than 0.4.3 names the LiveKit room differently.
+        let effects = a.on_response_body(&issued(ROOM, "@c:example.com:D"), &env);
+        let calls = dispatched(&effects);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].kind, CallKind::ListParticipants(ROOM.into()));
+        assert_eq!(outcome(&effects), None);
+        let effects = a.on_call_response(
+            calls[0].kind.clone(),
+            Some(200),
+            &participants(&["@a:example.com:X"]),
+            &env,
+        );
+        assert_eq!(outcome(&effects), Some(403));
+    }
+
+    #[test]
+    fn no_limit_passes_at_the_headers_and_is_cached() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut a = Admission::new();
+        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        let no_limit = br#"{"state":[]}"#;
+        assert!(
+            dispatched(&a.on_call_response(CallKind::LimitLookup, Some(200), no_limit, &env))
+                .is_empty()
+        );
+        let effects = a.on_response_headers(Some(200), false, &env);
+        assert_eq!(
+            effects,
+            [Effect::Count(Counter::Allowed), Effect::PassResponse]
+        );
+        // The next request within the TTL uses the cache.
+        let mut b = Admission::new();
+        let effects = b.on_request_body(&legacy_body("@b:example.com", "D"), &env);
+        assert_eq!(
+            counters(&effects),
+            [Counter::TokenRequests, Counter::LimitCacheHits]
+        );
+        assert!(dispatched(&effects).is_empty());
+    }
+
+    #[test]
+    fn concurrent_cold_requests_share_one_lookup() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut first = Admission::new();
+        let mut second = Admission::new();
+        assert_eq!(
+            dispatched(&first.on_request_body(&legacy_body("@a:example.com", "D"), &env)).len(),
+            1
+        );
+        assert!(
+            dispatched(&second.on_request_body(&legacy_body("@b:example.com", "D"), &env))
+                .is_empty()
+        );
+        first.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(5), &env);
+        second.on_response_headers(Some(200), false, &env);
+        let effects = second.on_response_body(&issued(&legacy_alias(), "@b:example.com:D"), &env);
+        // The second request found the first one's answer and went straight to LiveKit.
+        let calls = dispatched(&effects);
+        assert_eq!(calls.len(), 1);
+        assert!(matches!(calls[0].kind, CallKind::ListParticipants(_)));
+    }
+
+    #[test]
+    fn other_upstream_answers_pass_untouched() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        for status in [Some(400), Some(401), Some(500), None] {
+            let mut a = Admission::new();
+            a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+            assert_eq!(
+                a.on_response_headers(status, false, &env),
+                [Effect::PassResponse]
+            );
+            assert!(a
+                .on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(1), &env)
+                .is_empty());
+        }
+    }
+
+    type Answer<'a> = (Option<u32>, &'a [u8]);
+
+    fn failing(cfg: &Config, synapse: Answer, livekit: Answer, token: Vec<u8>) -> Vec<Effect> {
+        let store = MemoryStore::default();
+        let env = Env {
+            config: cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut a = Admission::new();
+        let mut all = a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        all.extend(a.on_call_response(CallKind::LimitLookup, synapse.0, synapse.1, &env));
+        all.extend(a.on_response_headers(Some(200), false, &env));
+        all.extend(a.on_response_body(&token, &env));
+        if let Some(call) = dispatched(&all)
+            .into_iter()
+            .find(|c| matches!(c.kind, CallKind::ListParticipants(_)))
+            .cloned()
+        {
+            if outcome(&all).is_none() {
+                all.extend(a.on_call_response(call.kind, livekit.0, livekit.1, &env));
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_failure_fails_open_by_default_and_closed_on_request() {
+        let ok_limit = limit_answer(1);
+        let token = issued(&legacy_alias(), "@a:example.com:D");
+        let cases: Vec<(Answer, Answer, Vec<u8>)> = vec![
+            ((None, b""), (Some(200), b"{}"), token.clone()),
+            ((Some(500), b"{}"), (Some(200), b"{}"), token.clone()),
+            ((Some(200), b"garbage"), (Some(200), b"{}"), token.clone()),
+            ((Some(200), &ok_limit), (None, b""), token.clone()),
+            ((Some(200), &ok_limit), (Some(401), b"{}"), token.clone()),
+            (
+                (Some(200), &ok_limit),
+                (Some(200), b"{\"participants\":[{"),
+                token.clone(),
+            ),
+            (
+                (Some(200), &ok_limit),
+                (Some(200), b"{}"),
+                b"{\"url\":\"x\"}".to_vec(),
+            ),
+            (
+                (Some(200), &ok_limit),
+                (Some(200), b"{}"),
+                b"{\"jwt\":\"not-a-jwt\"}".to_vec(),
+            ),
+        ];
+        let open = config("");
+        let closed = config(r#", "failure_mode": "closed""#);
+        for (synapse, livekit, token) in cases {
+            let effects = failing(&open, synapse, livekit, token.clone());
+            assert_eq!(outcome(&effects), Some(200), "{synapse:?} {livekit:?}");
+            assert!(counters(&effects).contains(&Counter::FailOpen));
+            let effects = failing(&closed, synapse, livekit, token);
+            assert_eq!(outcome(&effects), Some(503), "{synapse:?} {livekit:?}");
+            assert!(counters(&effects).contains(&Counter::FailClosed));
+        }
+    }
+
+    #[test]
+    fn an_unreadable_body_that_still_gets_a_token_is_a_failure() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut a = Admission::new();
+        let effects = a.on_request_body(b"{\"room\":5}", &env);
+        assert!(dispatched(&effects).is_empty());
+        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
+        let effects = a.on_response_body(&issued("x", "y"), &env);
+        assert_eq!(outcome(&effects), Some(200));
+        assert!(counters(&effects).contains(&Counter::FailOpen));
+    }
+
+    #[test]
+    fn a_200_without_body_cannot_be_held() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut a = Admission::new();
+        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        let effects = a.on_response_headers(Some(200), true, &env);
+        assert_eq!(outcome(&effects), Some(200));
+        assert!(counters(&effects).contains(&Counter::FailOpen));
+    }
+
+    #[test]
+    fn new_shape_requester_is_the_verified_claimed_user() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let body = br#"{"room_id":"!room:example.com","slot_id":"m.call#ROOM","openid_token":{},"member":{"id":"m1","claimed_user_id":"@a:example.com","claimed_device_id":"D2"}}"#;
+        let alias = room_alias(ROOM, "m.call#ROOM");
+        let mut a = Admission::new();
+        a.on_request_body(body, &env);
+        a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(1), &env);
+        a.on_response_headers(Some(200), false, &env);
+        a.on_response_body(&issued(&alias, "hashedIdentityOfD2"), &env);
+        // alice is present under her /sfu/get identity: her second device is let in.
+        let effects = a.on_call_response(
+            CallKind::ListParticipants(alias),
+            Some(200),
+            &participants(&["@a:example.com:D1"]),
+            &env,
+        );
+        assert_eq!(outcome(&effects), Some(200));
+    }
+}

@@ -1,0 +1,25 @@
+//! voice-limit-guard: an Envoy proxy-wasm filter that enforces per-room participant limits
+//! on Matrix (MatrixRTC) calls by refusing LiveKit tokens issued by lk-jwt-service.
+//!
+//! The crate is a sans-IO core plus a thin host adapter:
+//! - [`flow`] is the whole admission of a token request, top to bottom, driven by events and
+//!   answering with effects. Start reading there.
+//! - [`token_request`] (on [`gojson`]), [`jwt`], [`livekit_names`], [`synapse`], [`livekit`],
+//!   [`decision`], [`limit_cache`] (on [`store`]), [`reply`] and [`config`] each hold one concern.
+//! - `host` (compiled for the proxy-wasm target only) turns effects into host calls.
+
+pub mod config;
+pub mod decision;
+pub mod flow;
+pub mod gojson;
+pub mod jwt;
+pub mod limit_cache;
+pub mod livekit;
+pub mod livekit_names;
+pub mod reply;
+pub mod store;
+pub mod synapse;
+pub mod token_request;
+
+#[cfg(target_os = "wasi")]
+mod host;

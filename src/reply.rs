@@ -1,0 +1,39 @@
+//! The answers the guard gives in place of lk-jwt-service's, shaped like lk-jwt-service's own
+//! errors (Matrix error JSON and the same CORS headers), so browsers and clients treat them alike.
+
+/// A local reply replacing the upstream response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, &'static str)>,
+    pub body: &'static str,
+}
+
+/// The headers lk-jwt-service puts on every answer of its token endpoints.
+pub const LK_JWT_HEADERS: [(&str, &str); 4] = [
+    ("content-type", "application/json"),
+    ("access-control-allow-origin", "*"),
+    ("access-control-allow-methods", "POST"),
+    (
+        "access-control-allow-headers",
+        "Accept, Content-Type, Content-Length, Accept-Encoding, X-CSRF-Token",
+    ),
+];
+
+/// 403: the room already holds its limit of distinct users.
+pub fn channel_full() -> LocalReply {
+    LocalReply {
+        status: 403,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}"#,
+    }
+}
+
+/// 503 under `failure_mode: closed`: the limit could not be checked.
+pub fn check_failed() -> LocalReply {
+    LocalReply {
+        status: 503,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_UNKNOWN","error":"The participant limit of this voice channel could not be checked."}"#,
+    }
+}

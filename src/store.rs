@@ -1,0 +1,318 @@
+//! State shared by every worker thread of one Envoy process, in bounded buckets.
+//!
+//! proxy-wasm shared data is a flat key/value store with compare-and-swap, no expiry and no
+//! key listing. The guard therefore never creates keys per room: each kind of state lives in
+//! a fixed number of buckets (`<prefix>.<n>`), a room is hashed to one bucket, and every write
+//! to a bucket drops its expired entries and, past a size cap, the entries closest to expiry.
+//! Keys and bytes held are thus bounded by construction, whatever the number of rooms seen.
+//! Updates are read-modify-write loops on the bucket's CAS, so they are atomic across threads.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The host's shared data, as the core sees it.
+pub trait SharedStore {
+    /// The value and its CAS token, or `None` when the key does not exist.
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes `value` if `cas` is still current (`None`: unconditionally).
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+    /// Told about every change in the number of keys and bytes the guard holds.
+    fn account(&self, _keys_delta: i64, _bytes_delta: i64) {}
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// Another thread wrote the key since it was read.
+    CasMismatch,
+    /// The host refused the write.
+    Failed,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreError::CasMismatch => "shared data kept changing under contention",
+            StoreError::Failed => "shared data write failed",
+        })
+    }
+}
+
+/// Attempts of one read-modify-write before giving up; contention on one bucket is brief.
+const MAX_ATTEMPTS: usize = 64;
+
+/// One stored entry: `k` its id (a room), `e` when it expires (ms since the epoch), `v` the value.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Entry<T> {
+    pub k: String,
+    pub e: u64,
+    pub v: T,
+}
+
+/// What an update does to an entry.
+pub enum Change<T> {
+    /// Leave the bucket as it is (no write).
+    Keep,
+    /// Store this value until this time (ms since the epoch).
+    Put(T, u64),
+    Remove,
+}
+
+/// A family of buckets holding entries of type `T`.
+pub struct Buckets {
+    pub prefix: &'static str,
+    pub count: u32,
+    /// Bytes a bucket may hold before entries are evicted.
+    pub max_bytes: usize,
+}
+
+impl Buckets {
+    pub fn key_for(&self, id: &str) -> String {
+        format!("{}.{}", self.prefix, fnv1a(id.as_bytes()) % self.count)
+    }
+
+    /// The live entry for `id`, if any.
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        store: &dyn SharedStore,
+        id: &str,
+        now_ms: u64,
+    ) -> Option<T> {
+        let (bytes, _) = store.get(&self.key_for(id))?;
+        let entries: Vec<Entry<T>> = serde_json::from_slice(&bytes).ok()?;
+        entries
+            .into_iter()
+            .find(|entry| entry.k == id && entry.e > now_ms)
+            .map(|entry| entry.v)
+    }
+
+    /// Atomically applies `change` to the live entry for `id` (its value and expiry).
+    /// `change` may run several times under contention and must depend only on its input;
+    /// the second half of its last result is returned.
+    pub fn update<T, R>(
+        &self,
+        store: &dyn SharedStore,
+        id: &str,
+        now_ms: u64,
+        mut change: impl FnMut(Option<(&T, u64)>) -> (Change<T>, R),
+    ) -> Result<R, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let key = self.key_for(id);
+        for _ in 0..MAX_ATTEMPTS {
+            let (old_bytes, cas) = match store.get(&key) {
+                Some((bytes, cas)) => (bytes, Some(cas)),
+                None => (Vec::new(), None),
+            };
+            // A bucket that does not parse (another version of the guard) is started afresh.
+            let mut entries: Vec<Entry<T>> = serde_json::from_slice(&old_bytes).unwrap_or_default();
+            entries.retain(|entry| entry.e > now_ms);
+            let position = entries.iter().position(|entry| entry.k == id);
+            let (change, result) = change(position.map(|i| (&entries[i].v, entries[i].e)));
+            match change {
+                Change::Keep => return Ok(result),
+                Change::Remove => {
+                    if let Some(i) = position {
+                        entries.remove(i);
+                    }
+                }
+                Change::Put(v, e) => {
+                    if let Some(i) = position {
+                        entries.remove(i);
+                    }
+                    entries.push(Entry {
+                        k: id.to_owned(),
+                        e,
+                        v,
+                    });
+                }
+            }
+            let bytes = self.encode_within_cap(&mut entries);
+            match store.set(&key, &bytes, cas) {
+                Ok(()) => {
+                    let new_key = i64::from(cas.is_none());
+                    store.account(new_key, bytes.len() as i64 - old_bytes.len() as i64);
+                    return Ok(result);
+                }
+                Err(StoreError::CasMismatch) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::CasMismatch)
+    }
+
+    /// Serialises the bucket, evicting the entries closest to expiry until it fits.
+    fn encode_within_cap<T: Serialize>(&self, entries: &mut Vec<Entry<T>>) -> Vec<u8> {
+        loop {
+            let bytes = serde_json::to_vec(entries).unwrap_or_default();
+            if bytes.len() <= self.max_bytes || entries.is_empty() {
+                return bytes;
+            }
+            if let Some((i, _)) = entries.iter().enumerate().min_by_key(|(_, entry)| entry.e) {
+                entries.remove(i);
+            }
+        }
+    }
+}
+
+/// FNV-1a: a stable, dependency-free hash to spread ids over buckets.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for &b in bytes {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash
+}
+
+/// An in-process [`SharedStore`] with the host's semantics (CAS starts at 1 and changes on
+/// every write), for tests and for anything that runs outside Envoy.
+#[derive(Default)]
+pub struct MemoryStore {
+    map: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+    /// Mirrors the host's accounting gauges.
+    pub keys: std::cell::Cell<i64>,
+    pub bytes: std::cell::Cell<i64>,
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.map.borrow().get(key).cloned()
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        let mut map = self.map.borrow_mut();
+        let current = map.get(key).map(|(_, c)| *c);
+        if let (Some(expected), Some(current)) = (cas, current) {
+            if expected != current {
+                return Err(StoreError::CasMismatch);
+            }
+        }
+        let next = current.map_or(1, |c| c.wrapping_add(1));
+        map.insert(key.to_owned(), (value.to_vec(), next));
+        Ok(())
+    }
+
+    fn account(&self, keys_delta: i64, bytes_delta: i64) {
+        self.keys.set(self.keys.get() + keys_delta);
+        self.bytes.set(self.bytes.get() + bytes_delta);
+    }
+}
+
+impl MemoryStore {
+    pub fn key_count(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    pub fn byte_count(&self) -> usize {
+        self.map.borrow().values().map(|(v, _)| v.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUCKETS: Buckets = Buckets {
+        prefix: "t",
+        count: 4,
+        max_bytes: 400,
+    };
+
+    #[test]
+    fn stores_reads_and_expires_entries() {
+        let store = MemoryStore::default();
+        BUCKETS
+            .update(&store, "!a", 1000, |old: Option<(&u32, u64)>| {
+                assert!(old.is_none());
+                (Change::Put(7, 2000), ())
+            })
+            .unwrap();
+        assert_eq!(BUCKETS.get::<u32>(&store, "!a", 1999), Some(7));
+        assert_eq!(BUCKETS.get::<u32>(&store, "!a", 2000), None);
+        assert_eq!(BUCKETS.get::<u32>(&store, "!b", 1000), None);
+    }
+
+    #[test]
+    fn update_retries_on_cas_mismatch() {
+        /// A store where another thread writes the key right after every first read.
+        struct Contended {
+            inner: MemoryStore,
+            interfered: std::cell::Cell<bool>,
+        }
+        impl SharedStore for Contended {
+            fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+                let value = self.inner.get(key);
+                if !self.interfered.replace(true) {
+                    let other = serde_json::to_vec(&[Entry {
+                        k: "!a".to_owned(),
+                        e: 9999,
+                        v: 1u32,
+                    }])
+                    .unwrap();
+                    self.inner.set(key, &other, None).unwrap();
+                }
+                value
+            }
+            fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+                self.inner.set(key, value, cas)
+            }
+        }
+        let store = Contended {
+            inner: MemoryStore::default(),
+            interfered: Default::default(),
+        };
+        store
+            .inner
+            .set(&BUCKETS.key_for("!a"), b"[]", None)
+            .unwrap();
+        let mut seen = Vec::new();
+        BUCKETS
+            .update(&store, "!a", 0, |old: Option<(&u32, u64)>| {
+                let old = old.map(|(v, _)| *v);
+                seen.push(old);
+                (Change::Put(old.unwrap_or(0) + 1, 9999), ())
+            })
+            .unwrap();
+        assert_eq!(seen, [None, Some(1)]);
+        assert_eq!(BUCKETS.get::<u32>(&store.inner, "!a", 0), Some(2));
+    }
+
+    #[test]
+    fn keys_and_bytes_stay_bounded() {
+        let store = MemoryStore::default();
+        for i in 0..10_000u64 {
+            let room = format!("!room{i}:example.com");
+            BUCKETS
+                .update(&store, &room, i, |_: Option<(&u32, u64)>| {
+                    (Change::Put(1, i + 1_000_000), ())
+                })
+                .unwrap();
+        }
+        assert!(store.key_count() <= 4);
+        assert!(store.byte_count() <= 4 * 400);
+        assert_eq!(store.keys.get() as usize, store.key_count());
+        assert_eq!(store.bytes.get() as usize, store.byte_count());
+        // The newest entries survive eviction.
+        assert_eq!(
+            BUCKETS.get::<u32>(&store, "!room9999:example.com", 0),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn removing_an_entry() {
+        let store = MemoryStore::default();
+        BUCKETS
+            .update(&store, "!a", 0, |_: Option<(&u32, u64)>| {
+                (Change::Put(1, 10), ())
+            })
+            .unwrap();
+        BUCKETS
+            .update(&store, "!a", 0, |_: Option<(&u32, u64)>| {
+                (Change::Remove, ())
+            })
+            .unwrap();
+        assert_eq!(BUCKETS.get::<u32>(&store, "!a", 0), None);
+    }
+}
