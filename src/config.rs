@@ -361,6 +361,8 @@ fn kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const MINIMAL: &str = r#"{
         "synapse": {"cluster": "synapse", "admin_token": "syt_secret"},

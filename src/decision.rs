@@ -14,6 +14,8 @@ pub fn should_block(limit: u32, present_users: &BTreeSet<&str>, requester: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn users<'a>(names: &[&'a str]) -> BTreeSet<&'a str> {
         names.iter().copied().collect()

@@ -18,15 +18,14 @@
 //!    response goes on, or becomes a 403 `M_FORBIDDEN`. Any failure on the way lets the token
 //!    through (`failure_mode: open`) or answers 503 (`closed`); every path ends the stream.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::config::{Config, FailureMode, Upstream};
-use crate::decision::should_block;
 use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
 use crate::livekit_names::{matrix_user_of_identity, room_alias};
+use crate::occupancy;
 use crate::reply::{self, LocalReply};
 use crate::store::SharedStore;
 use crate::synapse::{self, Limit};
@@ -335,7 +334,7 @@ impl Admission {
         match &self.participants {
             Some((room, ParticipantState::Known(identities))) if *room == claims.room => {
                 let identities = identities.clone();
-                self.decide(&request, &claims, max_users, &identities)
+                self.decide(&request, &claims, max_users, &identities, env)
             }
             Some((room, ParticipantState::Asking)) if *room == claims.room => Vec::new(),
             Some((room, ParticipantState::Failed(reason))) if *room == claims.room => {
@@ -356,25 +355,38 @@ impl Admission {
         claims: &JoinClaims,
         max_users: u32,
         identities: &[String],
+        env: &Env,
     ) -> Vec<Effect> {
-        self.response = ResponseState::Done;
-        let present: BTreeSet<&str> = identities
-            .iter()
-            .map(|identity| matrix_user_of_identity(identity))
-            .collect();
         let requester = requester_of(request, claims);
-        if should_block(max_users, &present, requester) {
+        let question = occupancy::Request {
+            room: &claims.room,
+            max_users,
+            participants: identities,
+            requester,
+            identity: &claims.identity,
+            token_expires_ms: claims.expires_at.saturating_mul(1000),
+            reservation_ms: env.config.reservation.as_millis() as u64,
+            now_ms: env.now_ms,
+        };
+        let verdict = match occupancy::admit(env.store, &question) {
+            Ok(verdict) => verdict,
+            Err(e) => return self.fail(format!("room occupancy not updated: {e}"), env),
+        };
+        self.response = ResponseState::Done;
+        if verdict.admitted {
+            vec![Effect::Count(Counter::Allowed), Effect::PassResponse]
+        } else {
             log::info!(
-                "room {}: refused {requester}: {} of {max_users} users already present",
+                "room {}: refused {requester}: {} users present and {} admitted but not yet \
+                 connected, limit {max_users}",
                 request.room,
-                present.len()
+                verdict.present,
+                verdict.reserved
             );
             vec![
                 Effect::Count(Counter::Blocked),
                 Effect::Reply(reply::channel_full()),
             ]
-        } else {
-            vec![Effect::Count(Counter::Allowed), Effect::PassResponse]
         }
     }
 
@@ -496,6 +508,8 @@ mod tests {
     use crate::store::MemoryStore;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn config(extra: &str) -> Config {
         let json = format!(

@@ -341,6 +341,8 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn parse(input: &[u8]) -> Value {
         parse_first_value(input).unwrap()

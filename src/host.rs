@@ -235,11 +235,18 @@ impl GuardStream {
     }
 }
 
+/// Answers from Synapse or LiveKit larger than this are not parsed: a limit lookup filtered by
+/// type is tiny, and a participant list this large is beyond any sensible room limit.
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
 fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
     hostcalls::get_map_value_bytes(map, name).ok().flatten()
 }
 
 fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
+    if size == 0 {
+        return Vec::new();
+    }
     hostcalls::get_buffer(kind, 0, size)
         .ok()
         .flatten()
@@ -250,7 +257,7 @@ impl Context for GuardStream {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _num_headers: usize,
+        num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
@@ -258,9 +265,20 @@ impl Context for GuardStream {
             return;
         };
         let (_, kind) = self.calls.swap_remove(index);
-        let status = header(MapType::HttpCallResponseHeaders, ":status")
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
-        let body = buffer(BufferType::HttpCallResponseBody, body_size);
+        // A reset call arrives without any headers; asking for one would make the host
+        // report an error status that the SDK turns into a panic.
+        let status = if num_headers == 0 {
+            None
+        } else {
+            header(MapType::HttpCallResponseHeaders, ":status")
+                .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
+        };
+        let (status, body) = if body_size > MAX_ANSWER_BYTES {
+            log::warn!("answer of {body_size} bytes exceeds {MAX_ANSWER_BYTES}; treated as failed");
+            (None, Vec::new())
+        } else {
+            (status, buffer(BufferType::HttpCallResponseBody, body_size))
+        };
         let effects =
             self.event(|admission, env| admission.on_call_response(kind, status, &body, env));
         self.apply(effects, Phase::CallAnswer);

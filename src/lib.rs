@@ -5,7 +5,8 @@
 //! - [`flow`] is the whole admission of a token request, top to bottom, driven by events and
 //!   answering with effects. Start reading there.
 //! - [`token_request`] (on [`gojson`]), [`jwt`], [`livekit_names`], [`synapse`], [`livekit`],
-//!   [`decision`], [`limit_cache`] (on [`store`]), [`reply`] and [`config`] each hold one concern.
+//!   [`decision`], [`occupancy`] and [`limit_cache`] (both on [`store`]), [`reply`] and
+//!   [`config`] each hold one concern.
 //! - `host` (compiled for the proxy-wasm target only) turns effects into host calls.
 
 pub mod config;
@@ -16,6 +17,7 @@ pub mod jwt;
 pub mod limit_cache;
 pub mod livekit;
 pub mod livekit_names;
+pub mod occupancy;
 pub mod reply;
 pub mod store;
 pub mod synapse;

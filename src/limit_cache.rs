@@ -102,6 +102,8 @@ pub fn release_claim(store: &dyn SharedStore, room: &str, now_ms: u64) -> Result
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn first_reader_claims_the_lookup_and_others_see_it_pending() {

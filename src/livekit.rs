@@ -67,6 +67,8 @@ pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn body_names_the_room() {

@@ -73,6 +73,8 @@ pub fn matrix_user_of_identity(identity: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn alias_matches_lk_jwt_service_vector() {

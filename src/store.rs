@@ -212,6 +212,8 @@ impl MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const BUCKETS: Buckets = Buckets {
         prefix: "t",

@@ -120,6 +120,8 @@ fn max_users(content: &serde_json::Value) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const TYPE: &str = "io.lotus.voice_limit";
 

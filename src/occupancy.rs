@@ -1,0 +1,283 @@
+//! Who occupies a LiveKit room: the participants LiveKit reports, plus the users the guard
+//! admitted who have not connected yet, with hashed identities mapped back to users.
+//!
+//! A client gets its token before it connects, so LiveKit's list lags behind the tokens
+//! already issued: deciding on LiveKit alone admits a whole simultaneous burst. Each admission
+//! therefore leaves a *reservation* for its user, and the decision counts "present in LiveKit
+//! plus reserved". Check and reserve are one compare-and-swap update of the room's shared
+//! entry, so across all worker threads of the process no two admissions can take the last
+//! place. A reservation ends when its user shows up in LiveKit, or after the configured
+//! reservation time if the user never connects.
+//!
+//! lk-jwt-service 0.4.3+ gives `/get_token` participants hashed identities, which do not say
+//! which Matrix user they are. Every token the guard lets through pairs the identity with the
+//! user lk-jwt-service verified, so the guard remembers those pairs (per room, as long as the
+//! token lives or the participant stays) and maps participants back to users. Identities it
+//! never saw count as distinct users.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decision::should_block;
+use crate::livekit_names::matrix_user_of_identity;
+use crate::store::{Buckets, Change, SharedStore, StoreError};
+
+const BUCKETS: Buckets = Buckets {
+    prefix: "voice_limit_guard.rooms",
+    count: 256,
+    max_bytes: 32 * 1024,
+};
+
+/// How long a learnt identity is kept past the moment it was last seen in the room: a
+/// participant stays connected after its join token expires.
+const IDENTITY_KEEP_MS: u64 = 3600 * 1000;
+/// Learnt identities kept per room; the oldest go first.
+const MAX_IDENTITIES_PER_ROOM: usize = 512;
+
+/// The shared record of one LiveKit room.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+struct RoomRecord {
+    /// Users admitted and not yet seen in LiveKit: (user, reserved until).
+    #[serde(default)]
+    r: Vec<(String, u64)>,
+    /// Identities of tokens let through: (identity, user, remembered until).
+    #[serde(default)]
+    i: Vec<(String, String, u64)>,
+}
+
+impl RoomRecord {
+    fn user_of<'a>(&'a self, identity: &'a str) -> &'a str {
+        self.i
+            .iter()
+            .find(|(known, _, _)| known == identity)
+            .map_or_else(|| matrix_user_of_identity(identity), |(_, user, _)| user)
+    }
+
+    fn expires_at(&self) -> u64 {
+        let reservations = self.r.iter().map(|(_, until)| *until);
+        let identities = self.i.iter().map(|(_, _, until)| *until);
+        reservations.chain(identities).max().unwrap_or(0)
+    }
+
+    fn remember(&mut self, identity: &str, user: &str, until: u64) {
+        if identity.is_empty() || matrix_user_of_identity(identity) == user {
+            return; // the identity says who it is
+        }
+        match self.i.iter_mut().find(|(known, _, _)| known == identity) {
+            Some(entry) => entry.2 = entry.2.max(until),
+            None => self.i.push((identity.to_owned(), user.to_owned(), until)),
+        }
+        if self.i.len() > MAX_IDENTITIES_PER_ROOM {
+            self.i
+                .sort_by_key(|(_, _, until)| std::cmp::Reverse(*until));
+            self.i.truncate(MAX_IDENTITIES_PER_ROOM);
+        }
+    }
+}
+
+/// One admission question.
+pub struct Request<'a> {
+    /// The LiveKit room (the token's `video.room`).
+    pub room: &'a str,
+    pub max_users: u32,
+    /// The identities LiveKit lists (disconnected ones already left out).
+    pub participants: &'a [String],
+    /// The Matrix user asking.
+    pub requester: &'a str,
+    /// The identity of the token being decided.
+    pub identity: &'a str,
+    /// When that token expires (ms since the epoch; 0 if unknown).
+    pub token_expires_ms: u64,
+    pub reservation_ms: u64,
+    pub now_ms: u64,
+}
+
+/// The decision, with what it was based on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub admitted: bool,
+    /// Distinct users present in LiveKit.
+    pub present: usize,
+    /// Users admitted but not yet in LiveKit (the requester excluded).
+    pub reserved: usize,
+}
+
+/// Decides and, when admitting, reserves a place, atomically for the whole process.
+pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Verdict, StoreError> {
+    BUCKETS.update(
+        store,
+        q.room,
+        q.now_ms,
+        |old: Option<(&RoomRecord, u64)>| {
+            let mut record = old.map(|(r, _)| r.clone()).unwrap_or_default();
+            let verdict = decide(&mut record, q);
+            let change = if record.r.is_empty() && record.i.is_empty() {
+                Change::Remove
+            } else {
+                let until = record.expires_at();
+                Change::Put(record, until)
+            };
+            (change, verdict)
+        },
+    )
+}
+
+fn decide(record: &mut RoomRecord, q: &Request) -> Verdict {
+    record.r.retain(|(_, until)| *until > q.now_ms);
+    record.i.retain(|(_, _, until)| *until > q.now_ms);
+
+    // Identities still in the room stay known while they are there.
+    let keep_until = q.now_ms + IDENTITY_KEEP_MS;
+    for (identity, _, until) in record.i.iter_mut() {
+        if q.participants.contains(identity) {
+            *until = (*until).max(keep_until);
+        }
+    }
+    let present: BTreeSet<String> = q
+        .participants
+        .iter()
+        .map(|identity| record.user_of(identity).to_owned())
+        .collect();
+    // A reservation ends once its user is in LiveKit.
+    record.r.retain(|(user, _)| !present.contains(user));
+
+    let mut occupied: BTreeSet<&str> = present.iter().map(String::as_str).collect();
+    occupied.extend(record.r.iter().map(|(user, _)| user.as_str()));
+    let admitted = !should_block(q.max_users, &occupied, q.requester);
+    let reserved = record.r.iter().filter(|(u, _)| u != q.requester).count();
+    let verdict = Verdict {
+        admitted,
+        present: present.len(),
+        reserved,
+    };
+    if admitted {
+        if !present.contains(q.requester) {
+            let until = q.now_ms + q.reservation_ms;
+            match record.r.iter_mut().find(|(user, _)| user == q.requester) {
+                Some(entry) => entry.1 = entry.1.max(until),
+                None => record.r.push((q.requester.to_owned(), until)),
+            }
+        }
+        let token_until = q.token_expires_ms.max(q.now_ms + q.reservation_ms);
+        record.remember(q.identity, q.requester, token_until);
+    }
+    verdict
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const ROOM: &str = "alias";
+
+    fn ask(
+        store: &MemoryStore,
+        max_users: u32,
+        participants: &[&str],
+        requester: &str,
+        identity: &str,
+        now_ms: u64,
+    ) -> Verdict {
+        let participants: Vec<String> = participants.iter().map(|s| s.to_string()).collect();
+        admit(
+            store,
+            &Request {
+                room: ROOM,
+                max_users,
+                participants: &participants,
+                requester,
+                identity,
+                token_expires_ms: now_ms + 3_600_000,
+                reservation_ms: 30_000,
+                now_ms,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_burst_into_an_empty_room_admits_exactly_the_limit() {
+        let store = MemoryStore::default();
+        let admitted = (0..20)
+            .filter(|i| {
+                let user = format!("@u{i}:x");
+                ask(&store, 3, &[], &user, &format!("{user}:D"), 1000).admitted
+            })
+            .count();
+        assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn a_reserved_user_may_come_back_and_a_refusal_reserves_nothing() {
+        let store = MemoryStore::default();
+        assert!(ask(&store, 1, &[], "@a:x", "@a:x:D1", 0).admitted);
+        assert!(ask(&store, 1, &[], "@a:x", "@a:x:D2", 1).admitted);
+        let refused = ask(&store, 1, &[], "@b:x", "@b:x:D1", 2);
+        assert!(!refused.admitted);
+        assert_eq!(refused.reserved, 1);
+        // bob's refusal left nothing behind: once alice's reservation lapses, bob fits.
+        assert!(ask(&store, 1, &[], "@b:x", "@b:x:D1", 30_001).admitted);
+    }
+
+    #[test]
+    fn a_reservation_ends_when_the_user_shows_up_in_livekit() {
+        let store = MemoryStore::default();
+        assert!(ask(&store, 2, &[], "@a:x", "@a:x:D1", 0).admitted);
+        // alice connected and left again: her place is free at once.
+        assert!(ask(&store, 2, &["@a:x:D1"], "@b:x", "@b:x:D1", 10).admitted);
+        let v = ask(&store, 2, &[], "@c:x", "@c:x:D1", 20);
+        assert!(v.admitted, "{v:?}");
+    }
+
+    #[test]
+    fn unreserved_places_expire() {
+        let store = MemoryStore::default();
+        assert!(ask(&store, 1, &[], "@a:x", "@a:x:D1", 0).admitted);
+        assert!(!ask(&store, 1, &[], "@b:x", "@b:x:D1", 29_999).admitted);
+        assert!(ask(&store, 1, &[], "@b:x", "@b:x:D1", 30_000).admitted);
+    }
+
+    #[test]
+    fn hashed_identities_map_back_to_their_users() {
+        let store = MemoryStore::default();
+        // alice joins with /get_token: a hashed identity.
+        assert!(ask(&store, 1, &[], "@a:x", "hashA1", 0).admitted);
+        // She is in LiveKit under that hash; her second device is let in, bob is not.
+        assert!(ask(&store, 1, &["hashA1"], "@a:x", "hashA2", 10).admitted);
+        assert!(!ask(&store, 1, &["hashA1", "hashA2"], "@b:x", "hashB1", 20).admitted);
+        // Two devices of one user count once.
+        let v = ask(&store, 3, &["hashA1", "hashA2"], "@c:x", "hashC1", 30);
+        assert_eq!(v.present, 1);
+    }
+
+    #[test]
+    fn identities_never_seen_count_as_distinct_users() {
+        let store = MemoryStore::default();
+        let v = ask(&store, 2, &["hashX", "hashY"], "@a:x", "hashA", 0);
+        assert_eq!(v.present, 2);
+        assert!(!v.admitted);
+    }
+
+    #[test]
+    fn a_present_identity_is_remembered_beyond_its_token() {
+        let store = MemoryStore::default();
+        assert!(ask(&store, 1, &[], "@a:x", "hashA1", 0).admitted);
+        // Seen in the room before her token expires, alice stays known after it expired.
+        assert!(ask(&store, 1, &["hashA1"], "@a:x", "hashA2", 3_000_000).admitted);
+        assert!(ask(&store, 1, &["hashA1"], "@a:x", "hashA3", 6_000_000).admitted);
+        assert!(!ask(&store, 1, &["hashA1"], "@b:x", "hashB1", 6_000_001).admitted);
+    }
+
+    #[test]
+    fn state_is_removed_when_nothing_is_left() {
+        let store = MemoryStore::default();
+        assert!(ask(&store, 1, &[], "@a:x", "@a:x:D", 0).admitted);
+        assert!(ask(&store, 1, &["@a:x:D"], "@a:x", "@a:x:D2", 1).admitted);
+        assert_eq!(BUCKETS.get::<RoomRecord>(&store, ROOM, 2), None);
+    }
+}
