@@ -106,6 +106,9 @@ pub enum Effect {
     PassResponse,
     /// Replace the upstream response with this one.
     Reply(LocalReply),
+    /// Another request of this process is asking Synapse for the same room: call
+    /// [`Admission::retry`] again shortly, until that answer is in the shared cache.
+    AwaitSharedLimit,
 }
 
 #[derive(Debug)]
@@ -291,6 +294,11 @@ impl Admission {
         }
     }
 
+    /// Looks again for what [`Effect::AwaitSharedLimit`] waits for.
+    pub fn retry(&mut self, env: &Env) -> Vec<Effect> {
+        self.advance(env)
+    }
+
     /// Step 4: decides once everything needed is known; until then keeps holding.
     fn advance(&mut self, env: &Env) -> Vec<Effect> {
         let ResponseState::Holding(claims) = &self.response else {
@@ -314,6 +322,7 @@ impl Admission {
                         self.limit = LimitState::Known(limit);
                         return self.advance(env);
                     }
+                    Some(Cached::Pending) => return vec![Effect::AwaitSharedLimit],
                     _ => {
                         let mut effects = Vec::new();
                         self.ask_synapse(env, &mut effects);
@@ -818,21 +827,44 @@ mod tests {
         };
         let mut first = Admission::new();
         let mut second = Admission::new();
-        assert_eq!(
-            dispatched(&first.on_request_body(&legacy_body("@a:example.com", "D"), &env)).len(),
-            1
-        );
-        assert!(
-            dispatched(&second.on_request_body(&legacy_body("@b:example.com", "D"), &env))
-                .is_empty()
-        );
-        first.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(5), &env);
+        let body = legacy_body("@a:example.com", "D");
+        assert_eq!(dispatched(&first.on_request_body(&body, &env)).len(), 1);
+        assert!(dispatched(&second.on_request_body(&body, &env)).is_empty());
+        // The second token arrives before the first lookup's answer: it waits for it.
         second.on_response_headers(Some(200), false, &env);
-        let effects = second.on_response_body(&issued(&legacy_alias(), "@b:example.com:D"), &env);
-        // The second request found the first one's answer and went straight to LiveKit.
+        let token = issued(&legacy_alias(), "@b:example.com:D");
+        assert_eq!(
+            second.on_response_body(&token, &env),
+            [Effect::AwaitSharedLimit]
+        );
+        assert_eq!(second.retry(&env), [Effect::AwaitSharedLimit]);
+        first.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(5), &env);
+        // The answer is shared: the second request goes straight to LiveKit.
+        let effects = second.retry(&env);
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert!(matches!(calls[0].kind, CallKind::ListParticipants(_)));
+        assert!(!counters(&effects).contains(&Counter::SynapseLookups));
+    }
+
+    #[test]
+    fn a_lapsed_or_failed_shared_lookup_is_redone() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut first = Admission::new();
+        let mut second = Admission::new();
+        let body = legacy_body("@a:example.com", "D");
+        first.on_request_body(&body, &env);
+        second.on_request_body(&body, &env);
+        first.on_call_response(CallKind::LimitLookup, Some(502), b"", &env);
+        second.on_response_headers(Some(200), false, &env);
+        let effects = second.on_response_body(&issued(&legacy_alias(), "@b:example.com:D"), &env);
+        assert_eq!(dispatched(&effects)[0].kind, CallKind::LimitLookup);
     }
 
     #[test]

@@ -4,15 +4,16 @@
 //! Header values are read as bytes: the SDK's string getters panic on non-UTF-8 values, and a
 //! panic traps the VM for every stream on the worker.
 
-use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
+use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::config::Config;
-use crate::flow::{Admission, CallKind, Counter, Effect, Env};
+use crate::flow::{Admission, CallKind, Counter, Effect, Env, HttpCall};
 use crate::store::{SharedStore, StoreError};
 
 proxy_wasm::main! {{
@@ -90,13 +91,41 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Calls in flight and streams waiting on this VM (one VM per worker thread).
+///
+/// A call made while the root context runs (on a tick) is answered to the root context, so
+/// answers are routed here by token to the stream that needs them, whoever made the call.
+/// Streams are held weakly: a stream that ended is simply skipped.
+#[derive(Default)]
+struct Pending {
+    calls: Vec<(u32, Weak<RefCell<Stream>>, CallKind)>,
+    waiting: Vec<Weak<RefCell<Stream>>>,
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+}
+
+/// How often streams waiting for another request's Synapse answer look again.
+const WAIT_POLL: Duration = Duration::from_millis(5);
+
 #[derive(Default)]
 struct GuardRoot {
     config: Option<Rc<Config>>,
     metrics: Option<Rc<Metrics>>,
 }
 
-impl Context for GuardRoot {}
+impl Context for GuardRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        deliver_call_answer(token_id, num_headers, body_size);
+    }
+}
 
 impl RootContext for GuardRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -124,17 +153,32 @@ impl RootContext for GuardRoot {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        match (&self.config, &self.metrics) {
-            (Some(config), Some(metrics)) => Some(Box::new(GuardStream {
-                config: Rc::clone(config),
-                store: HostStore {
-                    metrics: Rc::clone(metrics),
-                },
-                admission: None,
-                calls: Vec::new(),
-            })),
-            _ => None,
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let (Some(config), Some(metrics)) = (&self.config, &self.metrics) else {
+            return None;
+        };
+        let stream = Stream {
+            context_id,
+            config: Rc::clone(config),
+            store: HostStore {
+                metrics: Rc::clone(metrics),
+            },
+            admission: None,
+        };
+        Some(Box::new(GuardStream {
+            stream: Rc::new(RefCell::new(stream)),
+        }))
+    }
+
+    fn on_tick(&mut self) {
+        let waiting = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().waiting));
+        for stream in waiting.iter().filter_map(Weak::upgrade) {
+            Stream::run(&stream, Phase::CallAnswer, |admission, env| {
+                admission.retry(env)
+            });
+        }
+        if PENDING.with(|p| p.borrow().waiting.is_empty()) {
+            let _ = hostcalls::set_tick_period(Duration::ZERO);
         }
     }
 
@@ -150,94 +194,152 @@ enum Phase {
     Request,
     /// Inside a response callback: return `Continue`.
     ResponseCallback,
-    /// Inside a call's answer: the response must be resumed explicitly.
+    /// Outside the stream's own callbacks (a call's answer, a tick): resume explicitly.
     CallAnswer,
 }
 
-struct GuardStream {
+/// The per-stream state, shared with [`Pending`] so answers and ticks can reach it.
+struct Stream {
+    context_id: u32,
     config: Rc<Config>,
     store: HostStore,
     /// `None` for streams that are not token requests: they pass untouched.
     admission: Option<Admission>,
-    /// Calls in flight and what they ask.
-    calls: Vec<(u32, CallKind)>,
 }
 
-impl GuardStream {
-    /// Carries out effects; returns whether the response may continue from a response callback.
-    fn apply(&mut self, effects: Vec<Effect>, phase: Phase) -> Action {
+impl Stream {
+    /// Runs one admission event and carries out its effects; returns whether a response
+    /// callback may return `Continue`.
+    fn run(
+        this: &Rc<RefCell<Stream>>,
+        phase: Phase,
+        event: impl FnOnce(&mut Admission, &Env) -> Vec<Effect>,
+    ) -> Action {
+        let effects = {
+            let mut stream = this.borrow_mut();
+            let stream = &mut *stream;
+            let Some(admission) = stream.admission.as_mut() else {
+                return Action::Continue;
+            };
+            let env = Env {
+                config: &stream.config,
+                store: &stream.store,
+                now_ms: now_ms(),
+            };
+            event(admission, &env)
+        };
+        if phase == Phase::CallAnswer {
+            // Outside the stream's callbacks, host calls must name the stream.
+            let context_id = this.borrow().context_id;
+            if hostcalls::set_effective_context(context_id).is_err() {
+                return Action::Continue; // the stream is gone
+            }
+        }
+        Stream::apply(this, effects, phase)
+    }
+
+    fn apply(this: &Rc<RefCell<Stream>>, effects: Vec<Effect>, phase: Phase) -> Action {
         let mut action = Action::Pause;
-        let mut queue = effects;
-        while !queue.is_empty() {
-            let mut follow_up = Vec::new();
-            for effect in queue {
-                match effect {
-                    Effect::Count(counter) => self.store.metrics.count(counter),
-                    Effect::Dispatch(call) => {
-                        let headers: Vec<(&str, &str)> = call
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_str()))
-                            .collect();
-                        let body = Some(call.body.as_slice()).filter(|b| !b.is_empty());
-                        match hostcalls::dispatch_http_call(
-                            &call.cluster,
-                            headers,
-                            body,
-                            Vec::new(),
-                            call.timeout,
-                        ) {
-                            Ok(token) => self.calls.push((token, call.kind)),
-                            Err(status) => {
-                                log::warn!(
-                                    "call to cluster {} could not be made: {status:?}",
-                                    call.cluster
-                                );
-                                follow_up.extend(self.event(|admission, env| {
-                                    admission.on_call_response(call.kind, None, b"", env)
-                                }));
-                            }
-                        }
+        for effect in effects {
+            match effect {
+                Effect::Count(counter) => this.borrow().store.metrics.count(counter),
+                Effect::Dispatch(call) => Stream::dispatch(this, call, phase),
+                Effect::AwaitSharedLimit => {
+                    PENDING.with(|p| p.borrow_mut().waiting.push(Rc::downgrade(this)));
+                    // Make sure this VM's root ticks; the tick itself keeps it going.
+                    let _ = hostcalls::set_tick_period(WAIT_POLL);
+                }
+                Effect::PassResponse => match phase {
+                    Phase::ResponseCallback => action = Action::Continue,
+                    Phase::CallAnswer => {
+                        let _ = hostcalls::resume_http_response();
                     }
-                    Effect::PassResponse => match phase {
-                        Phase::ResponseCallback => action = Action::Continue,
-                        Phase::CallAnswer => {
-                            let _ = hostcalls::resume_http_response();
-                        }
-                        Phase::Request => {}
-                    },
-                    Effect::Reply(reply) => {
-                        let body = reply.body.as_bytes();
-                        let _ = hostcalls::send_http_response(
-                            reply.status,
-                            reply.headers.clone(),
-                            Some(body),
-                        );
-                    }
+                    Phase::Request => {}
+                },
+                Effect::Reply(reply) => {
+                    let _ = hostcalls::send_http_response(
+                        reply.status,
+                        reply.headers.clone(),
+                        Some(reply.body.as_bytes()),
+                    );
                 }
             }
-            queue = follow_up;
+        }
+        if action == Action::Continue {
+            // Decided: whatever follows streams through untouched.
+            this.borrow_mut().admission = None;
         }
         action
     }
 
-    /// Runs one admission event with a fresh environment.
-    fn event(&mut self, f: impl FnOnce(&mut Admission, &Env) -> Vec<Effect>) -> Vec<Effect> {
-        let Some(admission) = self.admission.as_mut() else {
-            return Vec::new();
-        };
-        let env = Env {
-            config: &self.config,
-            store: &self.store,
-            now_ms: now_ms(),
-        };
-        f(admission, &env)
+    fn dispatch(this: &Rc<RefCell<Stream>>, call: HttpCall, phase: Phase) {
+        let headers: Vec<(&str, &str)> = call
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let body = Some(call.body.as_slice()).filter(|b| !b.is_empty());
+        match hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)
+        {
+            Ok(token) => PENDING.with(|p| {
+                p.borrow_mut()
+                    .calls
+                    .push((token, Rc::downgrade(this), call.kind))
+            }),
+            Err(status) => {
+                log::warn!(
+                    "call to cluster {} could not be made: {status:?}",
+                    call.cluster
+                );
+                let kind = call.kind;
+                let phase = if phase == Phase::ResponseCallback {
+                    Phase::CallAnswer
+                } else {
+                    phase
+                };
+                Stream::run(this, phase, |admission, env| {
+                    admission.on_call_response(kind, None, b"", env)
+                });
+            }
+        }
     }
 }
 
 /// Answers from Synapse or LiveKit larger than this are not parsed: a limit lookup filtered by
 /// type is tiny, and a participant list this large is beyond any sensible room limit.
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+fn deliver_call_answer(token_id: u32, num_headers: usize, body_size: usize) {
+    let found = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let index = p.calls.iter().position(|(t, _, _)| *t == token_id)?;
+        let (_, stream, kind) = p.calls.swap_remove(index);
+        Some((stream, kind))
+    });
+    let Some((stream, kind)) = found else {
+        return;
+    };
+    // A reset call arrives without any headers; asking for one would make the host
+    // report an error status that the SDK turns into a panic.
+    let status = if num_headers == 0 {
+        None
+    } else {
+        header(MapType::HttpCallResponseHeaders, ":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
+    };
+    let (status, body) = if body_size > MAX_ANSWER_BYTES {
+        log::warn!("answer of {body_size} bytes exceeds {MAX_ANSWER_BYTES}; treated as failed");
+        (None, Vec::new())
+    } else {
+        (status, buffer(BufferType::HttpCallResponseBody, body_size))
+    };
+    let Some(stream) = stream.upgrade() else {
+        return;
+    };
+    Stream::run(&stream, Phase::CallAnswer, |admission, env| {
+        admission.on_call_response(kind, status, &body, env)
+    });
+}
 
 fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
     hostcalls::get_map_value_bytes(map, name).ok().flatten()
@@ -253,6 +355,10 @@ fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+struct GuardStream {
+    stream: Rc<RefCell<Stream>>,
+}
+
 impl Context for GuardStream {
     fn on_http_call_response(
         &mut self,
@@ -261,84 +367,68 @@ impl Context for GuardStream {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let Some(index) = self.calls.iter().position(|(t, _)| *t == token_id) else {
-            return;
-        };
-        let (_, kind) = self.calls.swap_remove(index);
-        // A reset call arrives without any headers; asking for one would make the host
-        // report an error status that the SDK turns into a panic.
-        let status = if num_headers == 0 {
-            None
-        } else {
-            header(MapType::HttpCallResponseHeaders, ":status")
-                .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
-        };
-        let (status, body) = if body_size > MAX_ANSWER_BYTES {
-            log::warn!("answer of {body_size} bytes exceeds {MAX_ANSWER_BYTES}; treated as failed");
-            (None, Vec::new())
-        } else {
-            (status, buffer(BufferType::HttpCallResponseBody, body_size))
-        };
-        let effects =
-            self.event(|admission, env| admission.on_call_response(kind, status, &body, env));
-        self.apply(effects, Phase::CallAnswer);
+        deliver_call_answer(token_id, num_headers, body_size);
     }
 }
 
 impl HttpContext for GuardStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let method = header(MapType::HttpRequestHeaders, ":method");
-        let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
-        let path = String::from_utf8_lossy(&path);
-        if method.as_deref() != Some(b"POST") || !self.config.is_token_path(&path) {
+        if header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
             return Action::Continue;
         }
-        self.admission = Some(Admission::new());
+        let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        if !self
+            .stream
+            .borrow()
+            .config
+            .is_token_path(&String::from_utf8_lossy(&path))
+        {
+            return Action::Continue;
+        }
+        self.stream.borrow_mut().admission = Some(Admission::new());
         if end_of_stream {
-            let effects = self.event(|admission, env| admission.on_request_body(b"", env));
-            self.apply(effects, Phase::Request);
+            Stream::run(&self.stream, Phase::Request, |admission, env| {
+                admission.on_request_body(b"", env)
+            });
         }
         Action::Continue
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.admission.is_none() {
+        if self.stream.borrow().admission.is_none() {
             return Action::Continue;
         }
         if !end_of_stream {
             return Action::Pause; // buffer until the whole body is here
         }
         let body = buffer(BufferType::HttpRequestBody, body_size);
-        let effects = self.event(|admission, env| admission.on_request_body(&body, env));
-        self.apply(effects, Phase::Request);
+        Stream::run(&self.stream, Phase::Request, |admission, env| {
+            admission.on_request_body(&body, env)
+        });
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if self.admission.is_none() {
+        if self.stream.borrow().admission.is_none() {
             return Action::Continue;
         }
         let status = header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
-        let effects =
-            self.event(|admission, env| admission.on_response_headers(status, end_of_stream, env));
-        let action = self.apply(effects, Phase::ResponseCallback);
-        if action == Action::Continue {
-            // Decided already: the body streams through untouched.
-            self.admission = None;
-        }
-        action
+        Stream::run(&self.stream, Phase::ResponseCallback, |admission, env| {
+            admission.on_response_headers(status, end_of_stream, env)
+        })
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.admission.is_none() {
+        if self.stream.borrow().admission.is_none() {
             return Action::Continue;
         }
         if !end_of_stream {
-            return Action::Pause;
+            return Action::Pause; // hold the whole body until the decision
         }
         let body = buffer(BufferType::HttpResponseBody, body_size);
-        let effects = self.event(|admission, env| admission.on_response_body(&body, env));
-        self.apply(effects, Phase::ResponseCallback)
+        Stream::run(&self.stream, Phase::ResponseCallback, |admission, env| {
+            admission.on_response_body(&body, env)
+        })
     }
 }
