@@ -1,0 +1,199 @@
+"""Fixtures for the end-to-end tests: one Synapse and one pair of stand-ins per session,
+and a cheap Envoy per test.
+
+Components that are not built yet (the Wasm module, the stand-in binaries) make
+the tests that need them skip with the command that builds them, instead of failing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import pytest
+
+from stack import (
+    LIVEKIT_SECRET,
+    WASM_PATH,
+    Envoy,
+    FaultServer,
+    StandIns,
+    Synapse,
+    default_plugin_config,
+    join_body,
+    jwt_claims,
+    livekit_alias,
+    livekit_identity,
+    stats_delta,
+    tail,
+)
+
+# Helpers the tests may take from here as well as from ``stack``.
+__all__ = [
+    "connect", "join_body", "jwt_claims", "livekit_alias", "livekit_identity", "requires_standins",
+    "requires_wasm", "room_alias", "stats_delta",
+]
+
+requires_wasm = pytest.mark.skipif(
+    not WASM_PATH.exists(), reason=f"Wasm module not built: {WASM_PATH} (run `make build`)")
+requires_standins = pytest.mark.skipif(
+    bool(StandIns.missing()),
+    reason="stand-ins not built (run `cargo build --release -p vlg-standins`)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember each phase's outcome on the test item, so finalizers can print logs of failed tests."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "rep_call", None)
+    return bool(report and report.failed)
+
+
+# --------------------------------------------------------------------------- session components
+
+
+@pytest.fixture(scope="session")
+def synapse() -> Synapse:
+    """A real Synapse with an admin account, started once for the whole run."""
+    server = Synapse()
+    try:
+        server.start()
+    except Exception:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def standins() -> StandIns:
+    """The lk-jwt-service and LiveKit stand-ins, started once for the whole run."""
+    missing = StandIns.missing()
+    if missing:
+        pytest.skip(f"stand-ins not built: {', '.join(missing)} (cargo build --release -p vlg-standins)")
+    pair = StandIns()
+    try:
+        pair.start()
+    except Exception:
+        pair.stop()
+        raise
+    yield pair
+    pair.stop()
+
+
+@pytest.fixture
+def livekit(standins: StandIns) -> StandIns:
+    """The stand-ins with LiveKit's rooms, delay and counters reset, for tests that populate rooms."""
+    standins.reset()
+    return standins
+
+
+# --------------------------------------------------------------------------- per-test factories
+
+
+@pytest.fixture
+def new_room(synapse: Synapse) -> Callable[..., str]:
+    """Factory: ``new_room(limit=None)`` creates a room, sets its limit if given, returns its id."""
+    def make(limit: Any = None, name: str | None = None) -> str:
+        room_id = synapse.create_room(name)
+        if limit is not None:
+            synapse.set_limit(room_id, limit)
+        return room_id
+    return make
+
+
+@pytest.fixture
+def plugin_config(request: pytest.FixtureRequest) -> Callable[..., dict]:
+    """Factory: ``plugin_config(**overrides)`` gives the filter configuration for the session stack.
+
+    Overrides are deep-merged (see :func:`stack.default_plugin_config`). The
+    LiveKit secret is the one the stand-ins are started with.
+    """
+    def make(**overrides: Any) -> dict:
+        server: Synapse = request.getfixturevalue("synapse")
+        return default_plugin_config(server.admin_token, LIVEKIT_SECRET, **overrides)
+    return make
+
+
+@pytest.fixture
+def fault_server(request: pytest.FixtureRequest) -> Callable[..., FaultServer]:
+    """Factory: ``fault_server(mode, **options)`` starts a :class:`stack.FaultServer`, stopped after the test."""
+    servers: list[FaultServer] = []
+
+    def make(mode: str = "ok", **options: Any) -> FaultServer:
+        name = f"fault-{_slug(request.node.name)}-{len(servers)}"
+        server = FaultServer(mode, name=name, **options)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def start_envoy(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Factory that starts an Envoy for this test (about 0.2 s) and stops it afterwards.
+
+    ``start_envoy(plugin_config=None, *, lk_jwt=None, synapse=None, livekit=None,
+    with_filter=True, env=None, expect_rejection=False, **envoy_options)``
+
+    Upstreams default to the session's stand-ins and Synapse; any of them may be a
+    :class:`stack.FaultServer`, a ``(host, port)`` pair or ``"host:port"``. The
+    plugin configuration defaults to :func:`plugin_config` (a dict or a raw string
+    is used as given). With ``expect_rejection=True`` the call returns Envoy's log
+    and fails the test unless Envoy refused the configuration. Envoy's log tail is
+    printed when the test fails.
+    """
+    started: list[Envoy] = []
+
+    def make(plugin_config: dict | str | None = None, *, lk_jwt: Any = None, synapse: Any = None,
+             livekit: Any = None, with_filter: bool = True, env: dict[str, str] | None = None,
+             expect_rejection: bool = False, **options: Any) -> Any:
+        if with_filter and not WASM_PATH.exists():
+            pytest.skip(f"Wasm module not built: {WASM_PATH} (run `make build`)")
+        if lk_jwt is None or livekit is None:
+            pair: StandIns = request.getfixturevalue("standins")
+            lk_jwt = lk_jwt if lk_jwt is not None else pair.jwt_address
+            livekit = livekit if livekit is not None else pair.livekit_address
+        if synapse is None:
+            synapse = request.getfixturevalue("synapse")
+        if with_filter and plugin_config is None:
+            plugin_config = request.getfixturevalue("plugin_config")()
+        envoy = Envoy(lk_jwt=lk_jwt, synapse=synapse, livekit=livekit, plugin_config=plugin_config,
+                      with_filter=with_filter, env=env,
+                      name=f"envoy-{_slug(request.node.name)}-{len(started)}", **options)
+        started.append(envoy)
+        if expect_rejection:
+            return envoy.start_expecting_rejection()
+        return envoy.start()
+
+    yield make
+    for envoy in started:
+        if _failed(request) and envoy.process is not None:
+            print(f"\n--- {envoy.name}: {envoy.log_path} (excerpt) ---\n{envoy.log_excerpt()}")
+            print(f"--- {envoy.access_log_path} ---\n{tail(envoy.access_log_path, 20)}")
+        envoy.stop()
+
+
+def _slug(text: str) -> str:
+    """A test name made safe and short enough for a directory name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60]
+
+
+# --------------------------------------------------------------------------- small helpers for tests
+
+
+def connect(standins: StandIns, token_response: Any) -> Any:
+    """Connect to the LiveKit stand-in with the JWT of an lk-jwt-service answer."""
+    return standins.connect(token_response)
+
+
+def room_alias(room: str, shape: str = "legacy", slot_id: str = "m.call#ROOM") -> str:
+    """LiveKit alias of a room for a request shape (the legacy shape always uses ``m.call#ROOM``)."""
+    return livekit_alias(room, "m.call#ROOM" if shape == "legacy" else slot_id)
