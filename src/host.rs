@@ -15,6 +15,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::config::Config;
 use crate::flow::{Admission, CallKind, Counter, Effect, Env, HttpCall};
 use crate::store::{SharedStore, StoreError};
+use crate::{limit_cache, occupancy};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -141,9 +142,21 @@ impl RootContext for GuardRoot {
                     config.failure_mode
                 );
                 self.config = Some(Rc::new(config));
-                if self.metrics.is_none() {
-                    self.metrics = Some(Rc::new(Metrics::define()));
+                let metrics = match &self.metrics {
+                    Some(metrics) => Rc::clone(metrics),
+                    None => Rc::new(Metrics::define()),
+                };
+                let store = HostStore {
+                    metrics: Rc::clone(&metrics),
+                };
+                limit_cache::create_buckets(&store);
+                occupancy::create_buckets(&store);
+                if let Some(id) = metrics.shared_keys {
+                    // Absolute: every VM copy creates the same buckets at start.
+                    let keys = limit_cache::KEYS + occupancy::KEYS;
+                    let _ = hostcalls::record_metric(id, u64::from(keys));
                 }
+                self.metrics = Some(metrics);
                 true
             }
             Err(e) => {

@@ -98,6 +98,14 @@ pub fn release_claim(store: &dyn SharedStore, room: &str, now_ms: u64) -> Result
     )
 }
 
+/// Creates this state's buckets; see [`Buckets::create_all`].
+pub fn create_buckets(store: &dyn SharedStore) {
+    BUCKETS.create_all(store);
+}
+
+/// How many shared-data keys this state uses, whatever the number of rooms.
+pub const KEYS: u32 = BUCKETS.count;
+
 #[cfg(test)]
 mod tests {
     use super::*;

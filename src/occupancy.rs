@@ -165,6 +165,14 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Verdict {
     verdict
 }
 
+/// Creates this state's buckets; see [`Buckets::create_all`].
+pub fn create_buckets(store: &dyn SharedStore) {
+    BUCKETS.create_all(store);
+}
+
+/// How many shared-data keys this state uses, whatever the number of rooms.
+pub const KEYS: u32 = BUCKETS.count;
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_arch = "wasm32")]

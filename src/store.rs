@@ -37,6 +37,8 @@ impl std::fmt::Display for StoreError {
     }
 }
 
+const EMPTY_BUCKET: &[u8] = b"[]";
+
 /// Attempts of one read-modify-write before giving up; contention on one bucket is brief.
 const MAX_ATTEMPTS: usize = 64;
 
@@ -67,7 +69,25 @@ pub struct Buckets {
 
 impl Buckets {
     pub fn key_for(&self, id: &str) -> String {
-        format!("{}.{}", self.prefix, fnv1a(id.as_bytes()) % self.count)
+        self.key_of(fnv1a(id.as_bytes()) % self.count)
+    }
+
+    fn key_of(&self, index: u32) -> String {
+        format!("{}.{index}", self.prefix)
+    }
+
+    /// Creates the buckets that do not exist yet, empty.
+    ///
+    /// Shared data cannot create a key conditionally (a write without CAS always succeeds), so
+    /// two threads creating the same bucket at once could lose one's first entry. Creating every
+    /// bucket when the VM starts, before it serves streams, leaves later updates a CAS to check.
+    pub fn create_all(&self, store: &dyn SharedStore) {
+        for index in 0..self.count {
+            let key = self.key_of(index);
+            if store.get(&key).is_none() && store.set(&key, EMPTY_BUCKET, None).is_ok() {
+                store.account(1, EMPTY_BUCKET.len() as i64);
+            }
+        }
     }
 
     /// The live entry for `id`, if any.
@@ -300,6 +320,23 @@ mod tests {
             BUCKETS.get::<u32>(&store, "!room9999:example.com", 0),
             Some(1)
         );
+    }
+
+    #[test]
+    fn create_all_makes_every_bucket_once() {
+        let store = MemoryStore::default();
+        BUCKETS.create_all(&store);
+        BUCKETS.create_all(&store);
+        assert_eq!(store.key_count(), 4);
+        assert_eq!(store.keys.get(), 4);
+        assert_eq!(store.bytes.get() as usize, store.byte_count());
+        // Updates find their bucket and go through CAS.
+        BUCKETS
+            .update(&store, "!a", 0, |_: Option<(&u32, u64)>| {
+                (Change::Put(1, 10), ())
+            })
+            .unwrap();
+        assert_eq!(store.keys.get(), 4);
     }
 
     #[test]
