@@ -1,0 +1,544 @@
+"""`make demo`: the whole voice-limit-guard path on one machine, in about ten seconds.
+
+Starts a real Synapse, the lk-jwt-service and LiveKit stand-ins and Envoy running
+``envoy/envoy.yaml`` exactly as an operator would (same ports, same secrets from the
+environment, module path relative to the repository root). Then it creates a room
+limited to two users and walks through joins, printing each HTTP status and what it
+means, and finally the filter's counters.
+
+The exit status is 0 only if every step answered as expected, so the demo doubles as
+a check of the example configuration. ``--free-ports`` runs the same walk-through on
+free ports (through a temporary copy of envoy.yaml), for tests and busy machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stack import (  # noqa: E402  (the path above makes the harness importable)
+    LIVEKIT_KEY,
+    LIVEKIT_SECRET,
+    LIMIT_STATE_TYPE,
+    REPO,
+    SERVER_NAME,
+    STACK_ROOT,
+    WASM_PATH,
+    Process,
+    StackError,
+    StandIns,
+    Synapse,
+    envoy_binary,
+    http,
+    install_signal_handlers,
+    join_body,
+    openid_token,
+    rejection_lines,
+    run_dir_for,
+    tail,
+    wait_until,
+)
+
+EXAMPLE_CONFIG = REPO / "envoy" / "envoy.yaml"
+# The module path envoy.yaml names, relative to the repository root.
+EXAMPLE_WASM = "target/wasm32-wasip1/release/voice_limit_guard.wasm"
+LIMIT = 2
+EXIT_PORT_BUSY = 2
+
+
+# --------------------------------------------------------------------------- ports
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where each component listens; the defaults are the ones envoy/envoy.yaml names."""
+
+    listener: int = 8090
+    admin: int = 9901
+    lk_jwt: int = 8081
+    synapse: int = 8008
+    livekit: int = 7880
+
+    def described(self) -> list[tuple[str, str, int]]:
+        """(component, bind address, port) for each port, as the components bind them."""
+        return [
+            ("Envoy listener", "0.0.0.0", self.listener),
+            ("Envoy admin", "127.0.0.1", self.admin),
+            ("lk-jwt-service stand-in", "127.0.0.1", self.lk_jwt),
+            ("Synapse", "127.0.0.1", self.synapse),
+            ("LiveKit stand-in", "127.0.0.1", self.livekit),
+        ]
+
+
+def pick_free_ports() -> Ports:
+    """Five distinct ports the kernel just handed out (held together so none repeats)."""
+    sockets = []
+    try:
+        for _ in range(5):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return Ports(*(s.getsockname()[1] for s in sockets))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def busy_ports(ports: Ports) -> list[tuple[str, int]]:
+    """The ports something already listens on.
+
+    SO_REUSEADDR mirrors what the servers set, so a port left in TIME_WAIT by an
+    earlier run does not count as taken, while a live listener does.
+    """
+    taken = []
+    for name, host, port in ports.described():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                taken.append((name, port))
+    return taken
+
+
+def envoy_config_for(ports: Ports, run_dir: Path) -> Path:
+    """envoy/envoy.yaml itself on the default ports, else a copy with the ports substituted.
+
+    The copy changes nothing but ports (and the module path when ``VLG_WASM`` names
+    another build), so the walk-through still exercises the operators' configuration.
+    """
+    if ports == Ports() and WASM_PATH == REPO / EXAMPLE_WASM:
+        return EXAMPLE_CONFIG
+    mapping = {str(default): str(chosen) for default, chosen in zip(_port_values(Ports()), _port_values(ports))}
+    text = EXAMPLE_CONFIG.read_text()
+    found = set(re.findall(r"port_value: (\d+)", text))
+    if found != set(mapping):
+        raise StackError(f"{EXAMPLE_CONFIG} names ports {sorted(found)}, expected {sorted(mapping)}")
+    text = re.sub(r"port_value: (\d+)", lambda m: f"port_value: {mapping[m.group(1)]}", text)
+    text = text.replace(f"filename: {EXAMPLE_WASM}", f"filename: {WASM_PATH}")
+    copy = run_dir / "envoy.yaml"
+    copy.write_text(text)
+    return copy
+
+
+def _port_values(ports: Ports) -> list[int]:
+    return [port for _, _, port in ports.described()]
+
+
+# --------------------------------------------------------------------------- components on fixed ports
+
+
+class FixedPortSynapse(Synapse):
+    """Synapse on the port envoy.yaml's ``synapse`` cluster names, instead of a random one."""
+
+    def __init__(self, port: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.fixed_port = port
+
+    def _generate_config(self) -> None:
+        super()._generate_config()
+        overrides_path = self.dir / "overrides.yaml"
+        overrides = json.loads(overrides_path.read_text())
+        overrides["listeners"][0]["port"] = self.fixed_port
+        overrides_path.write_text(json.dumps(overrides, indent=2))
+        self.port = self.fixed_port
+
+
+class FixedPortStandIns(StandIns):
+    """The stand-ins on the ports envoy.yaml's ``lk_jwt`` and ``livekit`` clusters name."""
+
+    def __init__(self, jwt_port: int, livekit_port: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.jwt_port = jwt_port
+        self.livekit_port = livekit_port
+
+    def start(self, timeout: float = 20.0) -> "FixedPortStandIns":
+        missing = self.missing(self.bin_dir)
+        if missing:
+            raise StackError(f"stand-in binaries not built: {', '.join(missing)} (make standins)")
+        self.livekit_process = self._spawn_on(self.LIVEKIT_BINARY, self.livekit_port, [], timeout)
+        self.jwt_process = self._spawn_on(
+            self.JWT_BINARY, self.jwt_port, ["--livekit-url", self.livekit_ws_url], timeout)
+        return self
+
+    def _spawn_on(self, binary: str, port: int, extra: list[str], timeout: float) -> Process:
+        """Start one stand-in on ``port`` and wait for the line it prints once bound."""
+        stdout = self.dir / f"{binary}.stdout"
+        proc = Process(
+            binary,
+            [self.bin_dir / binary, "--listen", f"127.0.0.1:{port}",
+             "--key", self.key, "--secret", self.secret, *extra],
+            self.dir / f"{binary}.log",
+            stdout_path=stdout,
+            env={"RUST_LOG": "info"},
+        ).start()
+        wait_until(lambda: "listening on http://" in tail(stdout, 50),
+                   f"{binary} to listen on port {port}", timeout, proc)
+        return proc
+
+
+class ExampleEnvoy:
+    """Envoy running an operator's configuration file unchanged, from the repository root."""
+
+    def __init__(self, config: Path, ports: Ports, admin_token: str, secret: str, run_dir: Path):
+        self.config = config
+        self.ports = ports
+        self.env = {"SYNAPSE_ADMIN_TOKEN": admin_token, "LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": secret}
+        self.dir = run_dir
+        self.log_path = run_dir / "envoy.log"
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.listener}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.admin}"
+
+    def start(self, timeout: float = 30.0) -> "ExampleEnvoy":
+        """Start Envoy and wait for admin ``/ready``; a refused configuration raises with Envoy's reasons."""
+        self.process = Process(
+            "envoy",
+            [envoy_binary(), "-c", self.config, "--disable-hot-restart", "--concurrency", "2",
+             "--log-path", self.log_path],
+            self.dir / "envoy.out.log",
+            env=self.env,
+            cwd=REPO,
+        ).start()
+        try:
+            wait_until(self._ready, f"Envoy admin {self.admin_url}/ready", timeout, self.process)
+        except StackError as exc:
+            raise StackError(f"{exc}\n{self._errors()}(Envoy's full log: {_shown(self.log_path)})") from None
+        return self
+
+    def _errors(self) -> str:
+        """Envoy's error lines: why it refused the configuration, which the console tail may lack."""
+        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "".join(f"{line}\n" for line in rejection_lines(log))
+
+    def _ready(self) -> bool:
+        resp = http().get(f"{self.admin_url}/ready", timeout=2)
+        return resp.status_code == 200 and resp.text.strip() == "LIVE"
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def counters(self) -> list[str]:
+        """The filter's own statistics (``name: value``), without Envoy's Wasm VM bookkeeping."""
+        resp = http().get(f"{self.admin_url}/stats", params={"filter": "voice_limit_guard"}, timeout=5)
+        resp.raise_for_status()
+        return [line for line in resp.text.splitlines() if line.startswith("wasmcustom.")]
+
+
+# --------------------------------------------------------------------------- the walk-through
+
+
+@dataclass
+class Step:
+    """One request through Envoy, the status it should get and what that status means."""
+
+    who: str
+    device: str
+    method: str
+    path: str
+    expect: int
+    meaning: str
+    body: dict | None = None
+    note: str = ""
+    headers: dict = field(default_factory=dict)
+    connect: bool = False
+
+    def label(self) -> str:
+        if not self.device:
+            return f"{self.who} {self.method} {self.path}"
+        device = f"device {self.device}" + (f", {self.note}" if self.note else "")
+        return f"{self.who:<5} ({device}) {self.method} {self.path}"
+
+
+def user_id(name: str) -> str:
+    return f"@{name}:{SERVER_NAME}"
+
+
+def token_step(who: str, device: str, room: str, expect: int, meaning: str,
+               shape: str = "legacy", note: str = "") -> Step:
+    """A token request: the legacy ``/sfu/get`` body, or the ``/get_token`` body for ``shape="new"``."""
+    path = "/sfu/get" if shape == "legacy" else "/get_token"
+    return Step(who, device, "POST", path, expect, meaning,
+                body=join_body(user_id(who), device, room, shape=shape), note=note,
+                connect=expect == 200)
+
+
+def limited_room_steps(room: str) -> list[Step]:
+    issued = "token issued, connects to LiveKit"
+    return [
+        token_step("alice", "A1", room, 200, f"{issued} (1 of {LIMIT})"),
+        token_step("bob", "B1", room, 200, f"{issued} (2 of {LIMIT})", shape="new"),
+        token_step("carol", "C1", room, 403, "refused: the call already holds its limit"),
+        token_step("alice", "A2", room, 200, "let in: alice is already in the call",
+                   note="second device"),
+    ]
+
+
+def open_room_steps(room: str) -> list[Step]:
+    meaning = "token issued: no limit on this room"
+    return [token_step(name, f"{name[0].upper()}9", room, 200, meaning) for name in ("alice", "bob", "carol")]
+
+
+def preflight_step() -> Step:
+    headers = {"Origin": "https://call.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "content-type"}
+    return Step("a browser", "", "OPTIONS", "/sfu/get", 200,
+                "CORS preflight passes through to lk-jwt-service unchecked", headers=headers)
+
+
+class Walkthrough:
+    """Runs steps against Envoy, prints one line each and remembers any unexpected answer."""
+
+    def __init__(self, envoy: ExampleEnvoy, standins: StandIns, out: Callable[[str], None] = print):
+        self.envoy = envoy
+        self.standins = standins
+        self.out = out
+        self.failures: list[str] = []
+
+    def run(self, steps: list[Step]) -> None:
+        for step in steps:
+            self.run_step(step)
+
+    def run_step(self, step: Step) -> None:
+        kwargs: dict[str, Any] = {"headers": dict(step.headers), "timeout": 20}
+        if step.body is not None:
+            kwargs["json"] = step.body
+        try:
+            resp = http().request(step.method, f"{self.envoy.url}{step.path}", **kwargs)
+        except requests.RequestException as exc:
+            self.out(f"  {step.label()} -> no answer: {exc}")
+            self.failures.append(f"{step.label()}: no answer from Envoy ({exc})")
+            return
+        detail = self.describe(step, resp)
+        if resp.status_code == step.expect and step.connect:
+            detail += self.connect(resp)
+        self.out(f"  {step.label()} -> {resp.status_code} {detail}")
+        if resp.status_code != step.expect:
+            self.failures.append(f"{step.label()}: expected {step.expect}, got {resp.status_code}")
+
+    def describe(self, step: Step, resp: requests.Response) -> str:
+        """The step's meaning, the error body of a refusal, or a flag on an unexpected status."""
+        if resp.status_code != step.expect:
+            return f"UNEXPECTED (expected {step.expect}: {step.meaning}) {resp.text.strip()[:300]}"
+        if resp.status_code >= 400:
+            return resp.text.strip()
+        return step.meaning
+
+    def connect(self, resp: requests.Response) -> str:
+        """Join the LiveKit stand-in with the issued JWT, as a client would; a failure fails the step."""
+        try:
+            self.standins.connect(resp)
+        except (StackError, requests.RequestException, ValueError, KeyError) as exc:
+            self.failures.append(f"connecting to LiveKit with the issued token: {exc}")
+            return f" (but connecting to LiveKit failed: {exc})"
+        return ""
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+class Demo:
+    """Owns the components, so one ``stop`` tears down whatever got started."""
+
+    def __init__(self, ports: Ports, run_dir: Path):
+        self.ports = ports
+        self.run_dir = run_dir
+        self.synapse: FixedPortSynapse | None = None
+        self.standins: FixedPortStandIns | None = None
+        self.envoy: ExampleEnvoy | None = None
+        self.rooms: dict[str, str] = {}
+
+    def start(self) -> None:
+        """Synapse and the stand-ins first: Envoy needs the admin's access token in its environment."""
+        started = time.monotonic()
+        self.standins = FixedPortStandIns(self.ports.lk_jwt, self.ports.livekit, secret=LIVEKIT_SECRET,
+                                          run_dir=self.run_dir / "standins").start()
+        self.synapse = FixedPortSynapse(self.ports.synapse, run_dir=self.run_dir / "synapse").start()
+        config = envoy_config_for(self.ports, self.run_dir)
+        self.envoy = ExampleEnvoy(config, self.ports, self.synapse.admin_token, LIVEKIT_SECRET,
+                                  run_dir_for("envoy", self.run_dir / "envoy")).start()
+        print(f"Stack up in {time.monotonic() - started:.1f}s: Synapse {self.synapse.base_url}, "
+              f"lk-jwt-service stand-in :{self.ports.lk_jwt}, LiveKit stand-in :{self.ports.livekit}, "
+              f"Envoy :{self.ports.listener} (admin :{self.ports.admin}) with {_shown(config)}")
+
+    def walk(self) -> list[str]:
+        """Every scenario in order; returns the unexpected answers (none means success)."""
+        assert self.synapse and self.envoy and self.standins
+        walk = Walkthrough(self.envoy, self.standins)
+        limited = self.new_room("Limited call", LIMIT)
+        print(f"\nRoom {limited}: {LIMIT_STATE_TYPE} {json.dumps({'max_users': LIMIT})}")
+        walk.run(limited_room_steps(limited))
+        open_room = self.new_room("Open call", None)
+        print(f"\nRoom {open_room}: no {LIMIT_STATE_TYPE}, so everyone is let in")
+        walk.run(open_room_steps(open_room))
+        print("\nCORS preflight")
+        walk.run([preflight_step()])
+        return walk.failures
+
+    def new_room(self, name: str, limit: int | None) -> str:
+        """A room created through the client API, with the limit set as a room admin would."""
+        assert self.synapse
+        room = self.synapse.create_room(name)
+        if limit is not None:
+            self.synapse.set_limit(room, limit)
+        self.rooms[name] = room
+        return room
+
+    def print_counters(self) -> None:
+        assert self.envoy
+        print(f"\nFilter counters ({self.envoy.admin_url}/stats?filter=voice_limit_guard):")
+        for line in self.envoy.counters():
+            print(f"  {line}")
+
+    def print_endpoints(self) -> None:
+        """What a user needs to poke the running stack by hand."""
+        assert self.synapse and self.envoy
+        room = self.rooms.get("Limited call", "!ROOM")
+        body = {"room": room, "openid_token": openid_token(user_id("dave")), "device_id": "D1"}
+        print("\nThe stack keeps running (Ctrl-C stops it):")
+        print(f"  Envoy (token endpoints)  {self.envoy.url}/sfu/get, {self.envoy.url}/get_token")
+        print(f"  Envoy admin              {self.envoy.admin_url}/stats?filter=voice_limit_guard")
+        print(f"  Synapse                  {self.synapse.base_url} (admin token: {self.synapse.admin_token})")
+        print(f"  LiveKit stand-in         http://127.0.0.1:{self.ports.livekit}/_standin/stats")
+        print("  Try (dave is refused: the limited room is full):")
+        print(f"    curl -si {self.envoy.url}/sfu/get -d '{json.dumps(body)}'")
+
+    def wait_for_interrupt(self) -> None:
+        """Sleep until Ctrl-C or a signal; stop early if a component dies, since the stack is broken then."""
+        processes = [p for p in self.processes() if p is not None]
+        while True:
+            dead = [p.name for p in processes if p.exited()]
+            if dead:
+                raise StackError(f"{', '.join(dead)} exited; see the logs")
+            time.sleep(1)
+
+    def processes(self) -> list[Process | None]:
+        found: list[Process | None] = []
+        if self.envoy:
+            found.append(self.envoy.process)
+        if self.standins:
+            found += [self.standins.jwt_process, self.standins.livekit_process]
+        if self.synapse:
+            found.append(self.synapse.process)
+        return found
+
+    def stop(self) -> None:
+        for component in (self.envoy, self.standins, self.synapse):
+            if component is not None:
+                component.stop()
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it (shorter, and what users type)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--free-ports", action="store_true",
+                        help="use free ports instead of envoy.yaml's (runs a temporary copy of envoy.yaml)")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="keep the stack up after the walk-through until Ctrl-C")
+    parser.add_argument("--run-dir", type=Path, default=STACK_ROOT / "demo",
+                        help="where logs and state go (each run replaces its envoy/, standins/, synapse/; default .stack/demo)")
+    return parser.parse_args(argv)
+
+
+def missing_build() -> str | None:
+    """What has to be built before the demo can run, or None."""
+    if not WASM_PATH.exists():
+        return f"Wasm module not built: {_shown(WASM_PATH)} (run `make build`)"
+    missing = StandIns.missing()
+    if missing:
+        return f"stand-ins not built: {', '.join(missing)} (run `make standins`)"
+    return None
+
+
+def busy_ports_message(ports: Ports) -> str | None:
+    """Which of envoy.yaml's ports are taken, and the way out; None if all are free."""
+    busy = busy_ports(ports)
+    if not busy:
+        return None
+    listed = ", ".join(f"{port} ({name})" for name, port in busy)
+    noun, pronoun = ("port", "it") if len(busy) == 1 else ("ports", "them")
+    return (f"{noun} {listed} already in use; envoy/envoy.yaml needs {pronoun}. Stop whatever "
+            f"listens there, or run `.venv/bin/python {_shown(Path(__file__))} --free-ports` to use free ports.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start, walk through, report; always stop everything and say where the logs are."""
+    ports = pick_free_ports() if args.free_ports else Ports()
+    problem = missing_build()
+    if problem:
+        print(f"demo: {problem}", file=sys.stderr)
+        return 1
+    problem = None if args.free_ports else busy_ports_message(ports)
+    if problem:
+        print(f"demo: {problem}", file=sys.stderr)
+        return EXIT_PORT_BUSY
+    run_dir = run_dir_for("demo", args.run_dir, fresh=False)
+    demo = Demo(ports, run_dir)
+    started = time.monotonic()
+    status = 1
+    try:
+        demo.start()
+        failures = demo.walk()
+        demo.print_counters()
+        status = report(failures, time.monotonic() - started)
+        if args.keep_running:
+            demo.print_endpoints()
+            demo.wait_for_interrupt()
+    except KeyboardInterrupt:
+        print("\nInterrupted.")
+        status = status if args.keep_running and status == 0 else 130
+    except StackError as exc:
+        print(f"\ndemo: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        print("Stopping Envoy, the stand-ins and Synapse...")
+        demo.stop()
+        print(f"Logs: {_shown(run_dir)}/ (envoy/, standins/, synapse/)")
+    return status
+
+
+def report(failures: list[str], elapsed: float) -> int:
+    if failures:
+        print(f"\nFAILED: {len(failures)} step(s) did not answer as expected:")
+        for failure in failures:
+            print(f"  {failure}")
+        return 1
+    print(f"\nAll steps answered as expected ({elapsed:.1f}s).")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Errors go to stderr; line buffering keeps them in order with the steps when piped (make, tests).
+    sys.stdout.reconfigure(line_buffering=True)
+    install_signal_handlers()
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
