@@ -5,7 +5,7 @@
 //! does nothing. Secrets may be named through environment variables (`<field>_env`) that
 //! Envoy hands to the VM, which keeps them out of config dumps; neither form is ever logged.
 
-use serde_json::{Map, Value};
+use crate::gojson::{self, Value};
 use std::fmt;
 use std::time::Duration;
 
@@ -93,7 +93,7 @@ impl Config {
     /// Parses the plugin configuration. `env` looks up the environment variables named by
     /// `*_env` keys (the process environment inside Envoy, a map in tests).
     pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let root: Value = serde_json::from_slice(json)
+        let root = gojson::parse_document(json)
             .map_err(|e| ConfigError(format!("configuration is not valid JSON: {e}")))?;
         let mut root = Object::new(root, "configuration")?;
 
@@ -259,9 +259,15 @@ fn token_paths(value: Value) -> Result<Vec<String>, ConfigError> {
     for item in items {
         match item {
             Value::String(p) if p.starts_with('/') && !p.contains(['?', '#']) => paths.push(p),
+            Value::String(p) => {
+                return err(format!(
+                    "token_paths: expected paths starting with '/' and without a query, got {p:?}"
+                ))
+            }
             other => {
                 return err(format!(
-                    "token_paths: expected paths starting with '/' and without a query, got {other}"
+                    "token_paths: expected strings, got {}",
+                    other.kind()
                 ))
             }
         }
@@ -275,18 +281,27 @@ fn token_paths(value: Value) -> Result<Vec<String>, ConfigError> {
 /// A JSON object being consumed key by key; whatever is left at the end is unknown.
 struct Object {
     name: String,
-    map: Map<String, Value>,
+    members: Vec<(String, Value)>,
 }
 
 impl Object {
     fn new(value: Value, name: &str) -> Result<Object, ConfigError> {
-        match value {
-            Value::Object(map) => Ok(Object {
-                name: name.to_owned(),
-                map,
-            }),
-            _ => err(format!("{name}: expected a JSON object")),
+        let Value::Object(members) = value else {
+            return err(format!("{name}: expected a JSON object"));
+        };
+        let object = Object {
+            name: name.to_owned(),
+            members,
+        };
+        for (i, (key, _)) in object.members.iter().enumerate() {
+            if object.members[..i]
+                .iter()
+                .any(|(earlier, _)| earlier == key)
+            {
+                return err(format!("{}: duplicate key", object.path(key)));
+            }
         }
+        Ok(object)
     }
 
     fn path(&self, key: &str) -> String {
@@ -298,7 +313,8 @@ impl Object {
     }
 
     fn take(&mut self, key: &str) -> Option<Value> {
-        self.map.remove(key)
+        let index = self.members.iter().position(|(k, _)| k == key)?;
+        Some(self.members.remove(index).1)
     }
 
     fn object(&mut self, key: &str) -> Result<Object, ConfigError> {
@@ -323,7 +339,7 @@ impl Object {
             Some(other) => err(format!(
                 "{}: expected a string, got {}",
                 self.path(key),
-                kind(&other)
+                other.kind()
             )),
         }
     }
@@ -331,30 +347,26 @@ impl Object {
     fn optional_u64(&mut self, key: &str, min: u64) -> Result<Option<u64>, ConfigError> {
         match self.take(key) {
             None => Ok(None),
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= min) => Ok(n.as_u64()),
-            Some(other) => err(format!(
-                "{}: expected an integer >= {min}, got {other}",
-                self.path(key)
-            )),
+            Some(value) => match value.as_u64() {
+                Some(v) if v >= min => Ok(Some(v)),
+                Some(v) => err(format!(
+                    "{}: expected an integer >= {min}, got {v}",
+                    self.path(key)
+                )),
+                None => err(format!(
+                    "{}: expected an integer >= {min}, got {}",
+                    self.path(key),
+                    value.kind()
+                )),
+            },
         }
     }
 
     fn finish(self) -> Result<(), ConfigError> {
-        match self.map.keys().next() {
+        match self.members.first() {
             None => Ok(()),
-            Some(key) => err(format!("{}: unknown key", self.path(key))),
+            Some((key, _)) => err(format!("{}: unknown key", self.path(key))),
         }
-    }
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -462,9 +474,17 @@ mod tests {
         let with = |extra: &str| MINIMAL.replacen('{', &format!("{{{extra},"), 1);
         assert_eq!(
             error_of(&with(r#""limit_cache_ttl_seconds": "10""#)),
-            r#"limit_cache_ttl_seconds: expected an integer >= 0, got "10""#
+            "limit_cache_ttl_seconds: expected an integer >= 0, got a string"
         );
         assert_eq!(error_of(&with(r#""bogus": 1"#)), "bogus: unknown key");
+        assert_eq!(
+            error_of(&with(r#""failure_mode": "open", "failure_mode": "closed""#)),
+            "failure_mode: duplicate key"
+        );
+        assert_eq!(
+            error_of(&with(r#""limit_cache_ttl_seconds": 1.5"#)),
+            "limit_cache_ttl_seconds: expected an integer >= 0, got a number"
+        );
         assert_eq!(
             error_of(&with(r#""failure_mode": "maybe""#)),
             r#"failure_mode: expected "open" or "closed", got "maybe""#

@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 use crate::config::{Config, FailureMode, Upstream};
+use crate::gojson::{self, Value};
 use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
@@ -479,13 +480,10 @@ fn requester_of<'a>(request: &'a TokenRequest, claims: &'a JoinClaims) -> &'a st
 }
 
 fn issued_token(body: &[u8]) -> Result<String, String> {
-    #[derive(serde::Deserialize)]
-    struct Issued {
-        jwt: String,
-    }
-    serde_json::from_slice::<Issued>(body)
-        .map(|issued| issued.jwt)
-        .map_err(|_| "lk-jwt-service's 200 carries no {\"jwt\": ...} body".to_owned())
+    gojson::parse_document(body)
+        .ok()
+        .and_then(|v| v.get("jwt").and_then(Value::as_str).map(str::to_owned))
+        .ok_or_else(|| "lk-jwt-service's 200 carries no {\"jwt\": ...} body".to_owned())
 }
 
 fn call(

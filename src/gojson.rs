@@ -12,6 +12,10 @@
 //! - keys are matched to field names case-insensitively with Go's folding (see [`key_matches`]).
 //!
 //! Values are kept as a small tree; bodies are tiny (a few hundred bytes) and nesting is capped.
+//!
+//! The same reader serves every other JSON the filter reads (its configuration, Synapse's and
+//! LiveKit's answers, token claims, its shared state) and [`write_string`] every JSON it writes:
+//! one small parser instead of a general serialisation framework keeps the Wasm module small.
 
 /// Deepest nesting accepted. lk-jwt-service's request structs are at most two levels deep,
 /// so anything deeper fails Go's type checks too (and the token request is refused).
@@ -47,6 +51,143 @@ pub fn parse_first_value(input: &[u8]) -> Result<Value, SyntaxError> {
     let mut reader = Reader { input, pos: 0 };
     reader.skip_whitespace();
     reader.value(0)
+}
+
+/// Reads a document that must be exactly one JSON value (whitespace around it allowed).
+pub fn parse_document(input: &[u8]) -> Result<Value, SyntaxError> {
+    let mut reader = Reader { input, pos: 0 };
+    reader.skip_whitespace();
+    let value = reader.value(0)?;
+    reader.skip_whitespace();
+    if reader.pos < input.len() {
+        return Err(reader.error("unexpected data after the JSON value"));
+    }
+    Ok(value)
+}
+
+impl Value {
+    /// The member `key` of an object (exact match; the last of duplicates, as Go and most
+    /// decoders keep it).
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Object(members) => members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// A non-negative integer written without fraction or exponent.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Number(text) => text.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// A number with an integral value (`3`, `3.0`, `3e0`, `0.3e1`), saturating at `u64::MAX`;
+    /// `None` for fractions and negatives. Works on the digits, so no float is rounded.
+    pub fn as_integral(&self) -> Option<u64> {
+        match self {
+            Value::Number(text) => integral_value(text),
+            _ => None,
+        }
+    }
+
+    /// What kind of value this is, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        }
+    }
+}
+
+/// See [`Value::as_integral`]; `text` is a number in JSON's grammar (or a numeric string).
+pub fn integral_value(text: &str) -> Option<u64> {
+    let text = text.strip_prefix('+').unwrap_or(text);
+    let negative = text.starts_with('-');
+    let (mantissa, exponent) = match text.trim_start_matches('-').split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e).parse::<i64>().ok()?),
+        None => (text.trim_start_matches('-'), 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int_part.is_empty()
+        || !(int_part.bytes().chain(frac_part.bytes())).all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // value = digits × 10^shift
+    let digits = format!("{int_part}{frac_part}");
+    let digits = digits.trim_start_matches('0');
+    let shift = exponent.checked_sub(frac_part.len() as i64)?;
+    let (kept, dropped) = if shift >= 0 {
+        (digits, "")
+    } else {
+        let cut = digits.len().saturating_sub(shift.unsigned_abs() as usize);
+        digits.split_at(cut)
+    };
+    if dropped.bytes().any(|b| b != b'0') {
+        return None; // a fraction
+    }
+    if kept.is_empty() {
+        return Some(0);
+    }
+    if negative {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for b in kept.bytes() {
+        value = value.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+    }
+    for _ in 0..shift.max(0) {
+        if value == u64::MAX {
+            break;
+        }
+        value = value.saturating_mul(10);
+    }
+    Some(value)
+}
+
+/// Appends `s` as a JSON string, escaped as Go's `json.Marshal` does: quotes, backslashes and
+/// control characters, and also `<`, `>`, `&`, U+2028 and U+2029; other non-ASCII stays UTF-8.
+pub fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' | '\u{0}'..='\u{1f}' => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u");
+                let code = c as u32;
+                for shift in [12, 8, 4, 0] {
+                    out.push(HEX[((code >> shift) & 0xf) as usize] as char);
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Whether a JSON object key selects the Go struct field whose JSON name is `field`
@@ -429,6 +570,69 @@ mod tests {
     fn numbers_follow_go_grammar() {
         assert_eq!(parse(b"-0.5e+3"), Value::Number("-0.5e+3".into()));
         assert_eq!(parse(b"12 "), Value::Number("12".into()));
+    }
+
+    #[test]
+    fn integral_values_are_read_exactly() {
+        for (text, expected) in [
+            ("3", Some(3)),
+            ("3.0", Some(3)),
+            ("3.000", Some(3)),
+            ("3e0", Some(3)),
+            ("0.3e1", Some(3)),
+            ("30e-1", Some(3)),
+            ("1E2", Some(100)),
+            ("2.5e1", Some(25)),
+            ("0", Some(0)),
+            ("-0", Some(0)),
+            ("0.0", Some(0)),
+            ("1e400", Some(u64::MAX)),
+            ("99999999999999999999999", Some(u64::MAX)),
+            ("2.5", None),
+            ("25e-1", None),
+            ("-2", None),
+            ("1e-400", None),
+            ("abc", None),
+            ("", None),
+            (".5", None),
+            ("1.", Some(1)),
+        ] {
+            assert_eq!(integral_value(text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn documents_must_hold_one_value() {
+        assert!(parse_document(b" {\"a\":1} ").is_ok());
+        assert!(parse_document(b"{\"a\":1} x").is_err());
+        assert!(parse_document(b"{}{}").is_err());
+    }
+
+    #[test]
+    fn accessors() {
+        let v = parse(br#"{"s":"x","n":12,"f":2.5,"a":[1],"s":"y"}"#);
+        assert_eq!(v.get("s").and_then(Value::as_str), Some("y"));
+        assert_eq!(v.get("n").and_then(Value::as_u64), Some(12));
+        assert_eq!(v.get("f").and_then(Value::as_u64), None);
+        assert_eq!(v.get("f").and_then(Value::as_integral), None);
+        assert_eq!(v.get("n").and_then(Value::as_integral), Some(12));
+        assert_eq!(
+            v.get("a").and_then(Value::as_array).map(<[_]>::len),
+            Some(1)
+        );
+        assert_eq!(v.get("missing"), None);
+        assert_eq!(Value::Null.get("x"), None);
+    }
+
+    #[test]
+    fn written_strings_read_back_and_escape_like_go() {
+        let mut out = String::new();
+        write_string(&mut out, "a<b>&\"\\\u{2028}é\u{1}\n");
+        assert_eq!(out, r#""a\u003cb\u003e\u0026\"\\\u2028é\u0001\n""#);
+        assert_eq!(
+            parse(out.as_bytes()),
+            Value::String("a<b>&\"\\\u{2028}é\u{1}\n".into())
+        );
     }
 
     #[test]

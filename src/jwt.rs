@@ -5,8 +5,9 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+
+use crate::gojson::{self, Value};
 
 /// The claims of an issued join token that the guard uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,22 +43,6 @@ impl std::fmt::Display for ClaimsError {
     }
 }
 
-#[derive(Deserialize)]
-struct RawClaims {
-    #[serde(default)]
-    sub: String,
-    #[serde(default)]
-    exp: Option<f64>,
-    #[serde(default)]
-    video: Option<RawVideo>,
-}
-
-#[derive(Deserialize)]
-struct RawVideo {
-    #[serde(default)]
-    room: String,
-}
-
 /// Reads the claims of a join token without checking its signature.
 pub fn join_claims(token: &str) -> Result<JoinClaims, ClaimsError> {
     let mut parts = token.split('.');
@@ -70,18 +55,26 @@ pub fn join_claims(token: &str) -> Result<JoinClaims, ClaimsError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .map_err(|_| ClaimsError::BadEncoding)?;
-    let raw: RawClaims = serde_json::from_slice(&bytes).map_err(|_| ClaimsError::BadPayload)?;
-    let room = raw.video.map(|v| v.room).unwrap_or_default();
+    let claims = gojson::parse_document(&bytes).map_err(|_| ClaimsError::BadPayload)?;
+    if !matches!(claims, Value::Object(_)) {
+        return Err(ClaimsError::BadPayload);
+    }
+    let room = claims
+        .get("video")
+        .and_then(|video| video.get("room"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if room.is_empty() {
         return Err(ClaimsError::NoRoom);
     }
-    let expires_at = raw
-        .exp
-        .filter(|e| e.is_finite() && *e > 0.0)
-        .map_or(0, |e| e as u64);
+    let expires_at = claims.get("exp").and_then(Value::as_integral).unwrap_or(0);
+    let identity = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     Ok(JoinClaims {
-        room,
-        identity: raw.sub,
+        room: room.to_owned(),
+        identity: identity.to_owned(),
         expires_at,
     })
 }
@@ -91,36 +84,19 @@ pub const ADMIN_TOKEN_TTL_SECONDS: u64 = 60;
 /// Backdating `nbf` absorbs small clock differences between Envoy and LiveKit.
 pub const ADMIN_TOKEN_CLOCK_SKEW_SECONDS: u64 = 10;
 
-#[derive(Serialize)]
-struct AdminClaims<'a> {
-    iss: &'a str,
-    nbf: u64,
-    exp: u64,
-    video: AdminGrant<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct AdminGrant<'a> {
-    room_admin: bool,
-    room: &'a str,
-}
-
 /// Mints the HS256 token that lets the guard list the participants of one LiveKit room:
 /// `iss` = API key, `video.roomAdmin` for exactly that `room`, valid for a minute.
 pub fn admin_token(api_key: &str, api_secret: &str, room: &str, now: u64) -> String {
     const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
-    let claims = AdminClaims {
-        iss: api_key,
-        nbf: now.saturating_sub(ADMIN_TOKEN_CLOCK_SKEW_SECONDS),
-        exp: now + ADMIN_TOKEN_TTL_SECONDS,
-        video: AdminGrant {
-            room_admin: true,
-            room,
-        },
-    };
-    // Serialising a struct of strings and integers cannot fail.
-    let payload = serde_json::to_vec(&claims).unwrap_or_default();
+    let mut payload = String::from("{\"iss\":");
+    gojson::write_string(&mut payload, api_key);
+    let nbf = now.saturating_sub(ADMIN_TOKEN_CLOCK_SKEW_SECONDS);
+    let exp = now + ADMIN_TOKEN_TTL_SECONDS;
+    payload.push_str(&format!(
+        ",\"nbf\":{nbf},\"exp\":{exp},\"video\":{{\"roomAdmin\":true,\"room\":"
+    ));
+    gojson::write_string(&mut payload, room);
+    payload.push_str("}}");
     let mut token = URL_SAFE_NO_PAD.encode(HEADER);
     token.push('.');
     token.push_str(&URL_SAFE_NO_PAD.encode(payload));

@@ -1,12 +1,15 @@
 //! Who is in a LiveKit room, through the RoomService `ListParticipants` Twirp call.
 
-use serde::Deserialize;
+use crate::gojson::{self, Value};
 
 pub const LIST_PARTICIPANTS_PATH: &str = "/twirp/livekit.RoomService/ListParticipants";
 
 /// The JSON body of a `ListParticipants` call for `room`.
 pub fn list_participants_body(room: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "room": room })).unwrap_or_default()
+    let mut body = String::from("{\"room\":");
+    gojson::write_string(&mut body, room);
+    body.push('}');
+    body.into_bytes()
 }
 
 /// Why a participant list could not be read.
@@ -27,25 +30,13 @@ impl std::fmt::Display for ListError {
     }
 }
 
-#[derive(Deserialize)]
-struct ListResponse {
-    // protojson omits an empty repeated field unless defaults are emitted.
-    #[serde(default)]
-    participants: Vec<Participant>,
-}
-
-#[derive(Deserialize)]
-struct Participant {
-    #[serde(default)]
-    identity: String,
-    /// An enum name (`"ACTIVE"`) or, from a client that writes enums as numbers, 0..=3.
-    #[serde(default)]
-    state: serde_json::Value,
-}
-
-/// `DISCONNECTED` is `3` in LiveKit's `ParticipantInfo.State`.
-fn is_disconnected(state: &serde_json::Value) -> bool {
-    state.as_str() == Some("DISCONNECTED") || state.as_u64() == Some(3)
+/// `DISCONNECTED` is `3` in LiveKit's `ParticipantInfo.State`; protojson writes the name,
+/// a client writing enums as numbers the number.
+fn is_disconnected(participant: &Value) -> bool {
+    match participant.get("state") {
+        Some(state) => state.as_str() == Some("DISCONNECTED") || state.as_u64() == Some(3),
+        None => false,
+    }
 }
 
 /// The identities of the participants that still hold a place in the room.
@@ -55,13 +46,24 @@ pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<Strin
         Some(200) => {}
         Some(other) => return Err(ListError::Status(other)),
     }
-    let response: ListResponse = serde_json::from_slice(body).map_err(|_| ListError::BadBody)?;
-    Ok(response
-        .participants
-        .into_iter()
-        .filter(|p| !is_disconnected(&p.state))
-        .map(|p| p.identity)
-        .collect())
+    let document = gojson::parse_document(body).map_err(|_| ListError::BadBody)?;
+    if !matches!(document, Value::Object(_)) {
+        return Err(ListError::BadBody);
+    }
+    // protojson omits an empty repeated field unless defaults are emitted.
+    let participants = match document.get("participants") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(list) => list.as_array().ok_or(ListError::BadBody)?,
+    };
+    participants
+        .iter()
+        .filter(|p| !is_disconnected(p))
+        .map(|p| match p.get("identity") {
+            Some(Value::String(identity)) => Ok(identity.clone()),
+            None => Ok(String::new()),
+            Some(_) => Err(ListError::BadBody),
+        })
+        .collect()
 }
 
 #[cfg(test)]

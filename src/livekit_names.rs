@@ -10,6 +10,8 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
+use crate::gojson::write_string;
+
 /// `b64std_nopad(sha256(json.Marshal([room, slot])))`: the LiveKit room of a Matrix call.
 pub fn room_alias(room: &str, slot: &str) -> String {
     hash_of_string_array(&[room, slot])
@@ -27,30 +29,10 @@ fn hash_of_string_array(items: &[&str]) -> String {
         if i > 0 {
             json.push(',');
         }
-        push_go_json_string(&mut json, item);
+        write_string(&mut json, item);
     }
     json.push(']');
     STANDARD_NO_PAD.encode(Sha256::digest(json.as_bytes()))
-}
-
-/// Encodes a string as Go's `json.Marshal` does: HTML-sensitive `<`, `>`, `&` and the line
-/// separators U+2028/U+2029 are escaped, other non-ASCII stays UTF-8.
-fn push_go_json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' | '\u{0}'..='\u{1f}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32));
-            }
-            _ => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 /// Reduces a LiveKit identity to the Matrix user behind it, when the identity says so.
@@ -90,13 +72,6 @@ mod tests {
             hashed_identity("@alice:example.com", "DEVICE123", "memberABC"),
             "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"
         );
-    }
-
-    #[test]
-    fn go_escaping_is_applied_before_hashing() {
-        let mut out = String::new();
-        push_go_json_string(&mut out, "a<b>&\"\\\u{2028}é\u{1}");
-        assert_eq!(out, r#""a\u003cb\u003e\u0026\"\\\u2028é\u0001""#);
     }
 
     #[test]

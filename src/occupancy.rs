@@ -17,11 +17,10 @@
 
 use std::collections::BTreeSet;
 
-use serde::{Deserialize, Serialize};
-
 use crate::decision::should_block;
+use crate::gojson::{write_string, Value};
 use crate::livekit_names::matrix_user_of_identity;
-use crate::store::{Buckets, Change, SharedStore, StoreError};
+use crate::store::{Buckets, Change, Record, SharedStore, StoreError};
 
 const BUCKETS: Buckets = Buckets {
     prefix: "voice_limit_guard.rooms",
@@ -35,15 +34,65 @@ const IDENTITY_KEEP_MS: u64 = 3600 * 1000;
 /// Learnt identities kept per room; the oldest go first.
 const MAX_IDENTITIES_PER_ROOM: usize = 512;
 
-/// The shared record of one LiveKit room.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+/// The shared record of one LiveKit room, stored as `[[user, until]...], [[identity, user,
+/// until]...]]`.
+#[derive(Clone, Debug, Default, PartialEq)]
 struct RoomRecord {
     /// Users admitted and not yet seen in LiveKit: (user, reserved until).
-    #[serde(default)]
     r: Vec<(String, u64)>,
     /// Identities of tokens let through: (identity, user, remembered until).
-    #[serde(default)]
     i: Vec<(String, String, u64)>,
+}
+
+impl Record for RoomRecord {
+    fn write(&self, out: &mut String) {
+        out.push_str("[[");
+        for (n, (user, until)) in self.r.iter().enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            out.push('[');
+            write_string(out, user);
+            out.push_str(&format!(",{until}]"));
+        }
+        out.push_str("],[");
+        for (n, (identity, user, until)) in self.i.iter().enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            out.push('[');
+            write_string(out, identity);
+            out.push(',');
+            write_string(out, user);
+            out.push_str(&format!(",{until}]"));
+        }
+        out.push_str("]]");
+    }
+
+    fn read(value: &Value) -> Option<Self> {
+        let [reservations, identities] = value.as_array()? else {
+            return None;
+        };
+        let r = reservations
+            .as_array()?
+            .iter()
+            .map(|item| match item.as_array()? {
+                [Value::String(user), until] => Some((user.clone(), until.as_u64()?)),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        let i = identities
+            .as_array()?
+            .iter()
+            .map(|item| match item.as_array()? {
+                [Value::String(identity), Value::String(user), until] => {
+                    Some((identity.clone(), user.clone(), until.as_u64()?))
+                }
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        Some(RoomRecord { r, i })
+    }
 }
 
 impl RoomRecord {
@@ -279,6 +328,21 @@ mod tests {
         assert!(ask(&store, 1, &["hashA1"], "@a:x", "hashA2", 3_000_000).admitted);
         assert!(ask(&store, 1, &["hashA1"], "@a:x", "hashA3", 6_000_000).admitted);
         assert!(!ask(&store, 1, &["hashA1"], "@b:x", "hashB1", 6_000_001).admitted);
+    }
+
+    #[test]
+    fn records_read_back_what_they_wrote() {
+        let record = RoomRecord {
+            r: vec![("@a:x".into(), 5), ("@\"b\":x".into(), 6)],
+            i: vec![("hash/+=".into(), "@a:x".into(), 7)],
+        };
+        let mut out = String::new();
+        record.write(&mut out);
+        let value = crate::gojson::parse_document(out.as_bytes()).unwrap();
+        assert_eq!(RoomRecord::read(&value), Some(record));
+        let mut empty = String::new();
+        RoomRecord::default().write(&mut empty);
+        assert_eq!(empty, "[[],[]]");
     }
 
     #[test]

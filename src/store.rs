@@ -7,8 +7,7 @@
 //! Keys and bytes held are thus bounded by construction, whatever the number of rooms seen.
 //! Updates are read-modify-write loops on the bucket's CAS, so they are atomic across threads.
 
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use crate::gojson::{self, Value};
 
 /// The host's shared data, as the core sees it.
 pub trait SharedStore {
@@ -42,12 +41,67 @@ const EMPTY_BUCKET: &[u8] = b"[]";
 /// Attempts of one read-modify-write before giving up; contention on one bucket is brief.
 const MAX_ATTEMPTS: usize = 64;
 
-/// One stored entry: `k` its id (a room), `e` when it expires (ms since the epoch), `v` the value.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct Entry<T> {
-    pub k: String,
-    pub e: u64,
-    pub v: T,
+/// A value kept in a bucket, written as JSON.
+pub trait Record: Sized {
+    fn write(&self, out: &mut String);
+    fn read(value: &Value) -> Option<Self>;
+}
+
+impl Record for i64 {
+    fn write(&self, out: &mut String) {
+        out.push_str(&self.to_string());
+    }
+
+    fn read(value: &Value) -> Option<Self> {
+        match value {
+            Value::Number(text) => text.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// One stored entry: its id (a room), when it expires (ms since the epoch), its value.
+/// A bucket is the JSON array of its entries, each `[id, expiry, value]`.
+#[derive(Clone, Debug, PartialEq)]
+struct Entry<T> {
+    k: String,
+    e: u64,
+    v: T,
+}
+
+fn decode<T: Record>(bytes: &[u8]) -> Vec<Entry<T>> {
+    let Ok(Value::Array(items)) = gojson::parse_document(bytes) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| match item.as_array()? {
+            [Value::String(k), e, v] => Some(Entry {
+                k: k.clone(),
+                e: e.as_u64()?,
+                v: T::read(v)?,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+fn encode<T: Record>(entries: &[Entry<T>]) -> Vec<u8> {
+    let mut out = String::from("[");
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('[');
+        gojson::write_string(&mut out, &entry.k);
+        out.push(',');
+        out.push_str(&entry.e.to_string());
+        out.push(',');
+        entry.v.write(&mut out);
+        out.push(']');
+    }
+    out.push(']');
+    out.into_bytes()
 }
 
 /// What an update does to an entry.
@@ -91,15 +145,9 @@ impl Buckets {
     }
 
     /// The live entry for `id`, if any.
-    pub fn get<T: DeserializeOwned>(
-        &self,
-        store: &dyn SharedStore,
-        id: &str,
-        now_ms: u64,
-    ) -> Option<T> {
+    pub fn get<T: Record>(&self, store: &dyn SharedStore, id: &str, now_ms: u64) -> Option<T> {
         let (bytes, _) = store.get(&self.key_for(id))?;
-        let entries: Vec<Entry<T>> = serde_json::from_slice(&bytes).ok()?;
-        entries
+        decode::<T>(&bytes)
             .into_iter()
             .find(|entry| entry.k == id && entry.e > now_ms)
             .map(|entry| entry.v)
@@ -116,7 +164,7 @@ impl Buckets {
         mut change: impl FnMut(Option<(&T, u64)>) -> (Change<T>, R),
     ) -> Result<R, StoreError>
     where
-        T: Serialize + DeserializeOwned,
+        T: Record,
     {
         let key = self.key_for(id);
         for _ in 0..MAX_ATTEMPTS {
@@ -125,7 +173,7 @@ impl Buckets {
                 None => (Vec::new(), None),
             };
             // A bucket that does not parse (another version of the guard) is started afresh.
-            let mut entries: Vec<Entry<T>> = serde_json::from_slice(&old_bytes).unwrap_or_default();
+            let mut entries: Vec<Entry<T>> = decode(&old_bytes);
             entries.retain(|entry| entry.e > now_ms);
             let position = entries.iter().position(|entry| entry.k == id);
             let (change, result) = change(position.map(|i| (&entries[i].v, entries[i].e)));
@@ -162,9 +210,9 @@ impl Buckets {
     }
 
     /// Serialises the bucket, evicting the entries closest to expiry until it fits.
-    fn encode_within_cap<T: Serialize>(&self, entries: &mut Vec<Entry<T>>) -> Vec<u8> {
+    fn encode_within_cap<T: Record>(&self, entries: &mut Vec<Entry<T>>) -> Vec<u8> {
         loop {
-            let bytes = serde_json::to_vec(entries).unwrap_or_default();
+            let bytes = encode(entries);
             if bytes.len() <= self.max_bytes || entries.is_empty() {
                 return bytes;
             }
@@ -245,14 +293,14 @@ mod tests {
     fn stores_reads_and_expires_entries() {
         let store = MemoryStore::default();
         BUCKETS
-            .update(&store, "!a", 1000, |old: Option<(&u32, u64)>| {
+            .update(&store, "!a", 1000, |old: Option<(&i64, u64)>| {
                 assert!(old.is_none());
                 (Change::Put(7, 2000), ())
             })
             .unwrap();
-        assert_eq!(BUCKETS.get::<u32>(&store, "!a", 1999), Some(7));
-        assert_eq!(BUCKETS.get::<u32>(&store, "!a", 2000), None);
-        assert_eq!(BUCKETS.get::<u32>(&store, "!b", 1000), None);
+        assert_eq!(BUCKETS.get::<i64>(&store, "!a", 1999), Some(7));
+        assert_eq!(BUCKETS.get::<i64>(&store, "!a", 2000), None);
+        assert_eq!(BUCKETS.get::<i64>(&store, "!b", 1000), None);
     }
 
     #[test]
@@ -266,12 +314,11 @@ mod tests {
             fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
                 let value = self.inner.get(key);
                 if !self.interfered.replace(true) {
-                    let other = serde_json::to_vec(&[Entry {
+                    let other = encode(&[Entry {
                         k: "!a".to_owned(),
                         e: 9999,
-                        v: 1u32,
-                    }])
-                    .unwrap();
+                        v: 1i64,
+                    }]);
                     self.inner.set(key, &other, None).unwrap();
                 }
                 value
@@ -290,14 +337,14 @@ mod tests {
             .unwrap();
         let mut seen = Vec::new();
         BUCKETS
-            .update(&store, "!a", 0, |old: Option<(&u32, u64)>| {
+            .update(&store, "!a", 0, |old: Option<(&i64, u64)>| {
                 let old = old.map(|(v, _)| *v);
                 seen.push(old);
                 (Change::Put(old.unwrap_or(0) + 1, 9999), ())
             })
             .unwrap();
         assert_eq!(seen, [None, Some(1)]);
-        assert_eq!(BUCKETS.get::<u32>(&store.inner, "!a", 0), Some(2));
+        assert_eq!(BUCKETS.get::<i64>(&store.inner, "!a", 0), Some(2));
     }
 
     #[test]
@@ -306,7 +353,7 @@ mod tests {
         for i in 0..10_000u64 {
             let room = format!("!room{i}:example.com");
             BUCKETS
-                .update(&store, &room, i, |_: Option<(&u32, u64)>| {
+                .update(&store, &room, i, |_: Option<(&i64, u64)>| {
                     (Change::Put(1, i + 1_000_000), ())
                 })
                 .unwrap();
@@ -317,7 +364,7 @@ mod tests {
         assert_eq!(store.bytes.get() as usize, store.byte_count());
         // The newest entries survive eviction.
         assert_eq!(
-            BUCKETS.get::<u32>(&store, "!room9999:example.com", 0),
+            BUCKETS.get::<i64>(&store, "!room9999:example.com", 0),
             Some(1)
         );
     }
@@ -332,7 +379,7 @@ mod tests {
         assert_eq!(store.bytes.get() as usize, store.byte_count());
         // Updates find their bucket and go through CAS.
         BUCKETS
-            .update(&store, "!a", 0, |_: Option<(&u32, u64)>| {
+            .update(&store, "!a", 0, |_: Option<(&i64, u64)>| {
                 (Change::Put(1, 10), ())
             })
             .unwrap();
@@ -343,15 +390,15 @@ mod tests {
     fn removing_an_entry() {
         let store = MemoryStore::default();
         BUCKETS
-            .update(&store, "!a", 0, |_: Option<(&u32, u64)>| {
+            .update(&store, "!a", 0, |_: Option<(&i64, u64)>| {
                 (Change::Put(1, 10), ())
             })
             .unwrap();
         BUCKETS
-            .update(&store, "!a", 0, |_: Option<(&u32, u64)>| {
+            .update(&store, "!a", 0, |_: Option<(&i64, u64)>| {
                 (Change::Remove, ())
             })
             .unwrap();
-        assert_eq!(BUCKETS.get::<u32>(&store, "!a", 0), None);
+        assert_eq!(BUCKETS.get::<i64>(&store, "!a", 0), None);
     }
 }

@@ -4,7 +4,7 @@
 //! limit is the event of that type with an empty state key. An older Synapse ignores `type`
 //! and returns every state event, so the list is always scanned.
 
-use serde::Deserialize;
+use crate::gojson::{self, Value};
 
 /// The path of the state lookup for `room`, the room id percent-encoded as one segment.
 pub fn state_path(room: &str, state_type: &str) -> String {
@@ -57,21 +57,6 @@ impl std::fmt::Display for LookupError {
     }
 }
 
-#[derive(Deserialize)]
-struct StateResponse {
-    state: Vec<StateEvent>,
-}
-
-#[derive(Deserialize)]
-struct StateEvent {
-    #[serde(rename = "type", default)]
-    event_type: serde_json::Value,
-    #[serde(default)]
-    state_key: serde_json::Value,
-    #[serde(default)]
-    content: serde_json::Value,
-}
-
 /// Interprets the answer to [`state_path`]. A room Synapse does not know (404) has no limit.
 pub fn parse_state_response(
     status: Option<u32>,
@@ -84,37 +69,36 @@ pub fn parse_state_response(
         Some(404) if is_not_found(body) => return Ok(Limit::None),
         Some(other) => return Err(LookupError::Status(other)),
     }
-    let response: StateResponse = serde_json::from_slice(body).map_err(|_| LookupError::BadBody)?;
-    let event = response
-        .state
-        .iter()
-        .find(|e| e.event_type.as_str() == Some(state_type) && e.state_key.as_str() == Some(""));
+    let document = gojson::parse_document(body).map_err(|_| LookupError::BadBody)?;
+    let events = document
+        .get("state")
+        .and_then(Value::as_array)
+        .ok_or(LookupError::BadBody)?;
+    let event = events.iter().find(|e| {
+        e.get("type").and_then(Value::as_str) == Some(state_type)
+            && e.get("state_key").and_then(Value::as_str) == Some("")
+    });
     Ok(event
-        .and_then(|e| max_users(&e.content))
+        .and_then(|e| e.get("content"))
+        .and_then(max_users)
         .map_or(Limit::None, Limit::MaxUsers))
 }
 
 /// Only Synapse's own "room not found" means no room; a 404 from a misrouted proxy is a failure.
 fn is_not_found(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
+    gojson::parse_document(body)
         .ok()
-        .and_then(|v| v.get("errcode").and_then(|c| c.as_str()).map(str::to_owned))
-        .is_some_and(|code| code == "M_NOT_FOUND")
+        .is_some_and(|v| v.get("errcode").and_then(Value::as_str) == Some("M_NOT_FOUND"))
 }
 
 /// `max_users` as an integer, an integral float or an integral numeric string above zero.
-fn max_users(content: &serde_json::Value) -> Option<u32> {
-    let value = content.get("max_users")?;
-    let number = match value {
-        serde_json::Value::Number(n) => n.as_f64()?,
-        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+fn max_users(content: &Value) -> Option<u32> {
+    let number = match content.get("max_users")? {
+        number @ Value::Number(_) => number.as_integral()?,
+        Value::String(s) => gojson::integral_value(s.trim())?,
         _ => return None,
     };
-    if number.is_finite() && number.fract() == 0.0 && number >= 1.0 {
-        Some(number.min(u32::MAX as f64) as u32)
-    } else {
-        None
-    }
+    (number >= 1).then(|| u32::try_from(number).unwrap_or(u32::MAX))
 }
 
 #[cfg(test)]
@@ -150,6 +134,11 @@ mod tests {
         assert_eq!(answer(r#"{"max_users":3}"#), Ok(Limit::MaxUsers(3)));
         assert_eq!(answer(r#"{"max_users":3.0}"#), Ok(Limit::MaxUsers(3)));
         assert_eq!(answer(r#"{"max_users":"4"}"#), Ok(Limit::MaxUsers(4)));
+        assert_eq!(answer(r#"{"max_users":" 5.0 "}"#), Ok(Limit::MaxUsers(5)));
+        assert_eq!(
+            answer(r#"{"max_users":1e12}"#),
+            Ok(Limit::MaxUsers(u32::MAX))
+        );
     }
 
     #[test]
@@ -163,6 +152,8 @@ mod tests {
             r#"{"max_users":null}"#,
             r#"{"max_users":[3]}"#,
             r#"{"max_users":true}"#,
+            r#"{"max_users":"2.5"}"#,
+            r#"{"max_users":""}"#,
         ] {
             assert_eq!(answer(content), Ok(Limit::None), "{content}");
         }
