@@ -67,11 +67,14 @@ pub struct Config {
     pub failure_mode: FailureMode,
     /// How long an admitted user who has not shown up in LiveKit still holds a place.
     pub reservation: Duration,
+    /// How long LiveKit's participant list of a room is reused (zero: asked for every token).
+    pub participants_cache: Duration,
 }
 
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_LIMIT_CACHE_TTL_SECONDS: u64 = 10;
 pub const DEFAULT_RESERVATION_SECONDS: u64 = 30;
+pub const DEFAULT_PARTICIPANTS_CACHE_MS: u64 = 0;
 pub const DEFAULT_LIMIT_STATE_TYPE: &str = "io.lotus.voice_limit";
 pub const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/sfu/get", "/get_token"];
 
@@ -139,6 +142,10 @@ impl Config {
             root.optional_u64("reservation_seconds", 1)?
                 .unwrap_or(DEFAULT_RESERVATION_SECONDS),
         );
+        let participants_cache = Duration::from_millis(
+            root.optional_u64("participants_cache_ms", 0)?
+                .unwrap_or(DEFAULT_PARTICIPANTS_CACHE_MS),
+        );
         root.finish()?;
 
         Ok(Config {
@@ -149,6 +156,7 @@ impl Config {
             limit_cache_ttl,
             failure_mode,
             reservation,
+            participants_cache,
         })
     }
 
@@ -408,6 +416,7 @@ mod tests {
         assert_eq!(c.limit_cache_ttl, Duration::from_secs(10));
         assert_eq!(c.failure_mode, FailureMode::Open);
         assert_eq!(c.reservation, Duration::from_secs(30));
+        assert_eq!(c.participants_cache, Duration::ZERO);
     }
 
     #[test]
@@ -420,7 +429,8 @@ mod tests {
             "limit_state_type": "org.example.limit",
             "limit_cache_ttl_seconds": 0,
             "failure_mode": "closed",
-            "reservation_seconds": 5
+            "reservation_seconds": 5,
+            "participants_cache_ms": 750
         }"#,
         )
         .unwrap();
@@ -432,6 +442,7 @@ mod tests {
         assert_eq!(c.limit_cache_ttl, Duration::ZERO);
         assert_eq!(c.failure_mode, FailureMode::Closed);
         assert_eq!(c.reservation, Duration::from_secs(5));
+        assert_eq!(c.participants_cache, Duration::from_millis(750));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
 use crate::livekit_names::{matrix_user_of_identity, room_alias};
-use crate::occupancy;
+use crate::occupancy::{self, Outcome};
 use crate::reply::{self, LocalReply};
 use crate::store::SharedStore;
 use crate::synapse::{self, Limit};
@@ -51,10 +51,11 @@ pub enum Counter {
     SynapseLookups,
     LimitCacheHits,
     LivekitLookups,
+    LivekitCacheHits,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -63,6 +64,7 @@ impl Counter {
         Counter::SynapseLookups,
         Counter::LimitCacheHits,
         Counter::LivekitLookups,
+        Counter::LivekitCacheHits,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +77,7 @@ impl Counter {
             Counter::SynapseLookups => "voice_limit_guard.synapse_lookups",
             Counter::LimitCacheHits => "voice_limit_guard.limit_cache_hits",
             Counter::LivekitLookups => "voice_limit_guard.livekit_lookups",
+            Counter::LivekitCacheHits => "voice_limit_guard.livekit_cache_hits",
         }
     }
 }
@@ -128,6 +131,8 @@ enum LimitState {
 enum ParticipantState {
     Asking,
     Known(Vec<String>),
+    /// The room's shared record held a fresh list when last looked at.
+    Cached,
     Failed(String),
 }
 
@@ -159,7 +164,7 @@ impl Default for Admission {
 impl Admission {
     pub fn new() -> Admission {
         Admission {
-            request: Err(token_request::BodyError::NoRoom),
+            request: Err(token_request::BodyError::NotRead),
             limit: LimitState::Unknown,
             participants: None,
             response: ResponseState::NotYet,
@@ -341,21 +346,32 @@ impl Admission {
             }
             LimitState::Known(Limit::MaxUsers(n)) => *n,
         };
-        match &self.participants {
-            Some((room, ParticipantState::Known(identities))) if *room == claims.room => {
-                let identities = identities.clone();
-                self.decide(&request, &claims, max_users, &identities, env)
-            }
-            Some((room, ParticipantState::Asking)) if *room == claims.room => Vec::new(),
-            Some((room, ParticipantState::Failed(reason))) if *room == claims.room => {
-                let reason = format!("participant lookup failed: {reason}");
-                self.fail(reason, env)
-            }
+        let participants = match &self.participants {
+            Some((room, state)) if *room == claims.room => state,
             _ => {
                 let mut effects = Vec::new();
                 self.ask_livekit(&claims.room, env, &mut effects);
-                effects
+                return effects;
             }
+        };
+        match participants {
+            ParticipantState::Asking => Vec::new(),
+            ParticipantState::Failed(reason) => {
+                let reason = format!("participant lookup failed: {reason}");
+                self.fail(reason, env)
+            }
+            ParticipantState::Known(identities) => {
+                let identities = identities.clone();
+                let list = occupancy::Participants::Fresh(&identities);
+                self.decide(&request, &claims, max_users, list, env)
+            }
+            ParticipantState::Cached => self.decide(
+                &request,
+                &claims,
+                max_users,
+                occupancy::Participants::Cached,
+                env,
+            ),
         }
     }
 
@@ -364,35 +380,42 @@ impl Admission {
         request: &TokenRequest,
         claims: &JoinClaims,
         max_users: u32,
-        identities: &[String],
+        participants: occupancy::Participants,
         env: &Env,
     ) -> Vec<Effect> {
         let requester = requester_of(request, claims);
         let question = occupancy::Request {
             room: &claims.room,
             max_users,
-            participants: identities,
+            participants,
             requester,
             identity: &claims.identity,
             token_expires_ms: claims.expires_at.saturating_mul(1000),
             reservation_ms: env.config.reservation.as_millis() as u64,
+            list_cache_ms: env.config.participants_cache.as_millis() as u64,
             now_ms: env.now_ms,
         };
         let verdict = match occupancy::admit(env.store, &question) {
-            Ok(verdict) => verdict,
+            Ok(Outcome::Decided(verdict)) => verdict,
+            Ok(Outcome::NeedList) => {
+                // The cached list went stale meanwhile: ask LiveKit after all.
+                let mut effects = Vec::new();
+                self.ask_livekit_now(&claims.room, env, &mut effects);
+                return effects;
+            }
             Err(e) => return self.fail(format!("room occupancy not updated: {e}"), env),
         };
         self.response = ResponseState::Done;
         if verdict.admitted {
             vec![Effect::Count(Counter::Allowed), Effect::PassResponse]
         } else {
-            log::info!(
-                "room {}: refused {requester}: {} users present and {} admitted but not yet \
-                 connected, limit {max_users}",
-                request.room,
-                verdict.present,
-                verdict.reserved
-            );
+            log_refusal(env.now_ms, || {
+                format!(
+                    "room {}: refused {requester}: {} users present and {} admitted but not \
+                     yet connected, limit {max_users}",
+                    request.room, verdict.present, verdict.reserved
+                )
+            });
             vec![
                 Effect::Count(Counter::Blocked),
                 Effect::Reply(reply::channel_full()),
@@ -445,7 +468,19 @@ impl Admission {
         self.ask_livekit(&alias, env, effects);
     }
 
+    /// Finds who is in `room`: from the room's cached list when it is fresh, else from LiveKit.
     fn ask_livekit(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
+        if !env.config.participants_cache.is_zero()
+            && occupancy::has_fresh_list(env.store, room, env.now_ms)
+        {
+            effects.push(Effect::Count(Counter::LivekitCacheHits));
+            self.participants = Some((room.to_owned(), ParticipantState::Cached));
+            return;
+        }
+        self.ask_livekit_now(room, env, effects);
+    }
+
+    fn ask_livekit_now(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
         let cfg = &env.config.livekit;
         let token = jwt::admin_token(
             cfg.api_key.expose(),
@@ -467,6 +502,30 @@ impl Admission {
         )));
         self.participants = Some((room.to_owned(), ParticipantState::Asking));
     }
+}
+
+/// Refusals are logged at most once a second per worker, with a count of those not logged:
+/// a client retrying against a full room must not flood the proxy's log.
+fn log_refusal(now_ms: u64, line: impl FnOnce() -> String) {
+    thread_local! {
+        static LAST: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    LAST.with(|last| {
+        let (logged_at, suppressed) = last.get();
+        if now_ms.saturating_sub(logged_at) < 1000 && logged_at != 0 {
+            last.set((logged_at, suppressed + 1));
+            return;
+        }
+        if suppressed > 0 {
+            log::info!(
+                "{} (and {suppressed} more refusals in the last seconds)",
+                line()
+            );
+        } else {
+            log::info!("{}", line());
+        }
+        last.set((now_ms, 0));
+    });
 }
 
 /// The Matrix user asking: the OpenID-verified claim of a new-shape request (lk-jwt-service
@@ -781,6 +840,49 @@ mod tests {
             &env,
         );
         assert_eq!(outcome(&effects), Some(403));
+    }
+
+    #[test]
+    fn a_fresh_participant_list_is_reused_when_configured() {
+        let cfg = config(r#", "participants_cache_ms": 1000"#);
+        let store = MemoryStore::default();
+        let first = admit(&cfg, &store, 3, &["@a:example.com:D1"], "@b:example.com");
+        assert_eq!(outcome(&first), Some(200));
+        // The next admission into the same room within a second asks LiveKit nothing;
+        // bob's reservation and alice's cached presence fill two of three places.
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 1_500,
+        };
+        let mut a = Admission::new();
+        let mut effects = a.on_request_body(&legacy_body("@c:example.com", "DEV"), &env);
+        effects.extend(a.on_response_headers(Some(200), false, &env));
+        effects.extend(a.on_response_body(&issued(&legacy_alias(), "@c:example.com:DEV"), &env));
+        assert!(dispatched(&effects).is_empty(), "{effects:?}");
+        assert!(counters(&effects).contains(&Counter::LivekitCacheHits));
+        assert_eq!(outcome(&effects), Some(200));
+        // A third new user finds the room full from the cache alone.
+        let mut d = Admission::new();
+        let mut effects = d.on_request_body(&legacy_body("@d:example.com", "DEV"), &env);
+        effects.extend(d.on_response_headers(Some(200), false, &env));
+        effects.extend(d.on_response_body(&issued(&legacy_alias(), "@d:example.com:DEV"), &env));
+        assert_eq!(outcome(&effects), Some(403));
+    }
+
+    #[test]
+    fn a_token_before_the_request_body_is_a_failure() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = Env {
+            config: &cfg,
+            store: &store,
+            now_ms: 0,
+        };
+        let mut a = Admission::new();
+        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
+        let effects = a.on_response_body(&issued("x", "y"), &env);
+        assert!(counters(&effects).contains(&Counter::FailOpen));
     }
 
     #[test]

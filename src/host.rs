@@ -170,16 +170,11 @@ impl RootContext for GuardRoot {
         let (Some(config), Some(metrics)) = (&self.config, &self.metrics) else {
             return None;
         };
-        let stream = Stream {
+        Some(Box::new(GuardStream {
             context_id,
             config: Rc::clone(config),
-            store: HostStore {
-                metrics: Rc::clone(metrics),
-            },
-            admission: None,
-        };
-        Some(Box::new(GuardStream {
-            stream: Rc::new(RefCell::new(stream)),
+            metrics: Rc::clone(metrics),
+            stream: None,
         }))
     }
 
@@ -253,6 +248,7 @@ impl Stream {
 
     fn apply(this: &Rc<RefCell<Stream>>, effects: Vec<Effect>, phase: Phase) -> Action {
         let mut action = Action::Pause;
+        let mut decided = false;
         for effect in effects {
             match effect {
                 Effect::Count(counter) => this.borrow().store.metrics.count(counter),
@@ -262,14 +258,18 @@ impl Stream {
                     // Make sure this VM's root ticks; the tick itself keeps it going.
                     let _ = hostcalls::set_tick_period(WAIT_POLL);
                 }
-                Effect::PassResponse => match phase {
-                    Phase::ResponseCallback => action = Action::Continue,
-                    Phase::CallAnswer => {
-                        let _ = hostcalls::resume_http_response();
+                Effect::PassResponse => {
+                    decided = true;
+                    match phase {
+                        Phase::ResponseCallback => action = Action::Continue,
+                        Phase::CallAnswer => {
+                            let _ = hostcalls::resume_http_response();
+                        }
+                        Phase::Request => {}
                     }
-                    Phase::Request => {}
-                },
+                }
                 Effect::Reply(reply) => {
+                    decided = true;
                     let _ = hostcalls::send_http_response(
                         reply.status,
                         reply.headers.clone(),
@@ -278,8 +278,8 @@ impl Stream {
                 }
             }
         }
-        if action == Action::Continue {
-            // Decided: whatever follows streams through untouched.
+        if decided {
+            // Whatever follows streams through untouched.
             this.borrow_mut().admission = None;
         }
         action
@@ -368,8 +368,22 @@ fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// One HTTP stream. Only token requests get a [`Stream`]; every other request costs one
+/// header read and nothing else.
 struct GuardStream {
-    stream: Rc<RefCell<Stream>>,
+    context_id: u32,
+    config: Rc<Config>,
+    metrics: Rc<Metrics>,
+    stream: Option<Rc<RefCell<Stream>>>,
+}
+
+impl GuardStream {
+    /// The admission's stream, while a decision is pending.
+    fn pending(&self) -> Option<&Rc<RefCell<Stream>>> {
+        self.stream
+            .as_ref()
+            .filter(|stream| stream.borrow().admission.is_some())
+    }
 }
 
 impl Context for GuardStream {
@@ -390,57 +404,60 @@ impl HttpContext for GuardStream {
             return Action::Continue;
         }
         let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
-        if !self
-            .stream
-            .borrow()
-            .config
-            .is_token_path(&String::from_utf8_lossy(&path))
-        {
+        if !self.config.is_token_path(&String::from_utf8_lossy(&path)) {
             return Action::Continue;
         }
-        self.stream.borrow_mut().admission = Some(Admission::new());
+        let stream = Rc::new(RefCell::new(Stream {
+            context_id: self.context_id,
+            config: Rc::clone(&self.config),
+            store: HostStore {
+                metrics: Rc::clone(&self.metrics),
+            },
+            admission: Some(Admission::new()),
+        }));
         if end_of_stream {
-            Stream::run(&self.stream, Phase::Request, |admission, env| {
+            Stream::run(&stream, Phase::Request, |admission, env| {
                 admission.on_request_body(b"", env)
             });
         }
+        self.stream = Some(stream);
         Action::Continue
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.stream.borrow().admission.is_none() {
+        let Some(stream) = self.pending() else {
             return Action::Continue;
-        }
+        };
         if !end_of_stream {
             return Action::Pause; // buffer until the whole body is here
         }
         let body = buffer(BufferType::HttpRequestBody, body_size);
-        Stream::run(&self.stream, Phase::Request, |admission, env| {
+        Stream::run(stream, Phase::Request, |admission, env| {
             admission.on_request_body(&body, env)
         });
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if self.stream.borrow().admission.is_none() {
+        let Some(stream) = self.pending() else {
             return Action::Continue;
-        }
+        };
         let status = header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
-        Stream::run(&self.stream, Phase::ResponseCallback, |admission, env| {
+        Stream::run(stream, Phase::ResponseCallback, |admission, env| {
             admission.on_response_headers(status, end_of_stream, env)
         })
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.stream.borrow().admission.is_none() {
+        let Some(stream) = self.pending() else {
             return Action::Continue;
-        }
+        };
         if !end_of_stream {
             return Action::Pause; // hold the whole body until the decision
         }
         let body = buffer(BufferType::HttpResponseBody, body_size);
-        Stream::run(&self.stream, Phase::ResponseCallback, |admission, env| {
+        Stream::run(stream, Phase::ResponseCallback, |admission, env| {
             admission.on_response_body(&body, env)
         })
     }

@@ -10,8 +10,9 @@ use crate::synapse::Limit;
 
 const BUCKETS: Buckets = Buckets {
     prefix: "voice_limit_guard.limits",
-    count: 64,
-    max_bytes: 16 * 1024,
+    // Many small buckets: a lookup decodes one bucket, so its size is the per-request cost.
+    count: 512,
+    max_bytes: 2 * 1024,
 };
 
 /// Stored form: `-1` a lookup is pending, `0` no limit, `n` at most n users.

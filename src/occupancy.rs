@@ -14,6 +14,11 @@
 //! user lk-jwt-service verified, so the guard remembers those pairs (per room, as long as the
 //! token lives or the participant stays) and maps participants back to users. Identities it
 //! never saw count as distinct users.
+//!
+//! The record also keeps LiveKit's last participant list for `participants_cache_ms`, so a
+//! burst of joins asks LiveKit once instead of once per token. Reservations keep the count
+//! right in between: users admitted meanwhile are reserved, and users who left count until
+//! the list is refreshed, which errs on the side of the limit.
 
 use std::collections::BTreeSet;
 
@@ -34,14 +39,16 @@ const IDENTITY_KEEP_MS: u64 = 3600 * 1000;
 /// Learnt identities kept per room; the oldest go first.
 const MAX_IDENTITIES_PER_ROOM: usize = 512;
 
-/// The shared record of one LiveKit room, stored as `[[user, until]...], [[identity, user,
-/// until]...]]`.
+/// The shared record of one LiveKit room, stored as `[[[user, until]...], [[identity, user,
+/// until]...], [fresh until, [identity...]]]` (the last part only while a list is cached).
 #[derive(Clone, Debug, Default, PartialEq)]
 struct RoomRecord {
     /// Users admitted and not yet seen in LiveKit: (user, reserved until).
     r: Vec<(String, u64)>,
     /// Identities of tokens let through: (identity, user, remembered until).
     i: Vec<(String, String, u64)>,
+    /// LiveKit's last participant list and until when it may be reused.
+    p: Option<(u64, Vec<String>)>,
 }
 
 impl Record for RoomRecord {
@@ -66,12 +73,25 @@ impl Record for RoomRecord {
             write_string(out, user);
             out.push_str(&format!(",{until}]"));
         }
-        out.push_str("]]");
+        out.push(']');
+        if let Some((until, identities)) = &self.p {
+            out.push_str(&format!(",[{until},["));
+            for (n, identity) in identities.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                write_string(out, identity);
+            }
+            out.push_str("]]");
+        }
+        out.push(']');
     }
 
     fn read(value: &Value) -> Option<Self> {
-        let [reservations, identities] = value.as_array()? else {
-            return None;
+        let (reservations, identities, participants) = match value.as_array()? {
+            [r, i] => (r, i, None),
+            [r, i, p] => (r, i, Some(p)),
+            _ => return None,
         };
         let r = reservations
             .as_array()?
@@ -91,7 +111,17 @@ impl Record for RoomRecord {
                 _ => None,
             })
             .collect::<Option<_>>()?;
-        Some(RoomRecord { r, i })
+        let p = match participants.map(|p| p.as_array()) {
+            None => None,
+            Some(Some([until, Value::Array(list)])) => Some((
+                until.as_u64()?,
+                list.iter()
+                    .map(|id| id.as_str().map(str::to_owned))
+                    .collect::<Option<_>>()?,
+            )),
+            Some(_) => return None,
+        };
+        Some(RoomRecord { r, i, p })
     }
 }
 
@@ -106,7 +136,16 @@ impl RoomRecord {
     fn expires_at(&self) -> u64 {
         let reservations = self.r.iter().map(|(_, until)| *until);
         let identities = self.i.iter().map(|(_, _, until)| *until);
-        reservations.chain(identities).max().unwrap_or(0)
+        let list = self.p.iter().map(|(until, _)| *until);
+        reservations
+            .chain(identities)
+            .chain(list)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.r.is_empty() && self.i.is_empty() && self.p.is_none()
     }
 
     fn remember(&mut self, identity: &str, user: &str, until: u64) {
@@ -125,13 +164,21 @@ impl RoomRecord {
     }
 }
 
+/// Where the decision takes LiveKit's participant list from.
+#[derive(Clone, Copy)]
+pub enum Participants<'a> {
+    /// Just asked: the identities LiveKit lists (disconnected ones left out).
+    Fresh(&'a [String]),
+    /// The list cached in the room's record, if it is still fresh.
+    Cached,
+}
+
 /// One admission question.
 pub struct Request<'a> {
     /// The LiveKit room (the token's `video.room`).
     pub room: &'a str,
     pub max_users: u32,
-    /// The identities LiveKit lists (disconnected ones already left out).
-    pub participants: &'a [String],
+    pub participants: Participants<'a>,
     /// The Matrix user asking.
     pub requester: &'a str,
     /// The identity of the token being decided.
@@ -139,6 +186,8 @@ pub struct Request<'a> {
     /// When that token expires (ms since the epoch; 0 if unknown).
     pub token_expires_ms: u64,
     pub reservation_ms: u64,
+    /// How long a fresh list may be reused (0: never).
+    pub list_cache_ms: u64,
     pub now_ms: u64,
 }
 
@@ -152,39 +201,71 @@ pub struct Verdict {
     pub reserved: usize,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Decided(Verdict),
+    /// No fresh list is cached: ask LiveKit, then decide with [`Participants::Fresh`].
+    NeedList,
+}
+
+/// Whether the room's record holds a participant list that is still fresh.
+pub fn has_fresh_list(store: &dyn SharedStore, room: &str, now_ms: u64) -> bool {
+    BUCKETS
+        .get::<RoomRecord>(store, room, now_ms)
+        .and_then(|record| record.p)
+        .is_some_and(|(until, _)| until > now_ms)
+}
+
 /// Decides and, when admitting, reserves a place, atomically for the whole process.
-pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Verdict, StoreError> {
+pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Outcome, StoreError> {
     BUCKETS.update(
         store,
         q.room,
         q.now_ms,
         |old: Option<(&RoomRecord, u64)>| {
             let mut record = old.map(|(r, _)| r.clone()).unwrap_or_default();
-            let verdict = decide(&mut record, q);
-            let change = if record.r.is_empty() && record.i.is_empty() {
+            let Some(outcome) = decide(&mut record, q) else {
+                return (Change::Keep, Outcome::NeedList);
+            };
+            let change = if record.is_empty() {
                 Change::Remove
             } else {
                 let until = record.expires_at();
                 Change::Put(record, until)
             };
-            (change, verdict)
+            (change, Outcome::Decided(outcome))
         },
     )
 }
 
-fn decide(record: &mut RoomRecord, q: &Request) -> Verdict {
+fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     record.r.retain(|(_, until)| *until > q.now_ms);
     record.i.retain(|(_, _, until)| *until > q.now_ms);
+    if record
+        .p
+        .as_ref()
+        .is_some_and(|(until, _)| *until <= q.now_ms)
+    {
+        record.p = None;
+    }
+    let participants: Vec<String> = match q.participants {
+        Participants::Fresh(list) => {
+            if q.list_cache_ms > 0 {
+                record.p = Some((q.now_ms + q.list_cache_ms, list.to_vec()));
+            }
+            list.to_vec()
+        }
+        Participants::Cached => record.p.as_ref()?.1.clone(),
+    };
 
     // Identities still in the room stay known while they are there.
     let keep_until = q.now_ms + IDENTITY_KEEP_MS;
     for (identity, _, until) in record.i.iter_mut() {
-        if q.participants.contains(identity) {
+        if participants.contains(identity) {
             *until = (*until).max(keep_until);
         }
     }
-    let present: BTreeSet<String> = q
-        .participants
+    let present: BTreeSet<String> = participants
         .iter()
         .map(|identity| record.user_of(identity).to_owned())
         .collect();
@@ -211,7 +292,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Verdict {
         let token_until = q.token_expires_ms.max(q.now_ms + q.reservation_ms);
         record.remember(q.identity, q.requester, token_until);
     }
-    verdict
+    Some(verdict)
 }
 
 /// Creates this state's buckets; see [`Buckets::create_all`].
@@ -232,6 +313,26 @@ mod tests {
 
     const ROOM: &str = "alias";
 
+    fn question<'a>(
+        max_users: u32,
+        participants: Participants<'a>,
+        requester: &'a str,
+        identity: &'a str,
+        now_ms: u64,
+    ) -> Request<'a> {
+        Request {
+            room: ROOM,
+            max_users,
+            participants,
+            requester,
+            identity,
+            token_expires_ms: now_ms + 3_600_000,
+            reservation_ms: 30_000,
+            list_cache_ms: 0,
+            now_ms,
+        }
+    }
+
     fn ask(
         store: &MemoryStore,
         max_users: u32,
@@ -241,20 +342,17 @@ mod tests {
         now_ms: u64,
     ) -> Verdict {
         let participants: Vec<String> = participants.iter().map(|s| s.to_string()).collect();
-        admit(
-            store,
-            &Request {
-                room: ROOM,
-                max_users,
-                participants: &participants,
-                requester,
-                identity,
-                token_expires_ms: now_ms + 3_600_000,
-                reservation_ms: 30_000,
-                now_ms,
-            },
-        )
-        .unwrap()
+        let q = question(
+            max_users,
+            Participants::Fresh(&participants),
+            requester,
+            identity,
+            now_ms,
+        );
+        match admit(store, &q).unwrap() {
+            Outcome::Decided(verdict) => verdict,
+            Outcome::NeedList => panic!("a fresh list needs no other"),
+        }
     }
 
     #[test]
@@ -331,10 +429,30 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_list_serves_until_it_goes_stale() {
+        let store = MemoryStore::default();
+        let list = vec!["@a:x:D".to_owned()];
+        let mut q = question(2, Participants::Fresh(&list), "@b:x", "@b:x:D", 0);
+        q.list_cache_ms = 1000;
+        assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
+        assert!(has_fresh_list(&store, ROOM, 999));
+        assert!(!has_fresh_list(&store, ROOM, 1000));
+        // carol decides on the cached list plus bob's reservation: the room is full.
+        let q = question(2, Participants::Cached, "@c:x", "@c:x:D", 500);
+        assert!(
+            matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if !v.admitted && v.present == 1 && v.reserved == 1)
+        );
+        // Once stale, the cached list is not used.
+        let q = question(2, Participants::Cached, "@c:x", "@c:x:D", 1000);
+        assert_eq!(admit(&store, &q), Ok(Outcome::NeedList));
+    }
+
+    #[test]
     fn records_read_back_what_they_wrote() {
         let record = RoomRecord {
             r: vec![("@a:x".into(), 5), ("@\"b\":x".into(), 6)],
             i: vec![("hash/+=".into(), "@a:x".into(), 7)],
+            p: Some((9, vec!["@a:x:D".into(), "hash/+=".into()])),
         };
         let mut out = String::new();
         record.write(&mut out);

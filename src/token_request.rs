@@ -66,6 +66,8 @@ pub enum BodyError {
     NoRoom,
     /// Both `room` and `room_id` are present.
     AmbiguousRoom,
+    /// The body had not been read (yet) when it was needed.
+    NotRead,
 }
 
 impl std::fmt::Display for BodyError {
@@ -78,6 +80,7 @@ impl std::fmt::Display for BodyError {
             BodyError::AmbiguousRoom => {
                 f.write_str("request body names the room both as `room` and `room_id`")
             }
+            BodyError::NotRead => f.write_str("the request body was not complete yet"),
         }
     }
 }
