@@ -57,7 +57,7 @@ lint:
 demo: build standins venv
 	$(VENV)/bin/python tests/e2e/demo.py
 
-bench: build standins venv
+bench: build venv
 	$(VENV)/bin/python bench/bench.py
 
 clean:
