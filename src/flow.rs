@@ -587,6 +587,14 @@ mod tests {
 
     const ROOM: &str = "!room:example.com";
 
+    fn env<'a>(config: &'a Config, store: &'a MemoryStore, now_ms: u64) -> Env<'a> {
+        Env {
+            config,
+            store,
+            now_ms,
+        }
+    }
+
     fn legacy_body(user: &str, device: &str) -> Vec<u8> {
         format!(
             r#"{{"room":"{ROOM}","openid_token":{{"access_token":"openid:{user}","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"device_id":"{device}"}}"#
@@ -659,11 +667,7 @@ mod tests {
         present: &[&str],
         user: &str,
     ) -> Vec<Effect> {
-        let env = Env {
-            config: cfg,
-            store,
-            now_ms: 1_000,
-        };
+        let env = env(cfg, store, 1_000);
         let mut a = Admission::new();
         let mut all = a.on_request_body(&legacy_body(user, "DEV"), &env);
         if dispatched(&all)
@@ -690,11 +694,7 @@ mod tests {
     fn limit_lookup_is_a_bearer_get_on_the_admin_state_api() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let effects = Admission::new().on_request_body(&legacy_body("@a:example.com", "D"), &env);
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
@@ -775,11 +775,7 @@ mod tests {
     fn the_livekit_query_runs_early_under_the_predicted_alias() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut a = Admission::new();
         a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
         // The Synapse answer arrives while lk-jwt-service still works: LiveKit is asked now.
@@ -812,11 +808,7 @@ mod tests {
     fn a_token_for_another_alias_is_checked_again() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut a = Admission::new();
         a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
         a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(1), &env);
@@ -850,11 +842,7 @@ mod tests {
         assert_eq!(outcome(&first), Some(200));
         // The next admission into the same room within a second asks LiveKit nothing;
         // bob's reservation and alice's cached presence fill two of three places.
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 1_500,
-        };
+        let env = env(&cfg, &store, 1_500);
         let mut a = Admission::new();
         let mut effects = a.on_request_body(&legacy_body("@c:example.com", "DEV"), &env);
         effects.extend(a.on_response_headers(Some(200), false, &env));
@@ -874,11 +862,7 @@ mod tests {
     fn a_token_before_the_request_body_is_a_failure() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut a = Admission::new();
         assert!(a.on_response_headers(Some(200), false, &env).is_empty());
         let effects = a.on_response_body(&issued("x", "y"), &env);
@@ -889,11 +873,7 @@ mod tests {
     fn no_limit_passes_at_the_headers_and_is_cached() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut a = Admission::new();
         a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
         let no_limit = br#"{"state":[]}"#;
@@ -920,11 +900,7 @@ mod tests {
     fn concurrent_cold_requests_share_one_lookup() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut first = Admission::new();
         let mut second = Admission::new();
         let body = legacy_body("@a:example.com", "D");
@@ -951,11 +927,7 @@ mod tests {
     fn a_lapsed_or_failed_shared_lookup_is_redone() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut first = Admission::new();
         let mut second = Admission::new();
         let body = legacy_body("@a:example.com", "D");
@@ -971,11 +943,7 @@ mod tests {
     fn other_upstream_answers_pass_untouched() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         for status in [Some(400), Some(401), Some(500), None] {
             let mut a = Admission::new();
             a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
@@ -993,11 +961,7 @@ mod tests {
 
     fn failing(cfg: &Config, synapse: Answer, livekit: Answer, token: Vec<u8>) -> Vec<Effect> {
         let store = MemoryStore::default();
-        let env = Env {
-            config: cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(cfg, &store, 0);
         let mut a = Admission::new();
         let mut all = a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
         all.extend(a.on_call_response(CallKind::LimitLookup, synapse.0, synapse.1, &env));
@@ -1057,11 +1021,7 @@ mod tests {
     fn an_unreadable_body_that_still_gets_a_token_is_a_failure() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut a = Admission::new();
         let effects = a.on_request_body(b"{\"room\":5}", &env);
         assert!(dispatched(&effects).is_empty());
@@ -1075,11 +1035,7 @@ mod tests {
     fn a_200_without_body_cannot_be_held() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let mut a = Admission::new();
         a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
         let effects = a.on_response_headers(Some(200), true, &env);
@@ -1091,11 +1047,7 @@ mod tests {
     fn new_shape_requester_is_the_verified_claimed_user() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = Env {
-            config: &cfg,
-            store: &store,
-            now_ms: 0,
-        };
+        let env = env(&cfg, &store, 0);
         let body = br#"{"room_id":"!room:example.com","slot_id":"m.call#ROOM","openid_token":{},"member":{"id":"m1","claimed_user_id":"@a:example.com","claimed_device_id":"D2"}}"#;
         let alias = room_alias(ROOM, "m.call#ROOM");
         let mut a = Admission::new();
