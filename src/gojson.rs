@@ -165,8 +165,9 @@ pub fn integral_value(text: &str) -> Option<u64> {
     Some(value)
 }
 
-/// Appends `s` as a JSON string, escaped as Go's `json.Marshal` does: quotes, backslashes and
-/// control characters, and also `<`, `>`, `&`, U+2028 and U+2029; other non-ASCII stays UTF-8.
+/// Appends `s` as a JSON string, escaped as Go's `json.Marshal` (Go 1.22+) does: quotes,
+/// backslashes and control characters (`\n`, `\r`, `\t`, `\b`, `\f` short, the others as
+/// `\u00XX`), and also `<`, `>`, `&`, U+2028 and U+2029; other non-ASCII stays UTF-8.
 pub fn write_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
@@ -176,6 +177,9 @@ pub fn write_string(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
+            // Go 1.22 and later write these two short forms too.
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
             '<' | '>' | '&' | '\u{2028}' | '\u{2029}' | '\u{0}'..='\u{1f}' => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
                 out.push_str("\\u");
@@ -627,11 +631,11 @@ mod tests {
     #[test]
     fn written_strings_read_back_and_escape_like_go() {
         let mut out = String::new();
-        write_string(&mut out, "a<b>&\"\\\u{2028}é\u{1}\n");
-        assert_eq!(out, r#""a\u003cb\u003e\u0026\"\\\u2028é\u0001\n""#);
+        write_string(&mut out, "a<b>&\"\\\u{2028}é\u{1}\n\u{8}\u{c}");
+        assert_eq!(out, r#""a\u003cb\u003e\u0026\"\\\u2028é\u0001\n\b\f""#);
         assert_eq!(
             parse(out.as_bytes()),
-            Value::String("a<b>&\"\\\u{2028}é\u{1}\n".into())
+            Value::String("a<b>&\"\\\u{2028}é\u{1}\n\u{8}\u{c}".into())
         );
     }
 

@@ -18,7 +18,7 @@ use crate::store::{SharedStore, StoreError};
 use crate::{limit_cache, occupancy};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_log_level(LogLevel::Debug);
     proxy_wasm::set_root_context(|_| Box::new(GuardRoot::default()));
 }}
 
