@@ -1,0 +1,307 @@
+"""The guard's admission behaviour through the real stack: Envoy with the filter, a real Synapse
+holding the limits, and the lk-jwt-service and LiveKit stand-ins.
+
+Users "connect" by handing their issued JWT to the LiveKit stand-in, so every limit below is
+reached the way it is in production: by people actually in the call.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import requests
+
+from conftest import requires_standins, requires_wasm
+from guard import (
+    SHAPES,
+    ask,
+    assert_channel_full,
+    assert_token_issued,
+    counting,
+    fill_room,
+    identity,
+    printing_log_on_failure,
+    shared_envoy,
+    still_serving,
+    token_body,
+)
+from stack import livekit_alias
+
+pytestmark = [requires_wasm, requires_standins]
+
+# What one token request costs when the room's limit is looked up and LiveKit consulted.
+LOOKED_UP_AND_CHECKED = {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1}
+CACHED_AND_CHECKED = {"token_requests": 1, "limit_cache_hits": 1, "livekit_lookups": 1}
+
+
+@pytest.fixture(scope="module")
+def envoy(synapse, standins):
+    """One Envoy with the default configuration for every test of this module."""
+    proxy = shared_envoy("filter", synapse, standins)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def _log_on_failure(envoy):
+    with printing_log_on_failure(envoy):
+        yield
+
+
+def join(envoy, standins, path, shape, who, device, room, state=None):
+    """Ask for a token and connect to LiveKit with it, as Element Call does; return the answer."""
+    resp = ask(envoy, path, shape, who, device, room)
+    assert resp.status_code == 200, resp.text
+    standins.connect(resp, state=state)
+    return resp
+
+
+# --------------------------------------------------------------------------- below and at the limit
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_allowed_below_the_limit_passes_lk_jwt_answer(envoy, standins, new_room, path, shape):
+    """Below the limit the guard is invisible: lk-jwt-service's 200 arrives as it was sent."""
+    room = new_room(limit=2)
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, path, shape, "alice", "A1", room)
+    assert_token_issued(resp, room, shape, "alice", "A1", standins)
+    assert counts.guard == {**LOOKED_UP_AND_CHECKED, "allowed": 1}
+    assert counts.list_participants == 1
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_third_user_refused_when_two_are_in_the_call(envoy, standins, new_room, path, shape):
+    room = new_room(limit=2)
+    join(envoy, standins, path, shape, "alice", "A1", room)
+    join(envoy, standins, path, shape, "bob", "B1", room)
+    with counting(envoy, standins) as counts:
+        refused = ask(envoy, path, shape, "carol", "C1", room)
+    assert_channel_full(refused)
+    assert counts.guard == {**CACHED_AND_CHECKED, "blocked": 1}
+    assert counts.list_participants == 1
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_place_freed_when_a_user_leaves(envoy, standins, new_room, path, shape):
+    room = new_room(limit=2)
+    join(envoy, standins, path, shape, "alice", "A1", room)
+    join(envoy, standins, path, shape, "bob", "B1", room)
+    assert_channel_full(ask(envoy, path, shape, "carol", "C1", room))
+
+    standins.leave(livekit_alias(room), identity(shape, "bob", "B1"))
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, path, shape, "carol", "C1", room)
+    assert_token_issued(resp, room, shape, "carol", "C1", standins)
+    assert counts.guard == {**CACHED_AND_CHECKED, "allowed": 1}
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+@pytest.mark.parametrize("state, expected", [
+    ("DISCONNECTED", 200), ("JOINING", 403), ("JOINED", 403), ("ACTIVE", 403)])
+def test_only_disconnected_participants_do_not_count(envoy, standins, new_room, path, shape,
+                                                     state, expected):
+    """A participant still joining already holds a place; one that has disconnected does not.
+
+    Bob is in the call first (as LiveKit lists him while the guard checks carol), then his
+    connection changes state, the way LiveKit reports a participant going away.
+    """
+    room = new_room(limit=2)
+    join(envoy, standins, path, shape, "alice", "A1", room)
+    bob = join(envoy, standins, path, shape, "bob", "B1", room)
+    assert_channel_full(ask(envoy, path, shape, "carol", "C1", room))
+
+    standins.connect(bob, state=state)
+    resp = ask(envoy, path, shape, "carol", "C1", room)
+    if expected == 200:
+        assert_token_issued(resp, room, shape, "carol", "C1", standins)
+    else:
+        assert_channel_full(resp)
+
+
+def test_present_users_second_device_allowed_on_sfu_get(envoy, standins, new_room):
+    """Legacy identities are ``user:device``, so the guard recognises a user already in the call."""
+    room = new_room(limit=2)
+    join(envoy, standins, "/sfu/get", "legacy", "alice", "A1", room)
+    join(envoy, standins, "/sfu/get", "legacy", "bob", "B1", room)
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, "/sfu/get", "legacy", "alice", "A2", room)
+    assert_token_issued(resp, room, "legacy", "alice", "A2", standins)
+    assert counts.guard == {**CACHED_AND_CHECKED, "allowed": 1}
+    # Two devices of alice still make two users with bob: carol stays out.
+    standins.connect(resp)
+    assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", room))
+
+
+def test_user_id_with_port_recognised_as_present(envoy, standins, new_room):
+    """``@alice:host:8448:DEV`` reduces to ``@alice:host:8448``, not to ``@alice:host``."""
+    room = new_room(limit=2)
+    standins.set_room(livekit_alias(room), [("@alice:example.org:8448:A1", "ACTIVE"),
+                                            ("@bob:test.local:B1", "ACTIVE")])
+    alice = {"room": room, "device_id": "A2",
+             "openid_token": {"access_token": "openid:@alice:example.org:8448", "token_type": "Bearer",
+                              "matrix_server_name": "example.org:8448", "expires_in": 3600}}
+    assert envoy.post("/sfu/get", alice).status_code == 200
+    other = dict(alice, openid_token=dict(alice["openid_token"], access_token="openid:@alice:example.org",
+                                          matrix_server_name="example.org"))
+    assert_channel_full(envoy.post("/sfu/get", other))
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_query_string_does_not_hide_a_token_path(envoy, standins, new_room, path, shape):
+    room = new_room(limit=1)
+    fill_room(standins, room, shape, [("alice", "A1")])
+    resp = envoy.post(f"{path}?via=elsewhere", token_body(shape, "carol", "C1", room))
+    assert_channel_full(resp)
+
+
+# --------------------------------------------------------------------------- no limit
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+@pytest.mark.parametrize("limit", [None, 0, -1, "abc", "", "1.5", "0", True, [2], {"n": 2}],
+                         ids=["no_event", "zero", "negative", "abc", "empty_string", "fraction_string",
+                              "zero_string", "bool", "list", "object"])
+def test_no_limit_means_allowed_without_asking_livekit(envoy, standins, new_room, path, shape, limit):
+    """Without a usable limit LiveKit is never asked, however full the call is."""
+    room = new_room(limit=limit)
+    fill_room(standins, room, shape, [("alice", "A1"), ("bob", "B1"), ("dave", "D1")])
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, path, shape, "carol", "C1", room)
+    assert_token_issued(resp, room, shape, "carol", "C1", standins)
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "allowed": 1}
+    assert counts.list_participants == 0
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_room_unknown_to_synapse_has_no_limit(envoy, standins, path, shape):
+    room = f"!unknown-{uuid.uuid4().hex}:test.local"
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, path, shape, "carol", "C1", room)
+    assert_token_issued(resp, room, shape, "carol", "C1", standins)
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "allowed": 1}
+    assert counts.list_participants == 0
+
+
+def test_limit_in_another_state_key_is_ignored(envoy, standins, synapse, new_room):
+    """Only the event with the empty state key is the room's limit."""
+    room = new_room()
+    synapse.set_state(room, "io.lotus.voice_limit", {"max_users": 1}, state_key="other")
+    fill_room(standins, room, "legacy", [("alice", "A1")])
+    assert ask(envoy, "/sfu/get", "legacy", "carol", "C1", room).status_code == 200
+
+
+# --------------------------------------------------------------------------- limit forms that count
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+@pytest.mark.parametrize("limit, room_version", [
+    (2, None), ("2", None), (" 2 ", None), ("2.0", None), (2.0, "5")],
+    ids=["int", "string", "padded_string", "float_string", "float"])
+def test_limit_forms_that_count(envoy, standins, synapse, path, shape, limit, room_version):
+    """An integral float can only be stored in an older room version (v6+ refuses floats)."""
+    options = {"room_version": room_version} if room_version else {}
+    room = synapse.create_room(**options)
+    synapse.set_limit(room, limit)
+    fill_room(standins, room, shape, [("alice", "A1")])
+    assert ask(envoy, path, shape, "bob", "B1", room).status_code == 200
+    fill_room(standins, room, shape, [("alice", "A1"), ("bob", "B1")])
+    assert_channel_full(ask(envoy, path, shape, "carol", "C1", room))
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_limit_of_one(envoy, standins, new_room, path, shape):
+    room = new_room(limit=1)
+    join(envoy, standins, path, shape, "alice", "A1", room)
+    assert_channel_full(ask(envoy, path, shape, "bob", "B1", room))
+
+
+def test_rooms_are_limited_independently(envoy, standins, new_room):
+    full, other = new_room(limit=1), new_room(limit=1)
+    join(envoy, standins, "/sfu/get", "legacy", "alice", "A1", full)
+    assert_channel_full(ask(envoy, "/sfu/get", "legacy", "bob", "B1", full))
+    assert ask(envoy, "/sfu/get", "legacy", "bob", "B1", other).status_code == 200
+
+
+# --------------------------------------------------------------------------- hostile room ids
+
+
+HOSTILE_ROOMS = {
+    "path_tricks": "!a/../b?c#d",
+    "encoded_tricks": "!a%2F..%2Fb%3Fc%23d:test.local",
+    "long": "!" + "x" * 4000,
+    "unicode": "!ünïcødé🎉\u2028<&>:test.local",
+    "control_chars": "!nul\u0000tab\tnl\n:test.local",
+    "spaces_and_quotes": "!a b\"c'd\\e:test.local",
+}
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+@pytest.mark.parametrize("kind", list(HOSTILE_ROOMS))
+def test_hostile_room_id_is_just_an_unknown_room(envoy, standins, path, shape, kind):
+    """Each id stays one path segment of the Synapse lookup, which finds no such room."""
+    room = HOSTILE_ROOMS[kind]
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, path, shape, "carol", "C1", room)
+    assert_token_issued(resp, room, shape, "carol", "C1", standins)
+    # The second shape finds the first one's answer in the cache.
+    looked_up = {"synapse_lookups": 1} if "synapse_lookups" in counts.guard else {"limit_cache_hits": 1}
+    assert counts.guard == {"token_requests": 1, "allowed": 1, **looked_up}
+    assert counts.list_participants == 0
+    still_serving(envoy)
+
+
+def test_room_id_too_long_for_synapse_fails_open(envoy, standins):
+    """Synapse drops a request line this long; the guard must neither hang nor crash."""
+    room = "!" + "y" * 30000
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, "/sfu/get", "legacy", "carol", "C1", room)
+    assert resp.status_code == 200
+    assert counts.guard["token_requests"] == 1
+    assert counts.guard.get("allowed", 0) + counts.guard.get("fail_open", 0) == 1
+    still_serving(envoy)
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_body_sent_in_chunks_is_read_whole(envoy, standins, new_room, path, shape):
+    """A chunked body arriving in small pieces is buffered whole before the room is read."""
+    room = new_room(limit=1)
+    fill_room(standins, room, shape, [("alice", "A1")])
+    data = json.dumps(token_body(shape, "carol", "C1", room)).encode()
+    pieces = (data[i:i + 7] for i in range(0, len(data), 7))
+    resp = envoy.request("POST", path, data=pieces, headers={"Content-Type": "application/json"})
+    assert_channel_full(resp)
+
+
+def test_client_giving_up_during_the_check_leaves_envoy_healthy(envoy, standins, new_room):
+    """A client that hangs up while the guard waits for LiveKit: the late answer finds no
+    stream, and nothing is left hanging or broken for the next requests."""
+    room = new_room(limit=2)
+    standins.set_delay(1500)
+    try:
+        with pytest.raises(requests.exceptions.Timeout):
+            ask(envoy, "/sfu/get", "legacy", "alice", "A1", room, timeout=0.3)
+    finally:
+        standins.set_delay(0)
+    still_serving(envoy)
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, "/sfu/get", "legacy", "bob", "B1", room)
+    assert_token_issued(resp, room, "legacy", "bob", "B1", standins)
+    assert counts.guard == {**CACHED_AND_CHECKED, "allowed": 1}
+
+
+def test_early_alias_matches_lk_jwt_for_backspace_and_form_feed(start_envoy, fault_server, standins):
+    """The alias the guard computes before the token exists must be lk-jwt-service's, or every
+    check of such a room costs a second ListParticipants call. Synapse cannot create such a room,
+    so a fault server in ``ok`` mode plays a Synapse that knows it with a limit."""
+    limited = {"state": [{"type": "io.lotus.voice_limit", "state_key": "", "content": {"max_users": 5}}]}
+    envoy = start_envoy(synapse=fault_server("ok", body=limited))
+    room = "!bell\bform\f:test.local"
+    # With the limit cached, the early question is asked before lk-jwt-service even answers.
+    assert ask(envoy, "/sfu/get", "legacy", "alice", "A1", room).status_code == 200
+    with counting(envoy, standins) as counts:
+        resp = ask(envoy, "/sfu/get", "legacy", "bob", "B1", room)
+    assert_token_issued(resp, room, "legacy", "bob", "B1", standins)
+    assert counts.guard == {**CACHED_AND_CHECKED, "allowed": 1}

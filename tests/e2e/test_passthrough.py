@@ -1,0 +1,154 @@
+"""What the guard must leave alone: requests that are not token requests, and lk-jwt-service
+answers other than 200. Each is compared with the same request sent straight to the lk-jwt
+stand-in, so "untouched" means byte-identical, not merely "the same status".
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import requires_standins, requires_wasm
+from guard import (
+    SHAPES,
+    as_bytes,
+    comparable_headers,
+    counting,
+    direct,
+    fill_room,
+    printing_log_on_failure,
+    shared_envoy,
+    token_body,
+)
+
+pytestmark = [requires_wasm, requires_standins]
+
+
+@pytest.fixture(scope="module")
+def envoy(synapse, standins):
+    proxy = shared_envoy("passthrough", synapse, standins)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def _log_on_failure(envoy):
+    with printing_log_on_failure(envoy):
+        yield
+
+
+@pytest.fixture
+def full_room(new_room, standins):
+    """A room whose one place is taken: a guard that acted on these requests would say 403."""
+    room = new_room(limit=1)
+    for shape in ("legacy", "new"):
+        fill_room(standins, room, shape, [("alice", "A1")])
+    return room
+
+
+def assert_same_answer(through_envoy, straight) -> None:
+    assert through_envoy.status_code == straight.status_code
+    assert through_envoy.content == straight.content
+    assert comparable_headers(through_envoy) == comparable_headers(straight)
+
+
+# --------------------------------------------------------------------------- not token requests
+
+
+NOT_TOKEN_REQUESTS = [
+    ("OPTIONS", "/sfu/get", None),
+    ("OPTIONS", "/get_token", None),
+    ("GET", "/healthz", None),
+    ("HEAD", "/healthz", None),
+    ("GET", "/sfu/get", None),
+    ("HEAD", "/sfu/get", None),
+    ("GET", "/get_token", None),
+    ("HEAD", "/get_token", None),
+    ("PUT", "/sfu/get", "body"),
+    ("DELETE", "/get_token", None),
+    ("POST", "/delegate_delayed_leave", "body"),
+    ("POST", "/sfu_webhook", "body"),
+    ("POST", "/sfu/get/extra", "body"),
+    ("POST", "/sfu", "body"),
+    ("POST", "/get_tokens", "body"),
+    ("POST", "/", "body"),
+]
+
+
+@pytest.mark.parametrize("method, path, body", NOT_TOKEN_REQUESTS,
+                         ids=[f"{m}-{p}" for m, p, _ in NOT_TOKEN_REQUESTS])
+def test_not_a_token_request_passes_untouched_and_uncounted(envoy, standins, full_room,
+                                                           method, path, body):
+    """Preflights, health checks, other methods and other paths never reach the guard's logic,
+    even with a body that names a full room."""
+    data = as_bytes(token_body("legacy", "carol", "C1", full_room)) if body else None
+    straight = direct(standins, method, path, data)
+    with counting(envoy, standins) as counts:
+        resp = envoy.request(method, path, data=data)
+    assert_same_answer(resp, straight)
+    assert counts.guard == {}
+    assert counts.list_participants == 0
+
+
+def test_preflight_carries_lk_jwt_cors(envoy):
+    resp = envoy.request("OPTIONS", "/sfu/get", headers={
+        "Origin": "https://call.example", "Access-Control-Request-Method": "POST"})
+    assert resp.status_code == 200
+    assert resp.content == b""
+    assert resp.headers["access-control-allow-origin"] == "*"
+    assert resp.headers["access-control-allow-methods"] == "POST"
+
+
+# --------------------------------------------------------------------------- lk-jwt-service's errors
+
+
+def _legacy_or_new(shape, legacy, new):
+    return legacy if shape == "legacy" else new
+
+
+def error_bodies(shape: str, room: str) -> dict[str, tuple[bytes, int, str]]:
+    """Bodies lk-jwt-service refuses, with the status and errcode it answers."""
+    good = token_body(shape, "carol", "C1", room)
+    key = _legacy_or_new(shape, "room", "room_id")
+    bad_openid = json.loads(json.dumps(good))
+    bad_openid["openid_token"]["access_token"] = "not-a-valid-openid-token"
+    # lk-jwt-service 0.5.0's /sfu/get tries both shapes and calls any undecodable body M_BAD_JSON.
+    not_json = _legacy_or_new(shape, "M_BAD_JSON", "M_NOT_JSON")
+    return {
+        "bad_json": (b'{"' + key.encode() + b'": ', 400, not_json),
+        "empty": (b"", 400, not_json),
+        "not_an_object": (b"[1, 2]", 400, not_json),
+        "unknown_field": (as_bytes({**good, "surprise": True}), 400, not_json),
+        "missing_fields": (as_bytes({key: room}), 400, "M_BAD_JSON"),
+        "empty_room": (as_bytes({**good, key: ""}), 400, "M_BAD_JSON"),
+        "bad_openid": (as_bytes(bad_openid), *_legacy_or_new(
+            shape, (500, "M_LOOKUP_FAILED"), (401, "M_UNAUTHORIZED"))),
+    }
+
+
+ERROR_CASES = ["bad_json", "empty", "not_an_object", "unknown_field", "missing_fields",
+               "empty_room", "bad_openid"]
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_lk_jwt_error_passes_byte_identical(envoy, standins, full_room, path, shape, case):
+    body, status, errcode = error_bodies(shape, full_room)[case]
+    straight = direct(standins, "POST", path, body)
+    assert (straight.status_code, straight.json()["errcode"]) == (status, errcode), straight.text
+    with counting(envoy, standins) as counts:
+        resp = envoy.post(path, body)
+    assert_same_answer(resp, straight)
+    assert counts.guard["token_requests"] == 1
+    assert not {"allowed", "blocked", "fail_open", "fail_closed"} & set(counts.guard)
+
+
+def test_claimed_user_mismatch_401_passes_byte_identical(envoy, standins, full_room):
+    """``/get_token`` refuses a member claiming another user than the OpenID token proves."""
+    body = token_body("new", "carol", "C1", full_room)
+    body["member"]["claimed_user_id"] = "@alice:test.local"
+    straight = direct(standins, "POST", "/get_token", as_bytes(body))
+    assert straight.status_code == 401
+    resp = envoy.post("/get_token", body)
+    assert_same_answer(resp, straight)
