@@ -398,7 +398,7 @@ impl Admission {
         let verdict = match occupancy::admit(env.store, &question) {
             Ok(Outcome::Decided(verdict)) => verdict,
             Ok(Outcome::NeedList) => {
-                // The cached list went stale meanwhile: ask LiveKit after all.
+                // No fresh list cached: ask LiveKit after all.
                 let mut effects = Vec::new();
                 self.ask_livekit_now(&claims.room, env, &mut effects);
                 return effects;
@@ -406,8 +406,12 @@ impl Admission {
             Err(e) => return self.fail(format!("room occupancy not updated: {e}"), env),
         };
         self.response = ResponseState::Done;
+        let mut effects = Vec::with_capacity(3);
+        if matches!(participants, occupancy::Participants::Cached) {
+            effects.push(Effect::Count(Counter::LivekitCacheHits));
+        }
         if verdict.admitted {
-            vec![Effect::Count(Counter::Allowed), Effect::PassResponse]
+            effects.extend([Effect::Count(Counter::Allowed), Effect::PassResponse]);
         } else {
             log_refusal(env.now_ms, || {
                 format!(
@@ -416,11 +420,12 @@ impl Admission {
                     request.room, verdict.present, verdict.reserved
                 )
             });
-            vec![
+            effects.extend([
                 Effect::Count(Counter::Blocked),
                 Effect::Reply(reply::channel_full()),
-            ]
+            ]);
         }
+        effects
     }
 
     fn fail(&mut self, reason: String, env: &Env) -> Vec<Effect> {
@@ -468,16 +473,15 @@ impl Admission {
         self.ask_livekit(&alias, env, effects);
     }
 
-    /// Finds who is in `room`: from the room's cached list when it is fresh, else from LiveKit.
+    /// Finds who is in `room`. With `participants_cache_ms` the room's cached list is tried
+    /// first, when deciding (one read of the room's record serves both); LiveKit is asked only
+    /// if that list is missing or stale.
     fn ask_livekit(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
-        if !env.config.participants_cache.is_zero()
-            && occupancy::has_fresh_list(env.store, room, env.now_ms)
-        {
-            effects.push(Effect::Count(Counter::LivekitCacheHits));
+        if env.config.participants_cache.is_zero() {
+            self.ask_livekit_now(room, env, effects);
+        } else {
             self.participants = Some((room.to_owned(), ParticipantState::Cached));
-            return;
         }
-        self.ask_livekit_now(room, env, effects);
     }
 
     fn ask_livekit_now(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {

@@ -86,22 +86,21 @@ fn decode<T: Record>(bytes: &[u8]) -> Vec<Entry<T>> {
         .collect()
 }
 
-fn encode<T: Record>(entries: &[Entry<T>]) -> Vec<u8> {
+fn encode_entry<T: Record>(entry: &Entry<T>) -> String {
     let mut out = String::from("[");
-    for (i, entry) in entries.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push('[');
-        gojson::write_string(&mut out, &entry.k);
-        out.push(',');
-        out.push_str(&entry.e.to_string());
-        out.push(',');
-        entry.v.write(&mut out);
-        out.push(']');
-    }
+    gojson::write_string(&mut out, &entry.k);
+    out.push(',');
+    out.push_str(&entry.e.to_string());
+    out.push(',');
+    entry.v.write(&mut out);
     out.push(']');
-    out.into_bytes()
+    out
+}
+
+#[cfg(test)]
+fn encode<T: Record>(entries: &[Entry<T>]) -> Vec<u8> {
+    let parts: Vec<String> = entries.iter().map(encode_entry).collect();
+    format!("[{}]", parts.join(",")).into_bytes()
 }
 
 /// What an update does to an entry.
@@ -195,7 +194,7 @@ impl Buckets {
                     });
                 }
             }
-            let bytes = self.encode_within_cap(&mut entries);
+            let bytes = self.encode_within_cap(&mut entries, id);
             match store.set(&key, &bytes, cas) {
                 Ok(()) => {
                     let new_key = i64::from(cas.is_none());
@@ -209,17 +208,34 @@ impl Buckets {
         Err(StoreError::CasMismatch)
     }
 
-    /// Serialises the bucket, evicting the entries closest to expiry until it fits.
-    fn encode_within_cap<T: Record>(&self, entries: &mut Vec<Entry<T>>) -> Vec<u8> {
-        loop {
-            let bytes = encode(entries);
-            if bytes.len() <= self.max_bytes || entries.is_empty() {
-                return bytes;
-            }
-            if let Some((i, _)) = entries.iter().enumerate().min_by_key(|(_, entry)| entry.e) {
-                entries.remove(i);
-            }
+    /// Serialises the bucket, evicting the entries closest to expiry until it fits. The entry
+    /// just written (`keep`) goes last: it is what the caller needs now, even when it expires
+    /// sooner than the rest (a pending-lookup marker does).
+    fn encode_within_cap<T: Record>(&self, entries: &mut Vec<Entry<T>>, keep: &str) -> Vec<u8> {
+        let mut encoded: Vec<(u64, bool, String)> = entries
+            .drain(..)
+            .map(|entry| (entry.e, entry.k == keep, encode_entry(&entry)))
+            .collect();
+        // "[" + entries joined by "," + "]"
+        let mut size = 2 + encoded.iter().map(|(_, _, e)| e.len() + 1).sum::<usize>();
+        while size > self.max_bytes && !encoded.is_empty() {
+            let victim = encoded
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (expiry, kept, _))| (*kept, *expiry))
+                .map_or(0, |(i, _)| i);
+            size -= encoded.remove(victim).2.len() + 1;
         }
+        let mut out = String::with_capacity(size);
+        out.push('[');
+        for (i, (_, _, entry)) in encoded.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(entry);
+        }
+        out.push(']');
+        out.into_bytes()
     }
 }
 
@@ -384,6 +400,34 @@ mod tests {
             })
             .unwrap();
         assert_eq!(store.keys.get(), 4);
+    }
+
+    #[test]
+    fn the_entry_being_written_survives_a_full_bucket() {
+        let store = MemoryStore::default();
+        let one_bucket = Buckets {
+            prefix: "t",
+            count: 1,
+            max_bytes: 200,
+        };
+        for i in 0..20 {
+            one_bucket
+                .update(
+                    &store,
+                    &format!("!long-lived{i}"),
+                    0,
+                    |_: Option<(&i64, u64)>| (Change::Put(1, 1_000_000), ()),
+                )
+                .unwrap();
+        }
+        // A short-lived entry written into the full bucket is kept; older ones make room.
+        one_bucket
+            .update(&store, "!short", 0, |_: Option<(&i64, u64)>| {
+                (Change::Put(-1, 10), ())
+            })
+            .unwrap();
+        assert_eq!(one_bucket.get::<i64>(&store, "!short", 0), Some(-1));
+        assert!(store.byte_count() <= 200);
     }
 
     #[test]
