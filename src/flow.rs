@@ -351,6 +351,10 @@ impl Admission {
             _ => {
                 let mut effects = Vec::new();
                 self.ask_livekit(&claims.room, env, &mut effects);
+                if matches!(self.participants, Some((_, ParticipantState::Cached))) {
+                    // Nothing to wait for: decide on the cached list right away.
+                    effects.extend(self.advance(env));
+                }
                 return effects;
             }
         };
@@ -860,6 +864,27 @@ mod tests {
         effects.extend(d.on_response_headers(Some(200), false, &env));
         effects.extend(d.on_response_body(&issued(&legacy_alias(), "@d:example.com:DEV"), &env));
         assert_eq!(outcome(&effects), Some(403));
+    }
+
+    #[test]
+    fn with_the_list_cache_a_late_limit_answer_still_decides() {
+        let cfg = config(r#", "participants_cache_ms": 1000"#);
+        let store = MemoryStore::default();
+        let env = env(&cfg, &store, 0);
+        let mut a = Admission::new();
+        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        // The token is held before Synapse answers.
+        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
+        let token = issued(&legacy_alias(), "@a:example.com:D");
+        assert!(a.on_response_body(&token, &env).is_empty());
+        // No list is cached yet, so the limit answer leads to a LiveKit call...
+        let effects = a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(2), &env);
+        let calls = dispatched(&effects);
+        assert_eq!(calls.len(), 1, "{effects:?}");
+        // ...and its answer to the decision.
+        let kind = calls[0].kind.clone();
+        let effects = a.on_call_response(kind, Some(200), &participants(&[]), &env);
+        assert_eq!(outcome(&effects), Some(200));
     }
 
     #[test]
