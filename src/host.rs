@@ -295,9 +295,11 @@ impl Stream {
         match hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)
         {
             Ok(token) => PENDING.with(|p| {
-                p.borrow_mut()
-                    .calls
-                    .push((token, Rc::downgrade(this), call.kind))
+                let calls = &mut p.borrow_mut().calls;
+                // Envoy cancels the calls of a stream that ends, so their answers never come:
+                // forget them here, or the list would grow with every abandoned request.
+                calls.retain(|(_, stream, _)| stream.strong_count() > 0);
+                calls.push((token, Rc::downgrade(this), call.kind));
             }),
             Err(status) => {
                 log::warn!(
