@@ -402,7 +402,11 @@ impl Context for GuardStream {
 
 impl HttpContext for GuardStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
+        // A request without a body (GET, HEAD, OPTIONS preflight, a bare POST) can never get a
+        // token: lk-jwt-service refuses an empty body. It passes without a single host call.
+        if end_of_stream
+            || header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST")
+        {
             return Action::Continue;
         }
         let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
@@ -417,11 +421,6 @@ impl HttpContext for GuardStream {
             },
             admission: Some(Admission::new()),
         }));
-        if end_of_stream {
-            Stream::run(&stream, Phase::Request, |admission, env| {
-                admission.on_request_body(b"", env)
-            });
-        }
         self.stream = Some(stream);
         Action::Continue
     }

@@ -140,7 +140,8 @@ def test_lk_jwt_error_passes_byte_identical(envoy, standins, full_room, path, sh
     with counting(envoy, standins) as counts:
         resp = envoy.post(path, body)
     assert_same_answer(resp, straight)
-    assert counts.guard["token_requests"] == 1
+    # A bodiless POST cannot get a token, so the filter does not even look at it.
+    assert counts.guard.get("token_requests", 0) == (0 if case == "empty" else 1)
     assert not {"allowed", "blocked", "fail_open", "fail_closed"} & set(counts.guard)
 
 
