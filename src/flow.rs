@@ -36,8 +36,46 @@ use crate::token_request::{self, Shape, TokenRequest};
 pub struct Env<'a> {
     pub config: &'a Config,
     pub store: &'a dyn SharedStore,
+    /// Milliseconds since the Unix epoch, read at most once per step and only when needed
+    /// (reading the host's clock is a host call).
+    clock: &'a dyn Fn() -> u64,
+    now: std::cell::Cell<Option<u64>>,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(config: &'a Config, store: &'a dyn SharedStore, clock: &'a dyn Fn() -> u64) -> Self {
+        Env {
+            config,
+            store,
+            clock,
+            now: std::cell::Cell::new(None),
+        }
+    }
+
+    /// An environment whose clock stands still at `now_ms`.
+    pub fn at(config: &'a Config, store: &'a dyn SharedStore, now_ms: u64) -> Self {
+        fn stopped() -> u64 {
+            0
+        }
+        Env {
+            config,
+            store,
+            clock: &stopped,
+            now: std::cell::Cell::new(Some(now_ms)),
+        }
+    }
+
     /// Milliseconds since the Unix epoch.
-    pub now_ms: u64,
+    pub fn now_ms(&self) -> u64 {
+        match self.now.get() {
+            Some(now) => now,
+            None => {
+                let now = (self.clock)();
+                self.now.set(Some(now));
+                now
+            }
+        }
+    }
 }
 
 /// The guard's counters (exported as `voice_limit_guard.<name>`).
@@ -189,7 +227,7 @@ impl Admission {
             Ok(Cached::Claimed)
         } else {
             let pending_ms = cfg.synapse.upstream.timeout.as_millis() as u64;
-            limit_cache::read_or_claim(env.store, &room, env.now_ms, pending_ms)
+            limit_cache::read_or_claim(env.store, &room, env.now_ms(), pending_ms)
         };
         match cached {
             Ok(Cached::Known(limit)) => {
@@ -281,7 +319,7 @@ impl Admission {
             Ok(limit) => {
                 let ttl_ms = cfg.limit_cache_ttl.as_millis() as u64;
                 if let Err(e) =
-                    limit_cache::store_answer(env.store, &room, limit, env.now_ms, ttl_ms)
+                    limit_cache::store_answer(env.store, &room, limit, env.now_ms(), ttl_ms)
                 {
                     log::debug!("room {room}: limit not cached: {e}");
                 }
@@ -293,7 +331,7 @@ impl Admission {
             Err(e) => {
                 if !cfg.limit_cache_ttl.is_zero() {
                     // Failures are not cached: the next request asks again.
-                    let _ = limit_cache::release_claim(env.store, &room, env.now_ms);
+                    let _ = limit_cache::release_claim(env.store, &room, env.now_ms());
                 }
                 self.limit = LimitState::Failed(e.to_string());
             }
@@ -323,7 +361,7 @@ impl Admission {
             LimitState::Unknown | LimitState::Asking => return Vec::new(),
             LimitState::AskedByOther => {
                 // The other request's answer may be cached by now; if not, ask ourselves.
-                match limit_cache::peek(env.store, &request.room, env.now_ms) {
+                match limit_cache::peek(env.store, &request.room, env.now_ms()) {
                     Some(Cached::Known(limit)) => {
                         self.limit = LimitState::Known(limit);
                         return self.advance(env);
@@ -397,7 +435,7 @@ impl Admission {
             token_expires_ms: claims.expires_at.saturating_mul(1000),
             reservation_ms: env.config.reservation.as_millis() as u64,
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
-            now_ms: env.now_ms,
+            now_ms: env.now_ms(),
         };
         let verdict = match occupancy::admit(env.store, &question) {
             Ok(Outcome::Decided(verdict)) => verdict,
@@ -417,7 +455,7 @@ impl Admission {
         if verdict.admitted {
             effects.extend([Effect::Count(Counter::Allowed), Effect::PassResponse]);
         } else {
-            log_refusal(env.now_ms, || {
+            log_refusal(env.now_ms(), || {
                 format!(
                     "room {}: refused {requester}: {} users present and {} admitted but not \
                      yet connected, limit {max_users}",
@@ -494,7 +532,7 @@ impl Admission {
             cfg.api_key.expose(),
             cfg.api_secret.expose(),
             room,
-            env.now_ms / 1000,
+            env.now_ms() / 1000,
         );
         effects.push(Effect::Count(Counter::LivekitLookups));
         effects.push(Effect::Dispatch(call(
@@ -596,11 +634,7 @@ mod tests {
     const ROOM: &str = "!room:example.com";
 
     fn env<'a>(config: &'a Config, store: &'a MemoryStore, now_ms: u64) -> Env<'a> {
-        Env {
-            config,
-            store,
-            now_ms,
-        }
+        Env::at(config, store, now_ms)
     }
 
     fn legacy_body(user: &str, device: &str) -> Vec<u8> {

@@ -229,11 +229,7 @@ impl Stream {
             let Some(admission) = stream.admission.as_mut() else {
                 return Action::Continue;
             };
-            let env = Env {
-                config: &stream.config,
-                store: &stream.store,
-                now_ms: now_ms(),
-            };
+            let env = Env::new(&stream.config, &stream.store, &now_ms);
             event(admission, &env)
         };
         if phase == Phase::CallAnswer {
