@@ -175,3 +175,48 @@ def test_example_configuration_validates_and_a_broken_copy_does_not(tmp_path):
                                 cwd=REPO)
     assert not ok
     assert "LIVEKIT_SECRET" in output
+
+
+def _wasm_filter(document: dict) -> dict:
+    """The Wasm HTTP filter's ``config`` in an Envoy bootstrap or an Istio EnvoyFilter."""
+    if document.get("kind") == "EnvoyFilter":
+        return document["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]
+    hcm = document["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    wasm = next(f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.wasm")
+    return wasm["typed_config"]["config"]
+
+
+def test_istio_example_matches_the_validated_envoy_example(tmp_path):
+    """envoy/istio-envoyfilter.yaml cannot be run here (no Istio); it must set the same Wasm
+    filter as envoy/envoy.yaml, and its plugin configuration must pass the filter's checks."""
+    import json
+
+    import yaml
+
+    from stack import REPO, Envoy
+
+    envoy_example = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
+    istio_example = yaml.safe_load((REPO / "envoy" / "istio-envoyfilter.yaml").read_text())
+    plain, istio = _wasm_filter(envoy_example), _wasm_filter(istio_example)
+    assert istio["allow_on_headers_stop_iteration"] is True
+    for key in ("name", "root_id", "failure_policy"):
+        assert istio[key] == plain[key]
+    assert istio["vm_config"]["environment_variables"] == plain["vm_config"]["environment_variables"]
+    plain_plugin = json.loads(plain["configuration"]["value"])
+    istio_plugin = json.loads(istio["configuration"]["value"])
+    for upstream in ("synapse", "livekit"):
+        for key in ("cluster", "authority"):
+            plain_plugin[upstream].pop(key, None)
+            istio_plugin[upstream].pop(key, None)
+    assert istio_plugin == plain_plugin
+
+    # The Istio plugin configuration, run through the filter's on_configure by Envoy itself.
+    text = (REPO / "envoy" / "envoy.yaml").read_text()
+    start = text.index("value: |") + len("value: |")
+    end = text.index("- name: envoy.filters.http.router")
+    indent = " " * 20
+    istio_value = "\n".join(indent + line for line in istio["configuration"]["value"].splitlines())
+    patched = tmp_path / "envoy.yaml"
+    patched.write_text(text[:start] + "\n" + istio_value + "\n          " + text[end:])
+    ok, output = Envoy.validate(patched, env=EXAMPLE_ENV, cwd=REPO)
+    assert ok, output
