@@ -218,6 +218,25 @@ def shared_envoy(name: str, synapse: Synapse, standins: StandIns, config: dict |
     return envoy.start()
 
 
+def module_envoy(name: str) -> tuple[Any, Any]:
+    """The fixtures of a test module that shares one default Envoy: ``envoy`` (module scope)
+    and an autouse one printing its log when a test fails. Use as
+    ``envoy, _log_on_failure = module_envoy("name")``."""
+
+    @pytest.fixture(scope="module")
+    def envoy(synapse: Synapse, standins: StandIns) -> Iterator[Envoy]:
+        proxy = shared_envoy(name, synapse, standins)
+        yield proxy
+        proxy.stop()
+
+    @pytest.fixture(autouse=True)
+    def log_on_failure(envoy: Envoy) -> Iterator[None]:
+        with printing_log_on_failure(envoy):
+            yield
+
+    return envoy, log_on_failure
+
+
 @contextmanager
 def printing_log_on_failure(envoy: Envoy) -> Iterator[None]:
     """Show the shared Envoy's log excerpt when a test using it fails."""

@@ -21,8 +21,7 @@ from guard import (
     counting,
     direct,
     fill_room,
-    printing_log_on_failure,
-    shared_envoy,
+    module_envoy,
     token_body,
 )
 from stack import jwt_claims, livekit_alias
@@ -30,17 +29,7 @@ from stack import jwt_claims, livekit_alias
 pytestmark = [requires_wasm, requires_standins]
 
 
-@pytest.fixture(scope="module")
-def envoy(synapse, standins):
-    proxy = shared_envoy("body-parsing", synapse, standins)
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(autouse=True)
-def _log_on_failure(envoy):
-    with printing_log_on_failure(envoy):
-        yield
+envoy, _log_on_failure = module_envoy("body-parsing")
 
 
 @pytest.fixture(scope="module")

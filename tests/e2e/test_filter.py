@@ -22,8 +22,7 @@ from guard import (
     counting,
     fill_room,
     identity,
-    printing_log_on_failure,
-    shared_envoy,
+    module_envoy,
     still_serving,
     token_body,
 )
@@ -36,18 +35,7 @@ LOOKED_UP_AND_CHECKED = {"token_requests": 1, "synapse_lookups": 1, "livekit_loo
 CACHED_AND_CHECKED = {"token_requests": 1, "limit_cache_hits": 1, "livekit_lookups": 1}
 
 
-@pytest.fixture(scope="module")
-def envoy(synapse, standins):
-    """One Envoy with the default configuration for every test of this module."""
-    proxy = shared_envoy("filter", synapse, standins)
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(autouse=True)
-def _log_on_failure(envoy):
-    with printing_log_on_failure(envoy):
-        yield
+envoy, _log_on_failure = module_envoy("filter")
 
 
 def join(envoy, standins, path, shape, who, device, room, state=None):

@@ -12,10 +12,9 @@ import concurrent.futures
 import threading
 import time
 
-import pytest
 
 from conftest import requires_standins, requires_wasm
-from guard import ask, assert_channel_full, identity, poll, user
+from guard import ask, assert_channel_full, identity, poll
 from stack import livekit_alias, stats_delta
 
 pytestmark = [requires_wasm, requires_standins]

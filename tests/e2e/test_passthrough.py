@@ -17,25 +17,14 @@ from guard import (
     counting,
     direct,
     fill_room,
-    printing_log_on_failure,
-    shared_envoy,
+    module_envoy,
     token_body,
 )
 
 pytestmark = [requires_wasm, requires_standins]
 
 
-@pytest.fixture(scope="module")
-def envoy(synapse, standins):
-    proxy = shared_envoy("passthrough", synapse, standins)
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(autouse=True)
-def _log_on_failure(envoy):
-    with printing_log_on_failure(envoy):
-        yield
+envoy, _log_on_failure = module_envoy("passthrough")
 
 
 @pytest.fixture
