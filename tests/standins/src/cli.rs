@@ -78,6 +78,26 @@ impl Credentials {
 /// Default `--listen` value: loopback, any free port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
 
+/// The process exit of a binary's `run`: `Err(None)` asked for the usage (`--help`),
+/// `Err(Some(message))` is a usage error (exit 2).
+pub fn exit_code(
+    name: &str,
+    usage: &str,
+    result: Result<(), Option<String>>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(None) => {
+            println!("{usage}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(Some(msg)) => {
+            eprintln!("{name}: {msg}\n\n{usage}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

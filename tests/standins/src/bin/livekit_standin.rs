@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use vlg_standins::cli::{Args, Credentials, DEFAULT_LISTEN};
+use vlg_standins::cli::{exit_code, Args, Credentials, DEFAULT_LISTEN};
 use vlg_standins::http::serve;
 use vlg_standins::livekit::{admin_token, LiveKit};
 
@@ -41,15 +41,5 @@ fn run() -> Result<(), Option<String>> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(None) => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Err(Some(msg)) => {
-            eprintln!("livekit-standin: {msg}\n\n{USAGE}");
-            ExitCode::from(2)
-        }
-    }
+    exit_code("livekit-standin", USAGE, run())
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use vlg_standins::cli::{Args, Credentials, DEFAULT_LISTEN};
+use vlg_standins::cli::{exit_code, Args, Credentials, DEFAULT_LISTEN};
 use vlg_standins::http::serve;
 use vlg_standins::lkjwt::{Config, SfuGetShapes};
 
@@ -50,15 +50,5 @@ fn run() -> Result<(), Option<String>> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(None) => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Err(Some(msg)) => {
-            eprintln!("lk-jwt-standin: {msg}\n\n{USAGE}");
-            ExitCode::from(2)
-        }
-    }
+    exit_code("lk-jwt-standin", USAGE, run())
 }
