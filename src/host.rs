@@ -149,11 +149,13 @@ impl RootContext for GuardRoot {
                 let store = HostStore {
                     metrics: Rc::clone(&metrics),
                 };
-                limit_cache::create_buckets(&store);
-                occupancy::create_buckets(&store);
+                let all_buckets = [&limit_cache::BUCKETS, &occupancy::BUCKETS];
+                for buckets in all_buckets {
+                    buckets.create_all(&store);
+                }
                 if let Some(id) = metrics.shared_keys {
                     // Absolute: every VM copy creates the same buckets at start.
-                    let keys = limit_cache::KEYS + occupancy::KEYS;
+                    let keys: u32 = all_buckets.iter().map(|b| b.count).sum();
                     let _ = hostcalls::record_metric(id, u64::from(keys));
                 }
                 self.metrics = Some(metrics);

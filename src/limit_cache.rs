@@ -8,7 +8,8 @@
 use crate::store::{Buckets, Change, SharedStore, StoreError};
 use crate::synapse::Limit;
 
-const BUCKETS: Buckets = Buckets {
+/// Where this state lives in shared data (created when the VM starts).
+pub const BUCKETS: Buckets = Buckets {
     prefix: "voice_limit_guard.limits",
     // Many small buckets: a lookup decodes one bucket, so its size is the per-request cost.
     count: 512,
@@ -98,14 +99,6 @@ pub fn release_claim(store: &dyn SharedStore, room: &str, now_ms: u64) -> Result
         },
     )
 }
-
-/// Creates this state's buckets; see [`Buckets::create_all`].
-pub fn create_buckets(store: &dyn SharedStore) {
-    BUCKETS.create_all(store);
-}
-
-/// How many shared-data keys this state uses, whatever the number of rooms.
-pub const KEYS: u32 = BUCKETS.count;
 
 #[cfg(test)]
 mod tests {

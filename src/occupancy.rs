@@ -27,7 +27,8 @@ use crate::gojson::{write_string, Value};
 use crate::livekit_names::matrix_user_of_identity;
 use crate::store::{Buckets, Change, Record, SharedStore, StoreError};
 
-const BUCKETS: Buckets = Buckets {
+/// Where this state lives in shared data (created when the VM starts).
+pub const BUCKETS: Buckets = Buckets {
     prefix: "voice_limit_guard.rooms",
     count: 256,
     max_bytes: 32 * 1024,
@@ -294,14 +295,6 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     }
     Some(verdict)
 }
-
-/// Creates this state's buckets; see [`Buckets::create_all`].
-pub fn create_buckets(store: &dyn SharedStore) {
-    BUCKETS.create_all(store);
-}
-
-/// How many shared-data keys this state uses, whatever the number of rooms.
-pub const KEYS: u32 = BUCKETS.count;
 
 #[cfg(test)]
 mod tests {
