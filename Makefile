@@ -1,5 +1,5 @@
 # voice-limit-guard: build, test, demo and benchmark.
-# A fresh machine needs only the Rust toolchain (rustup), Python 3 with pip and venv, and Node.js.
+# A fresh machine needs only the Rust toolchain (rustup), Go, Python 3 with pip and venv, and Node.js.
 
 CARGO    ?= cargo
 PYTHON   ?= python3
@@ -31,8 +31,9 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 	@touch $@
 
-## Everything: unit tests (native and on a 32-bit Wasm target) and the end-to-end suite.
-test: test-unit test-wasm test-e2e
+## Everything: unit tests (native and on a 32-bit Wasm target), the decoder differential test
+## against Go, and the end-to-end suite.
+test: test-unit test-wasm test-oracle test-e2e
 
 test-unit:
 	$(CARGO) test --workspace
@@ -44,6 +45,17 @@ test-wasm:
 	  || $(CARGO) install --quiet --root $(TOOLS) wasm-bindgen-cli --version "$(WASM_BINDGEN_VERSION)"
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(TOOLS)/bin/wasm-bindgen-test-runner \
 	  $(CARGO) test --lib --target wasm32-unknown-unknown
+
+## lk-jwt-service's reading of token request bodies (Go's encoding/json, tests/oracle) against
+## the filter's, on a generated corpus. Needs Go (standard library only) and Python 3.
+.PHONY: test-oracle
+test-oracle: GO ?= go
+test-oracle:
+	@mkdir -p target/oracle
+	cd tests/oracle && GOTOOLCHAIN=local $(GO) build -buildvcs=false -o $(CURDIR)/target/oracle/vlg-oracle .
+	$(PYTHON) tests/oracle/gen_corpus.py target/oracle/corpus.jsonl
+	VLG_ORACLE=$(CURDIR)/target/oracle/vlg-oracle VLG_ORACLE_CORPUS=$(CURDIR)/target/oracle/corpus.jsonl \
+	  VLG_ORACLE_REQUIRED=1 $(CARGO) test --test differential -- --nocapture
 
 test-e2e: build standins venv
 	$(VENV)/bin/python -m pytest -q tests/e2e

@@ -26,7 +26,8 @@ const MAX_DEPTH: usize = 32;
 pub enum Value {
     Null,
     Bool(bool),
-    /// The number's literal text; no field the guard reads is numeric.
+    /// The number's literal text, exactly as written (Go's grammar); callers convert it the
+    /// way the Go type they stand for would (see `token_request` for `int` fields).
     Number(String),
     String(String),
     Array(Vec<Value>),
@@ -195,15 +196,29 @@ pub fn write_string(out: &mut String, s: &str) {
 }
 
 /// Whether a JSON object key selects the Go struct field whose JSON name is `field`
-/// (an ASCII name). Go prefers an exact match, then falls back to a case-insensitive
-/// match where every rune is folded with `unicode.ToUpper(unicode.ToLower(r))`. Besides
-/// ASCII letters, exactly four runes fold onto ASCII letters that way: U+0130 'İ' and
-/// U+0131 'ı' become 'I', U+017F 'ſ' becomes 'S', U+212A 'K' (Kelvin) becomes 'K'.
+/// (an ASCII name), as `encoding/json` decides it. Go prefers an exact match, then falls
+/// back to a case-insensitive match under Unicode simple case folding (`bytes.EqualFold`:
+/// each rune is replaced by the smallest rune of its `unicode.SimpleFold` orbit). Besides
+/// ASCII letters, exactly two runes fold onto ASCII letters that way: U+017F 'ſ' (onto 'S')
+/// and U+212A 'K' Kelvin sign (onto 'K'). U+0130 'İ' and U+0131 'ı' do not fold onto 'I'.
+///
+/// This is the rule of Go up to 1.20 and again of current releases (checked with 1.26).
+/// Some releases in between folded each rune with `unicode.ToUpper(unicode.ToLower(r))`,
+/// which also turns 'İ' and 'ı' into 'I'; [`key_may_match`] covers both rules.
 pub fn key_matches(key: &str, field: &str) -> bool {
-    if key == field {
-        return true;
-    }
-    let mut folded = key.chars().map(fold_rune);
+    key == field || folded_equal(key, field, fold_rune)
+}
+
+/// Whether a key selects the field `field` under the folding of ANY Go release: the rule of
+/// [`key_matches`] or the `ToUpper(ToLower(r))` rule, which also folds U+0130 'İ' and U+0131
+/// 'ı' onto 'I'. A lenient reader that ignores unknown keys uses this, so that it never misses
+/// a key the service's decoder reads, whichever Go built the service.
+pub fn key_may_match(key: &str, field: &str) -> bool {
+    key_matches(key, field) || folded_equal(key, field, fold_rune_upper_lower)
+}
+
+fn folded_equal(key: &str, field: &str, fold: fn(char) -> char) -> bool {
+    let mut folded = key.chars().map(fold);
     let mut expected = field.chars().map(|c| c.to_ascii_uppercase());
     loop {
         match (folded.next(), expected.next()) {
@@ -214,13 +229,21 @@ pub fn key_matches(key: &str, field: &str) -> bool {
     }
 }
 
+/// Simple case folding, as far as it reaches ASCII.
 fn fold_rune(c: char) -> char {
     match c {
         'a'..='z' => c.to_ascii_uppercase(),
-        '\u{0130}' | '\u{0131}' => 'I',
         '\u{017F}' => 'S',
         '\u{212A}' => 'K',
         _ => c,
+    }
+}
+
+/// `unicode.ToUpper(unicode.ToLower(r))`, as far as it reaches ASCII.
+fn fold_rune_upper_lower(c: char) -> char {
+    match c {
+        '\u{0130}' | '\u{0131}' => 'I',
+        _ => fold_rune(c),
     }
 }
 
@@ -645,11 +668,30 @@ mod tests {
         assert!(key_matches("ROOM", "room"));
         assert!(key_matches("Room_Id", "room_id"));
         assert!(key_matches("\u{017F}lot_id", "slot_id"));
-        assert!(key_matches("\u{0130}d", "id"));
-        assert!(key_matches("\u{0131}D", "id"));
-        assert!(key_matches("open\u{0131}d_to\u{212A}en", "openid_token"));
+        assert!(key_matches("openid_to\u{212A}en", "openid_token"));
+        assert!(key_matches(
+            "ACCE\u{017F}\u{017F}_TO\u{212A}EN",
+            "access_token"
+        ));
+        // Simple folding keeps 'İ' and 'ı' apart from 'I' (Go 1.26: "unknown field").
+        assert!(!key_matches("\u{0130}d", "id"));
+        assert!(!key_matches("\u{0131}D", "id"));
+        assert!(!key_matches("open\u{0131}d_to\u{212A}en", "openid_token"));
         assert!(!key_matches("roomid", "room_id"));
         assert!(!key_matches("room ", "room"));
         assert!(!key_matches("r\u{00F6}om", "room"));
+        assert!(!key_matches("\u{212A}", "s"));
+        assert!(!key_matches("room\u{FFFD}", "room"));
+    }
+
+    #[test]
+    fn key_may_match_covers_every_go_folding() {
+        assert!(key_may_match("ROOM", "room"));
+        assert!(key_may_match("\u{017F}lot_id", "slot_id"));
+        assert!(key_may_match("\u{0130}d", "id"));
+        assert!(key_may_match("\u{0131}D", "id"));
+        assert!(key_may_match("open\u{0131}d_to\u{212A}en", "openid_token"));
+        assert!(!key_may_match("roomid", "room_id"));
+        assert!(!key_may_match("\u{0130}", "j"));
     }
 }

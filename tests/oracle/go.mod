@@ -1,0 +1,3 @@
+module vlg-oracle
+
+go 1.21
