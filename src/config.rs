@@ -64,6 +64,8 @@ pub struct Config {
     pub token_paths: Vec<String>,
     pub limit_state_type: String,
     pub limit_cache_ttl: Duration,
+    /// How long a limit seen before is still enforced when Synapse cannot be asked.
+    pub stale_limit: Duration,
     pub failure_mode: FailureMode,
     /// How long an admitted user who has not shown up in LiveKit still holds a place.
     pub reservation: Duration,
@@ -73,6 +75,7 @@ pub struct Config {
 
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_LIMIT_CACHE_TTL_SECONDS: u64 = 10;
+pub const DEFAULT_STALE_LIMIT_SECONDS: u64 = 3600;
 pub const DEFAULT_RESERVATION_SECONDS: u64 = 30;
 pub const DEFAULT_PARTICIPANTS_CACHE_MS: u64 = 0;
 pub const DEFAULT_LIMIT_STATE_TYPE: &str = "io.lotus.voice_limit";
@@ -129,6 +132,10 @@ impl Config {
             root.optional_u64("limit_cache_ttl_seconds", 0)?
                 .unwrap_or(DEFAULT_LIMIT_CACHE_TTL_SECONDS),
         );
+        let stale_limit = Duration::from_secs(
+            root.optional_u64("stale_limit_seconds", 0)?
+                .unwrap_or(DEFAULT_STALE_LIMIT_SECONDS),
+        );
         let failure_mode = match root.optional_string("failure_mode")?.as_deref() {
             None | Some("open") => FailureMode::Open,
             Some("closed") => FailureMode::Closed,
@@ -154,6 +161,7 @@ impl Config {
             token_paths,
             limit_state_type,
             limit_cache_ttl,
+            stale_limit,
             failure_mode,
             reservation,
             participants_cache,

@@ -25,7 +25,7 @@ use crate::gojson::{self, Value};
 use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
-use crate::livekit_names::{matrix_user_of_identity, room_alias};
+use crate::livekit_names::{requester_of_identity, room_alias};
 use crate::occupancy::{self, Outcome};
 use crate::reply::{self, LocalReply};
 use crate::store::SharedStore;
@@ -90,10 +90,14 @@ pub enum Counter {
     LimitCacheHits,
     LivekitLookups,
     LivekitCacheHits,
+    /// lk-jwt-service issued a token for a request body the guard could not read.
+    Unreadable,
+    /// A refresh failed and the last limit seen was enforced.
+    StaleLimits,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 11] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -103,6 +107,8 @@ impl Counter {
         Counter::LimitCacheHits,
         Counter::LivekitLookups,
         Counter::LivekitCacheHits,
+        Counter::Unreadable,
+        Counter::StaleLimits,
     ];
 
     pub fn name(self) -> &'static str {
@@ -116,6 +122,8 @@ impl Counter {
             Counter::LimitCacheHits => "voice_limit_guard.limit_cache_hits",
             Counter::LivekitLookups => "voice_limit_guard.livekit_lookups",
             Counter::LivekitCacheHits => "voice_limit_guard.livekit_cache_hits",
+            Counter::Unreadable => "voice_limit_guard.unreadable_requests",
+            Counter::StaleLimits => "voice_limit_guard.stale_limits",
         }
     }
 }
@@ -123,7 +131,9 @@ impl Counter {
 /// Which question an outgoing call asks; the host hands it back with the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallKind {
-    LimitLookup,
+    /// Synapse's state of this Matrix room. Its answer is kept in the shared cache even when
+    /// the request that asked has ended (see [`settle_orphaned_lookup`]).
+    LimitLookup(String),
     /// `ListParticipants` for this LiveKit room.
     ListParticipants(String),
 }
@@ -186,7 +196,8 @@ enum ResponseState {
 /// One token request on its way through the guard.
 #[derive(Debug)]
 pub struct Admission {
-    request: Result<TokenRequest, token_request::BodyError>,
+    /// `None` until the whole request body has been read.
+    request: Option<Result<TokenRequest, token_request::BodyError>>,
     limit: LimitState,
     /// The LiveKit room asked about, and what is known of its participants.
     participants: Option<(String, ParticipantState)>,
@@ -202,25 +213,48 @@ impl Default for Admission {
 impl Admission {
     pub fn new() -> Admission {
         Admission {
-            request: Err(token_request::BodyError::NotRead),
+            request: None,
             limit: LimitState::Unknown,
             participants: None,
             response: ResponseState::NotYet,
         }
     }
 
+    /// Whether the request body has been read (step 1 happened).
+    pub fn request_read(&self) -> bool {
+        self.request.is_some()
+    }
+
+    /// Whether a held 200 still waits for its body (step 3 has not happened).
+    pub fn awaits_response_body(&self) -> bool {
+        matches!(self.response, ResponseState::NotYet)
+    }
+
     fn room(&self) -> &str {
-        self.request.as_ref().map_or("?", |r| r.room.as_str())
+        match &self.request {
+            Some(Ok(request)) => &request.room,
+            _ => "?",
+        }
     }
 
     /// Step 1: the whole request body is here.
     pub fn on_request_body(&mut self, body: &[u8], env: &Env) -> Vec<Effect> {
         let mut effects = vec![Effect::Count(Counter::TokenRequests)];
-        self.request = token_request::parse(body);
-        let Ok(request) = &self.request else {
-            // lk-jwt-service refuses such a body; should it issue a token anyway, step 4 fails.
+        let request = self.request.insert(token_request::parse(body));
+        let Ok(request) = request else {
+            // lk-jwt-service refuses such a body; should it issue a token anyway, it is
+            // answered 503 at step 4.
             return effects;
         };
+        if !is_possible_room_id(&request.room) {
+            // No Matrix room has such an id, so none has a limit: no lookup for it.
+            log::debug!(
+                "room {}: not a Matrix room id; no limit applies",
+                clip(&request.room)
+            );
+            self.limit = LimitState::Known(Limit::None);
+            return effects;
+        }
         let room = request.room.clone();
         let cfg = env.config;
         let cached = if cfg.limit_cache_ttl.is_zero() {
@@ -288,7 +322,13 @@ impl Admission {
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
         match kind {
-            CallKind::LimitLookup => self.on_limit_answer(status, body, env, &mut effects),
+            CallKind::LimitLookup(room) => {
+                if matches!(&self.request, Some(Ok(r)) if r.room == room) {
+                    self.on_limit_answer(status, body, env, &mut effects);
+                } else {
+                    settle_orphaned_lookup(&room, status, body, env);
+                }
+            }
             CallKind::ListParticipants(room) => {
                 let Some((asked, state)) = &mut self.participants else {
                     return effects;
@@ -313,28 +353,26 @@ impl Admission {
         env: &Env,
         effects: &mut Vec<Effect>,
     ) {
-        let cfg = env.config;
         let room = self.room().to_owned();
-        match synapse::parse_state_response(status, body, &cfg.limit_state_type) {
+        match settle_lookup(&room, status, body, env) {
             Ok(limit) => {
-                let ttl_ms = cfg.limit_cache_ttl.as_millis() as u64;
-                if let Err(e) =
-                    limit_cache::store_answer(env.store, &room, limit, env.now_ms(), ttl_ms)
-                {
-                    log::debug!("room {room}: limit not cached: {e}");
-                }
                 self.limit = LimitState::Known(limit);
                 if matches!(self.response, ResponseState::NotYet) {
                     self.ask_livekit_early(env, effects);
                 }
             }
-            Err(e) => {
-                if !cfg.limit_cache_ttl.is_zero() {
-                    // Failures are not cached: the next request asks again.
-                    let _ = limit_cache::release_claim(env.store, &room, env.now_ms());
+            Err(Settled::Stale(limit, reason)) => {
+                log::warn!(
+                    "room {}: limit lookup failed: {reason}; enforcing the last limit seen",
+                    clip(&room)
+                );
+                effects.push(Effect::Count(Counter::StaleLimits));
+                self.limit = LimitState::Known(limit);
+                if matches!(self.response, ResponseState::NotYet) {
+                    self.ask_livekit_early(env, effects);
                 }
-                self.limit = LimitState::Failed(e.to_string());
             }
+            Err(Settled::Failed(reason)) => self.limit = LimitState::Failed(reason),
         }
     }
 
@@ -350,12 +388,9 @@ impl Admission {
         };
         let claims = claims.clone();
         let request = match &self.request {
-            Ok(request) => request.clone(),
-            Err(e) => {
-                let reason =
-                    format!("lk-jwt-service issued a token for a body the guard cannot read: {e}");
-                return self.fail(reason, env);
-            }
+            Some(Ok(request)) => request.clone(),
+            Some(Err(e)) => return self.unreadable(&e.to_string()),
+            None => return self.unreadable("the request body never arrived complete"),
         };
         let max_users = match &self.limit {
             LimitState::Unknown | LimitState::Asking => return Vec::new(),
@@ -367,7 +402,7 @@ impl Admission {
                         return self.advance(env);
                     }
                     Some(Cached::Pending) => return vec![Effect::AwaitSharedLimit],
-                    _ => {
+                    None | Some(Cached::Claimed) => {
                         let mut effects = Vec::new();
                         self.ask_synapse(env, &mut effects);
                         return effects;
@@ -454,12 +489,28 @@ impl Admission {
         }
         if verdict.admitted {
             effects.extend([Effect::Count(Counter::Allowed), Effect::PassResponse]);
+        } else if verdict.too_many_devices {
+            log_refusal(env.now_ms(), || {
+                format!(
+                    "room {}: refused {}: every device place of this user (or of the room) is \
+                     taken by a connected device",
+                    clip(&request.room),
+                    clip(requester)
+                )
+            });
+            effects.extend([
+                Effect::Count(Counter::Blocked),
+                Effect::Reply(reply::too_many_devices()),
+            ]);
         } else {
             log_refusal(env.now_ms(), || {
                 format!(
-                    "room {}: refused {requester}: {} users present and {} admitted but not \
+                    "room {}: refused {}: {} users present and {} admitted but not \
                      yet connected, limit {max_users}",
-                    request.room, verdict.present, verdict.reserved
+                    clip(&request.room),
+                    clip(requester),
+                    verdict.present,
+                    verdict.reserved
                 )
             });
             effects.extend([
@@ -470,9 +521,25 @@ impl Admission {
         effects
     }
 
+    /// A token for a request the guard could not read is never passed, whatever
+    /// `failure_mode` says: that mode is about Synapse and LiveKit failing, and a request the
+    /// guard cannot see would otherwise be a way around every limit.
+    fn unreadable(&mut self, reason: &str) -> Vec<Effect> {
+        self.response = ResponseState::Done;
+        log::warn!(
+            "lk-jwt-service issued a token for a request the guard could not read ({}); \
+             answering 503",
+            clip(reason)
+        );
+        vec![
+            Effect::Count(Counter::Unreadable),
+            Effect::Reply(reply::unreadable_request()),
+        ]
+    }
+
     fn fail(&mut self, reason: String, env: &Env) -> Vec<Effect> {
         self.response = ResponseState::Done;
-        let room = self.room();
+        let room = clip(self.room());
         match env.config.failure_mode {
             FailureMode::Open => {
                 log::warn!("room {room}: {reason}; letting the token through (failure_mode open)");
@@ -490,11 +557,12 @@ impl Admission {
 
     fn ask_synapse(&mut self, env: &Env, effects: &mut Vec<Effect>) {
         let cfg = env.config;
-        let path = synapse::state_path(self.room(), &cfg.limit_state_type);
+        let room = self.room().to_owned();
+        let path = synapse::state_path(&room, &cfg.limit_state_type);
         let bearer = format!("Bearer {}", cfg.synapse.admin_token.expose());
         effects.push(Effect::Count(Counter::SynapseLookups));
         effects.push(Effect::Dispatch(call(
-            CallKind::LimitLookup,
+            CallKind::LimitLookup(room),
             &cfg.synapse.upstream,
             "GET",
             path,
@@ -506,7 +574,7 @@ impl Admission {
 
     /// Asks LiveKit under the alias lk-jwt-service 0.4.3+ derives, before the token exists.
     fn ask_livekit_early(&mut self, env: &Env, effects: &mut Vec<Effect>) {
-        let (Ok(request), LimitState::Known(Limit::MaxUsers(_)), None) =
+        let (Some(Ok(request)), LimitState::Known(Limit::MaxUsers(_)), None) =
             (&self.request, &self.limit, &self.participants)
         else {
             return;
@@ -574,13 +642,84 @@ fn log_refusal(now_ms: u64, line: impl FnOnce() -> String) {
     });
 }
 
-/// The Matrix user asking: the OpenID-verified claim of a new-shape request (lk-jwt-service
-/// issues a token only when it holds), else the user part of a `<user>:<device>` identity.
+/// The Matrix user asking, as lk-jwt-service verified it: the OpenID-verified claim of a
+/// new-shape request (lk-jwt-service issues a token only when it holds), else the
+/// `<user>:<device_id>` identity minus the device id the request named. Device ids, member ids
+/// and slots are the client's choice; none of them makes one user count as several.
 fn requester_of<'a>(request: &'a TokenRequest, claims: &'a JoinClaims) -> &'a str {
     if request.shape == Shape::New && !request.claimed_user_id.is_empty() {
         &request.claimed_user_id
     } else {
-        matrix_user_of_identity(&claims.identity)
+        requester_of_identity(&claims.identity, &request.device_id)
+    }
+}
+
+/// Why a Synapse answer gave no fresh limit.
+enum Settled {
+    /// The lookup failed, but the last limit seen is still within `stale_limit_seconds`.
+    Stale(Limit, String),
+    Failed(String),
+}
+
+/// Puts a Synapse answer where every request of the process finds it: the limit in the shared
+/// cache, or, after a failure, the claim released (and the stale limit, if any, returned).
+fn settle_lookup(
+    room: &str,
+    status: Option<u32>,
+    body: &[u8],
+    env: &Env,
+) -> Result<Limit, Settled> {
+    let cfg = env.config;
+    let life = limit_cache::Lifetimes {
+        ttl_ms: cfg.limit_cache_ttl.as_millis() as u64,
+        stale_ms: cfg.stale_limit.as_millis() as u64,
+    };
+    match synapse::parse_state_response(status, body, &cfg.limit_state_type) {
+        Ok(limit) => {
+            if let Err(e) = limit_cache::store_answer(env.store, room, limit, env.now_ms(), life) {
+                log::warn!("room {}: limit not cached: {e}", clip(room));
+            }
+            Ok(limit)
+        }
+        Err(e) => match limit_cache::release_claim(env.store, room, env.now_ms(), life) {
+            Ok(Some(limit)) => Err(Settled::Stale(limit, e.to_string())),
+            Ok(None) => Err(Settled::Failed(e.to_string())),
+            Err(store) => Err(Settled::Failed(format!("{e}; {store}"))),
+        },
+    }
+}
+
+/// The answer to a limit lookup whose request has ended: it is cached all the same (or the
+/// claim released), so that requests waiting for it, and later ones, need not ask again.
+pub fn settle_orphaned_lookup(room: &str, status: Option<u32>, body: &[u8], env: &Env) {
+    if let Err(Settled::Failed(reason) | Settled::Stale(_, reason)) =
+        settle_lookup(room, status, body, env)
+    {
+        log::warn!(
+            "room {}: limit lookup failed: {reason} (its request had ended)",
+            clip(room)
+        );
+    }
+}
+
+/// Whether a Matrix room could have this id: the `!` sigil, at most 255 bytes (the spec's
+/// bound for every identifier), no control characters. Anything else costs no lookup.
+pub fn is_possible_room_id(room: &str) -> bool {
+    room.len() > 1
+        && room.len() <= 255
+        && room.starts_with('!')
+        && !room.chars().any(char::is_control)
+}
+
+/// Untrusted text (room ids, user ids, reasons quoting them) as it may appear in a log line:
+/// cut to a fixed length, so a client cannot write megabytes into the proxy's log.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    const MAX_CHARS: usize = 128;
+    match text.char_indices().nth(MAX_CHARS) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((end, _)) => {
+            std::borrow::Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
+        }
     }
 }
 
@@ -632,6 +771,10 @@ mod tests {
     }
 
     const ROOM: &str = "!room:example.com";
+
+    fn lookup() -> CallKind {
+        CallKind::LimitLookup(ROOM.to_owned())
+    }
 
     fn env<'a>(config: &'a Config, store: &'a MemoryStore, now_ms: u64) -> Env<'a> {
         Env::at(config, store, now_ms)
@@ -712,12 +855,8 @@ mod tests {
         let env = env(cfg, store, 1_000);
         let mut a = Admission::new();
         let mut all = a.on_request_body(&legacy_body(user, "DEV"), &env);
-        if dispatched(&all)
-            .iter()
-            .any(|c| c.kind == CallKind::LimitLookup)
-        {
-            let e =
-                a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(limit), &env);
+        if dispatched(&all).iter().any(|c| c.kind == lookup()) {
+            let e = a.on_call_response(lookup(), Some(200), &limit_answer(limit), &env);
             all.extend(e);
         }
         all.extend(a.on_response_headers(Some(200), false, &env));
@@ -821,7 +960,7 @@ mod tests {
         let mut a = Admission::new();
         a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
         // The Synapse answer arrives while lk-jwt-service still works: LiveKit is asked now.
-        let effects = a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(2), &env);
+        let effects = a.on_call_response(lookup(), Some(200), &limit_answer(2), &env);
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].kind, CallKind::ListParticipants(legacy_alias()));
@@ -853,7 +992,7 @@ mod tests {
         let env = env(&cfg, &store, 0);
         let mut a = Admission::new();
         a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
-        a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(1), &env);
+        a.on_call_response(lookup(), Some(200), &limit_answer(1), &env);
         a.on_call_response(
             CallKind::ListParticipants(legacy_alias()),
             Some(200),
@@ -912,7 +1051,7 @@ mod tests {
         let token = issued(&legacy_alias(), "@a:example.com:D");
         assert!(a.on_response_body(&token, &env).is_empty());
         // No list is cached yet, so the limit answer leads to a LiveKit call...
-        let effects = a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(2), &env);
+        let effects = a.on_call_response(lookup(), Some(200), &limit_answer(2), &env);
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1, "{effects:?}");
         // ...and its answer to the decision.
@@ -922,14 +1061,21 @@ mod tests {
     }
 
     #[test]
-    fn a_token_before_the_request_body_is_a_failure() {
-        let cfg = config("");
-        let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut a = Admission::new();
-        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
-        let effects = a.on_response_body(&issued("x", "y"), &env);
-        assert!(counters(&effects).contains(&Counter::FailOpen));
+    fn a_token_for_a_request_never_read_is_refused_in_both_modes() {
+        for mode in [
+            "",
+            r#", "failure_mode": "open""#,
+            r#", "failure_mode": "closed""#,
+        ] {
+            let cfg = config(mode);
+            let store = MemoryStore::default();
+            let env = env(&cfg, &store, 0);
+            let mut a = Admission::new();
+            assert!(a.on_response_headers(Some(200), false, &env).is_empty());
+            let effects = a.on_response_body(&issued("x", "y"), &env);
+            assert_eq!(outcome(&effects), Some(503), "{mode}");
+            assert_eq!(counters(&effects), [Counter::Unreadable]);
+        }
     }
 
     #[test]
@@ -940,10 +1086,7 @@ mod tests {
         let mut a = Admission::new();
         a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
         let no_limit = br#"{"state":[]}"#;
-        assert!(
-            dispatched(&a.on_call_response(CallKind::LimitLookup, Some(200), no_limit, &env))
-                .is_empty()
-        );
+        assert!(dispatched(&a.on_call_response(lookup(), Some(200), no_limit, &env)).is_empty());
         let effects = a.on_response_headers(Some(200), false, &env);
         assert_eq!(
             effects,
@@ -977,7 +1120,7 @@ mod tests {
             [Effect::AwaitSharedLimit]
         );
         assert_eq!(second.retry(&env), [Effect::AwaitSharedLimit]);
-        first.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(5), &env);
+        first.on_call_response(lookup(), Some(200), &limit_answer(5), &env);
         // The answer is shared: the second request goes straight to LiveKit.
         let effects = second.retry(&env);
         let calls = dispatched(&effects);
@@ -996,10 +1139,10 @@ mod tests {
         let body = legacy_body("@a:example.com", "D");
         first.on_request_body(&body, &env);
         second.on_request_body(&body, &env);
-        first.on_call_response(CallKind::LimitLookup, Some(502), b"", &env);
+        first.on_call_response(lookup(), Some(502), b"", &env);
         second.on_response_headers(Some(200), false, &env);
         let effects = second.on_response_body(&issued(&legacy_alias(), "@b:example.com:D"), &env);
-        assert_eq!(dispatched(&effects)[0].kind, CallKind::LimitLookup);
+        assert_eq!(dispatched(&effects)[0].kind, lookup());
     }
 
     #[test]
@@ -1015,7 +1158,7 @@ mod tests {
                 [Effect::PassResponse]
             );
             assert!(a
-                .on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(1), &env)
+                .on_call_response(lookup(), Some(200), &limit_answer(1), &env)
                 .is_empty());
         }
     }
@@ -1027,7 +1170,7 @@ mod tests {
         let env = env(cfg, &store, 0);
         let mut a = Admission::new();
         let mut all = a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
-        all.extend(a.on_call_response(CallKind::LimitLookup, synapse.0, synapse.1, &env));
+        all.extend(a.on_call_response(lookup(), synapse.0, synapse.1, &env));
         all.extend(a.on_response_headers(Some(200), false, &env));
         all.extend(a.on_response_body(&token, &env));
         if let Some(call) = dispatched(&all)
@@ -1081,17 +1224,26 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_body_that_still_gets_a_token_is_a_failure() {
-        let cfg = config("");
-        let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut a = Admission::new();
-        let effects = a.on_request_body(b"{\"room\":5}", &env);
-        assert!(dispatched(&effects).is_empty());
-        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
-        let effects = a.on_response_body(&issued("x", "y"), &env);
-        assert_eq!(outcome(&effects), Some(200));
-        assert!(counters(&effects).contains(&Counter::FailOpen));
+    fn an_unreadable_body_that_still_gets_a_token_is_refused_in_both_modes() {
+        for mode in [
+            r#", "failure_mode": "open""#,
+            r#", "failure_mode": "closed""#,
+        ] {
+            let cfg = config(mode);
+            let store = MemoryStore::default();
+            let env = env(&cfg, &store, 0);
+            let mut a = Admission::new();
+            let effects = a.on_request_body(b"{\"room\":5}", &env);
+            assert!(dispatched(&effects).is_empty());
+            assert!(a.on_response_headers(Some(200), false, &env).is_empty());
+            let effects = a.on_response_body(&issued("x", "y"), &env);
+            let Some(Effect::Reply(reply)) = effects.iter().find(|e| matches!(e, Effect::Reply(_)))
+            else {
+                panic!("no reply: {effects:?}")
+            };
+            assert_eq!(reply, &reply::unreadable_request());
+            assert_eq!(counters(&effects), [Counter::Unreadable]);
+        }
     }
 
     #[test]
@@ -1115,7 +1267,7 @@ mod tests {
         let alias = room_alias(ROOM, "m.call#ROOM");
         let mut a = Admission::new();
         a.on_request_body(body, &env);
-        a.on_call_response(CallKind::LimitLookup, Some(200), &limit_answer(1), &env);
+        a.on_call_response(lookup(), Some(200), &limit_answer(1), &env);
         a.on_response_headers(Some(200), false, &env);
         a.on_response_body(&issued(&alias, "hashedIdentityOfD2"), &env);
         // alice is present under her /sfu/get identity: her second device is let in.
@@ -1126,5 +1278,114 @@ mod tests {
             &env,
         );
         assert_eq!(outcome(&effects), Some(200));
+    }
+
+    #[test]
+    fn a_limit_seen_before_is_enforced_while_synapse_fails() {
+        for mode in ["", r#", "failure_mode": "closed""#] {
+            let cfg = config(mode);
+            let store = MemoryStore::default();
+            let first = admit(&cfg, &store, 1, &["@a:example.com:D1"], "@b:example.com");
+            assert_eq!(outcome(&first), Some(403));
+            // An hour later the cached limit has long expired and Synapse is down.
+            let env = env(&cfg, &store, 3_000_000);
+            let mut a = Admission::new();
+            let mut effects = a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
+            effects.extend(a.on_call_response(lookup(), Some(502), b"", &env));
+            effects.extend(a.on_response_headers(Some(200), false, &env));
+            effects.extend(a.on_response_body(&issued(&legacy_alias(), "@c:example.com:D"), &env));
+            let call = dispatched(&effects)
+                .into_iter()
+                .find(|c| matches!(c.kind, CallKind::ListParticipants(_)))
+                .cloned()
+                .unwrap();
+            let effects = a.on_call_response(
+                call.kind,
+                Some(200),
+                &participants(&["@a:example.com:D1"]),
+                &env,
+            );
+            assert_eq!(outcome(&effects), Some(403), "{mode}");
+            let mut all = counters(&effects);
+            all.extend(counters(&a.on_call_response(lookup(), None, b"", &env)));
+            assert!(!all.contains(&Counter::FailOpen));
+        }
+    }
+
+    #[test]
+    fn a_stale_limit_is_counted() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        admit(&cfg, &store, 2, &[], "@a:example.com");
+        let env = env(&cfg, &store, 3_000_000);
+        let mut a = Admission::new();
+        a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
+        let effects = a.on_call_response(lookup(), None, b"", &env);
+        assert!(counters(&effects).contains(&Counter::StaleLimits));
+        // A room first seen while Synapse is down still fails per failure_mode.
+        let effects = failing(
+            &cfg,
+            (Some(502), b""),
+            (Some(200), b"{}"),
+            issued(&legacy_alias(), "@a:example.com:D"),
+        );
+        assert!(counters(&effects).contains(&Counter::FailOpen));
+    }
+
+    #[test]
+    fn impossible_room_ids_cost_no_lookup() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = env(&cfg, &store, 0);
+        let long = format!("!{}", "a".repeat(255));
+        for room in ["no-sigil", "!", "!a\\u0000b", long.as_str()] {
+            let body = format!(
+                r#"{{"room":"{room}","openid_token":{{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"device_id":"D"}}"#
+            );
+            let mut a = Admission::new();
+            let effects = a.on_request_body(body.as_bytes(), &env);
+            assert!(dispatched(&effects).is_empty(), "{room}");
+            let effects = a.on_response_headers(Some(200), false, &env);
+            assert_eq!(
+                effects,
+                [Effect::Count(Counter::Allowed), Effect::PassResponse]
+            );
+        }
+        assert!(is_possible_room_id(
+            "!CsjFU1jpgnkbcyiklV6jftoSxphXpFoiYYAjBb8VbZ8"
+        ));
+        assert!(is_possible_room_id(&long[..255]));
+    }
+
+    #[test]
+    fn a_lookup_answer_is_kept_when_its_request_has_gone() {
+        let cfg = config("");
+        let store = MemoryStore::default();
+        let env = env(&cfg, &store, 0);
+        let mut gone = Admission::new();
+        gone.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        drop(gone);
+        // Another request for the room waits for that lookup...
+        let mut waiting = Admission::new();
+        assert!(
+            dispatched(&waiting.on_request_body(&legacy_body("@b:example.com", "D"), &env))
+                .is_empty()
+        );
+        // ...whose answer the host settles without the request that asked.
+        settle_orphaned_lookup(ROOM, Some(200), &limit_answer(4), &env);
+        waiting.on_response_headers(Some(200), false, &env);
+        let effects = waiting.on_response_body(&issued(&legacy_alias(), "@b:example.com:D"), &env);
+        let calls = dispatched(&effects);
+        assert_eq!(calls.len(), 1);
+        assert!(matches!(calls[0].kind, CallKind::ListParticipants(_)));
+    }
+
+    #[test]
+    fn log_lines_clip_untrusted_text() {
+        assert_eq!(clip("!short"), "!short");
+        let text = "é".repeat(10_000);
+        let clipped = clip(&text);
+        assert!(clipped.len() < 300);
+        assert!(clipped.ends_with("(20000 bytes)"));
     }
 }

@@ -13,13 +13,17 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::config::Config;
-use crate::flow::{Admission, CallKind, Counter, Effect, Env, HttpCall};
-use crate::store::{SharedStore, StoreError};
+use crate::flow::{settle_orphaned_lookup, Admission, CallKind, Counter, Effect, Env, HttpCall};
+use crate::store::{self, SharedStore, StoreError};
 use crate::{limit_cache, occupancy};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Debug);
-    proxy_wasm::set_root_context(|_| Box::new(GuardRoot::default()));
+    proxy_wasm::set_root_context(|context_id| Box::new(GuardRoot {
+        context_id,
+        config: None,
+        metrics: None,
+    }));
 }}
 
 /// Metric ids, defined once per VM (every VM copy gets the same shared counters).
@@ -85,6 +89,28 @@ impl SharedStore for HostStore {
     }
 }
 
+/// The secret that spreads ids over buckets, the same for every VM copy of the process: the
+/// first copy to start draws it from the host's randomness and leaves it in shared data.
+fn bucket_seed() -> u64 {
+    let read = || {
+        hostcalls::get_shared_data(store::SEED_KEY)
+            .ok()
+            .and_then(|(value, _)| value)
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes)
+    };
+    if let Some(seed) = read() {
+        return seed;
+    }
+    use std::hash::BuildHasher;
+    // std draws RandomState's keys from the host's random source (WASI `random_get`).
+    let drawn = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    // Written only if the key is still new (cas 0 is unconditional in proxy-wasm hosts, so
+    // read back whatever won).
+    let _ = hostcalls::set_shared_data(store::SEED_KEY, Some(&drawn.to_le_bytes()), None);
+    read().unwrap_or(drawn)
+}
+
 fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -97,10 +123,17 @@ fn now_ms() -> u64 {
 /// A call made while the root context runs (on a tick) is answered to the root context, so
 /// answers are routed here by token to the stream that needs them, whoever made the call.
 /// Streams are held weakly: a stream that ended is simply skipped.
+///
+/// Synapse lookups are made by the root context, on its next tick: Envoy cancels the calls
+/// of a stream when it ends, and the SDK drops answers addressed to a stream it deleted, so a
+/// lookup made by the stream would be lost whenever its client went away, and every request
+/// waiting for it would have to ask again. Made by the root, its answer always arrives and is
+/// cached ([`settle_orphaned_lookup`]).
 #[derive(Default)]
 struct Pending {
     calls: Vec<(u32, Weak<RefCell<Stream>>, CallKind)>,
     waiting: Vec<Weak<RefCell<Stream>>>,
+    lookups: Vec<(Weak<RefCell<Stream>>, HttpCall)>,
 }
 
 thread_local! {
@@ -109,11 +142,64 @@ thread_local! {
 
 /// How often streams waiting for another request's Synapse answer look again.
 const WAIT_POLL: Duration = Duration::from_millis(5);
+/// How soon the root makes the Synapse lookups streams asked for.
+const LOOKUP_DELAY: Duration = Duration::from_millis(1);
 
-#[derive(Default)]
 struct GuardRoot {
+    context_id: u32,
     config: Option<Rc<Config>>,
     metrics: Option<Rc<Metrics>>,
+}
+
+impl GuardRoot {
+    /// Makes the Synapse lookups queued by streams, as the root context.
+    fn make_lookups(&self) {
+        let lookups = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().lookups));
+        for (stream, call) in lookups {
+            let _ = hostcalls::set_effective_context(self.context_id);
+            if let Err(status) = dispatch(&call, &stream) {
+                log::warn!(
+                    "call to cluster {} could not be made: {status:?}",
+                    call.cluster
+                );
+                self.answer(stream, call.kind, None, &[]);
+            }
+        }
+    }
+
+    fn answer(
+        &self,
+        stream: Weak<RefCell<Stream>>,
+        kind: CallKind,
+        status: Option<u32>,
+        body: &[u8],
+    ) {
+        if let (Some(config), Some(metrics)) = (&self.config, &self.metrics) {
+            hand_over(stream, kind, status, body, config, metrics);
+        }
+    }
+}
+
+/// Hands a call's answer to the stream that asked, or, when that stream has ended, settles
+/// it (a limit lookup's answer is cached all the same).
+fn hand_over(
+    stream: Weak<RefCell<Stream>>,
+    kind: CallKind,
+    status: Option<u32>,
+    body: &[u8],
+    config: &Config,
+    metrics: &Rc<Metrics>,
+) {
+    if let Some(stream) = stream.upgrade() {
+        Stream::run(&stream, Phase::CallAnswer, |admission, env| {
+            admission.on_call_response(kind, status, body, env)
+        });
+    } else if let CallKind::LimitLookup(room) = kind {
+        let store = HostStore {
+            metrics: Rc::clone(metrics),
+        };
+        settle_orphaned_lookup(&room, status, body, &Env::new(config, &store, &now_ms));
+    }
 }
 
 impl Context for GuardRoot {
@@ -124,7 +210,15 @@ impl Context for GuardRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        deliver_call_answer(token_id, num_headers, body_size);
+        if let Some(CallAnswer {
+            stream,
+            kind,
+            status,
+            body,
+        }) = take_call_answer(token_id, num_headers, body_size)
+        {
+            self.answer(stream, kind, status, &body);
+        }
     }
 }
 
@@ -136,6 +230,7 @@ impl RootContext for GuardRoot {
             .unwrap_or_default();
         match Config::parse(&bytes, &|name| std::env::var(name).ok()) {
             Ok(config) => {
+                store::set_bucket_seed(bucket_seed());
                 log::debug!(
                     "configured: token paths {:?}, failure mode {:?}",
                     config.token_paths,
@@ -181,15 +276,21 @@ impl RootContext for GuardRoot {
     }
 
     fn on_tick(&mut self) {
+        self.make_lookups();
         let waiting = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().waiting));
         for stream in waiting.iter().filter_map(Weak::upgrade) {
             Stream::run(&stream, Phase::CallAnswer, |admission, env| {
                 admission.retry(env)
             });
         }
-        if PENDING.with(|p| p.borrow().waiting.is_empty()) {
-            let _ = hostcalls::set_tick_period(Duration::ZERO);
-        }
+        // Retries may have queued lookups of their own.
+        self.make_lookups();
+        let period = if PENDING.with(|p| p.borrow().waiting.is_empty()) {
+            Duration::ZERO
+        } else {
+            WAIT_POLL
+        };
+        let _ = hostcalls::set_tick_period(period);
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -218,6 +319,12 @@ struct Stream {
 }
 
 impl Stream {
+    fn response_body_unread(&self) -> bool {
+        self.admission
+            .as_ref()
+            .is_some_and(Admission::awaits_response_body)
+    }
+
     /// Runs one admission event and carries out its effects; returns whether a response
     /// callback may return `Continue`.
     fn run(
@@ -284,54 +391,70 @@ impl Stream {
     }
 
     fn dispatch(this: &Rc<RefCell<Stream>>, call: HttpCall, phase: Phase) {
-        let headers: Vec<(&str, &str)> = call
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let body = Some(call.body.as_slice()).filter(|b| !b.is_empty());
-        match hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)
-        {
-            Ok(token) => PENDING.with(|p| {
-                let calls = &mut p.borrow_mut().calls;
-                // Envoy cancels the calls of a stream that ends, so their answers never come:
-                // forget them here, or the list would grow with every abandoned request.
-                calls.retain(|(_, stream, _)| stream.strong_count() > 0);
-                calls.push((token, Rc::downgrade(this), call.kind));
-            }),
-            Err(status) => {
-                log::warn!(
-                    "call to cluster {} could not be made: {status:?}",
-                    call.cluster
-                );
-                let kind = call.kind;
-                let phase = if phase == Phase::ResponseCallback {
-                    Phase::CallAnswer
-                } else {
-                    phase
-                };
-                Stream::run(this, phase, |admission, env| {
-                    admission.on_call_response(kind, None, b"", env)
-                });
-            }
+        if matches!(call.kind, CallKind::LimitLookup(_)) {
+            PENDING.with(|p| p.borrow_mut().lookups.push((Rc::downgrade(this), call)));
+            let _ = hostcalls::set_tick_period(LOOKUP_DELAY);
+            return;
+        }
+        if let Err(status) = dispatch(&call, &Rc::downgrade(this)) {
+            log::warn!(
+                "call to cluster {} could not be made: {status:?}",
+                call.cluster
+            );
+            let kind = call.kind;
+            let phase = if phase == Phase::ResponseCallback {
+                Phase::CallAnswer
+            } else {
+                phase
+            };
+            Stream::run(this, phase, |admission, env| {
+                admission.on_call_response(kind, None, b"", env)
+            });
         }
     }
 }
 
-/// Answers from Synapse or LiveKit larger than this are not parsed: a limit lookup filtered by
-/// type is tiny, and a participant list this large is beyond any sensible room limit.
-const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+/// Makes a call for `stream`, remembering which stream its answer belongs to.
+fn dispatch(call: &HttpCall, stream: &Weak<RefCell<Stream>>) -> Result<(), Status> {
+    let headers: Vec<(&str, &str)> = call
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let body = Some(call.body.as_slice()).filter(|b| !b.is_empty());
+    let token =
+        hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)?;
+    PENDING.with(|p| {
+        let calls = &mut p.borrow_mut().calls;
+        // Envoy cancels the calls of a stream that ends, so their answers never come: forget
+        // them here, or the list would grow with every abandoned request. Lookups are kept.
+        calls.retain(|(_, stream, kind)| {
+            stream.strong_count() > 0 || matches!(kind, CallKind::LimitLookup(_))
+        });
+        calls.push((token, Weak::clone(stream), call.kind.clone()));
+    });
+    Ok(())
+}
 
-fn deliver_call_answer(token_id: u32, num_headers: usize, body_size: usize) {
-    let found = PENDING.with(|p| {
+/// An answer taken out of the host, with the stream it belongs to.
+struct CallAnswer {
+    stream: Weak<RefCell<Stream>>,
+    kind: CallKind,
+    /// `None` for a reset call.
+    status: Option<u32>,
+    body: Vec<u8>,
+}
+
+/// Takes the answer to call `token_id` out of the host: the stream it belongs to, what it
+/// asked, the status (`None` for a reset call) and the body, read whole whatever its size
+/// (participant lists carry user-set metadata; only the fields needed are parsed).
+fn take_call_answer(token_id: u32, num_headers: usize, body_size: usize) -> Option<CallAnswer> {
+    let (stream, kind) = PENDING.with(|p| {
         let mut p = p.borrow_mut();
         let index = p.calls.iter().position(|(t, _, _)| *t == token_id)?;
         let (_, stream, kind) = p.calls.swap_remove(index);
         Some((stream, kind))
-    });
-    let Some((stream, kind)) = found else {
-        return;
-    };
+    })?;
     // A reset call arrives without any headers; asking for one would make the host
     // report an error status that the SDK turns into a panic.
     let status = if num_headers == 0 {
@@ -340,18 +463,13 @@ fn deliver_call_answer(token_id: u32, num_headers: usize, body_size: usize) {
         header(MapType::HttpCallResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok())
     };
-    let (status, body) = if body_size > MAX_ANSWER_BYTES {
-        log::warn!("answer of {body_size} bytes exceeds {MAX_ANSWER_BYTES}; treated as failed");
-        (None, Vec::new())
-    } else {
-        (status, buffer(BufferType::HttpCallResponseBody, body_size))
-    };
-    let Some(stream) = stream.upgrade() else {
-        return;
-    };
-    Stream::run(&stream, Phase::CallAnswer, |admission, env| {
-        admission.on_call_response(kind, status, &body, env)
-    });
+    let body = buffer(BufferType::HttpCallResponseBody, body_size);
+    Some(CallAnswer {
+        stream,
+        kind,
+        status,
+        body,
+    })
 }
 
 fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
@@ -384,6 +502,19 @@ impl GuardStream {
             .as_ref()
             .filter(|stream| stream.borrow().admission.is_some())
     }
+
+    /// The admission's stream, while its request body has not been read.
+    fn unread_request(&self) -> Option<Rc<RefCell<Stream>>> {
+        self.pending()
+            .filter(|stream| {
+                stream
+                    .borrow()
+                    .admission
+                    .as_ref()
+                    .is_some_and(|a| !a.request_read())
+            })
+            .cloned()
+    }
 }
 
 impl Context for GuardStream {
@@ -394,7 +525,15 @@ impl Context for GuardStream {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        deliver_call_answer(token_id, num_headers, body_size);
+        if let Some(CallAnswer {
+            stream,
+            kind,
+            status,
+            body,
+        }) = take_call_answer(token_id, num_headers, body_size)
+        {
+            hand_over(stream, kind, status, &body, &self.config, &self.metrics);
+        }
     }
 }
 
@@ -424,16 +563,28 @@ impl HttpContext for GuardStream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(stream) = self.pending() else {
+        let Some(stream) = self.unread_request() else {
             return Action::Continue;
         };
         if !end_of_stream {
             return Action::Pause; // buffer until the whole body is here
         }
         let body = buffer(BufferType::HttpRequestBody, body_size);
-        Stream::run(stream, Phase::Request, |admission, env| {
+        Stream::run(&stream, Phase::Request, |admission, env| {
             admission.on_request_body(&body, env)
         });
+        Action::Continue
+    }
+
+    /// HTTP/2 and HTTP/3 requests (and HTTP/1.1 chunked ones) may end with trailers instead
+    /// of a last body frame: the buffered body is complete here.
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Some(stream) = self.unread_request() {
+            let body = buffer(BufferType::HttpRequestBody, usize::MAX);
+            Stream::run(&stream, Phase::Request, |admission, env| {
+                admission.on_request_body(&body, env)
+            });
+        }
         Action::Continue
     }
 
@@ -456,6 +607,20 @@ impl HttpContext for GuardStream {
             return Action::Pause; // hold the whole body until the decision
         }
         let body = buffer(BufferType::HttpResponseBody, body_size);
+        Stream::run(stream, Phase::ResponseCallback, |admission, env| {
+            admission.on_response_body(&body, env)
+        })
+    }
+
+    /// A response that ends with trailers: its held body is complete here.
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some(stream) = self.pending() else {
+            return Action::Continue;
+        };
+        if !stream.borrow().response_body_unread() {
+            return Action::Pause; // the decision is pending already
+        }
+        let body = buffer(BufferType::HttpResponseBody, usize::MAX);
         Stream::run(stream, Phase::ResponseCallback, |admission, env| {
             admission.on_response_body(&body, env)
         })

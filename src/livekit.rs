@@ -1,6 +1,8 @@
 //! Who is in a LiveKit room, through the RoomService `ListParticipants` Twirp call.
 
-use crate::gojson::{self, Value};
+use serde::Deserialize;
+
+use crate::gojson;
 
 pub const LIST_PARTICIPANTS_PATH: &str = "/twirp/livekit.RoomService/ListParticipants";
 
@@ -30,12 +32,37 @@ impl std::fmt::Display for ListError {
     }
 }
 
-/// `DISCONNECTED` is `3` in LiveKit's `ParticipantInfo.State`; protojson writes the name,
-/// a client writing enums as numbers the number.
-fn is_disconnected(participant: &Value) -> bool {
-    match participant.get("state") {
-        Some(state) => state.as_str() == Some("DISCONNECTED") || state.as_u64() == Some(3),
-        None => false,
+/// The part of a `ListParticipants` answer the guard reads. Every other field (metadata,
+/// attributes, tracks, set by participants themselves and as large as they like) is skipped
+/// by the parser without being copied, so memory stays bounded by the answer's own buffer.
+#[derive(Deserialize)]
+struct ListAnswer {
+    /// protojson omits an empty repeated field unless defaults are emitted.
+    #[serde(default)]
+    participants: Option<Vec<Participant>>,
+}
+
+#[derive(Deserialize)]
+struct Participant {
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    state: Option<State>,
+}
+
+/// `ParticipantInfo.State`: protojson writes the name, a client writing enums as numbers the
+/// number (`DISCONNECTED` is 3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum State {
+    Name(String),
+    Number(i64),
+}
+
+impl Participant {
+    fn holds_a_place(&self) -> bool {
+        !matches!(&self.state, Some(State::Name(name)) if name == "DISCONNECTED")
+            && !matches!(self.state, Some(State::Number(3)))
     }
 }
 
@@ -46,24 +73,18 @@ pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<Strin
         Some(200) => {}
         Some(other) => return Err(ListError::Status(other)),
     }
-    let document = gojson::parse_document(body).map_err(|_| ListError::BadBody)?;
-    if !matches!(document, Value::Object(_)) {
+    // serde would also read a struct from a JSON array; LiveKit answers with an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ListError::BadBody);
     }
-    // protojson omits an empty repeated field unless defaults are emitted.
-    let participants = match document.get("participants") {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(list) => list.as_array().ok_or(ListError::BadBody)?,
-    };
-    participants
-        .iter()
-        .filter(|p| !is_disconnected(p))
-        .map(|p| match p.get("identity") {
-            Some(Value::String(identity)) => Ok(identity.clone()),
-            None => Ok(String::new()),
-            Some(_) => Err(ListError::BadBody),
-        })
-        .collect()
+    let answer: ListAnswer = serde_json::from_slice(body).map_err(|_| ListError::BadBody)?;
+    Ok(answer
+        .participants
+        .unwrap_or_default()
+        .into_iter()
+        .filter(Participant::holds_a_place)
+        .map(|p| p.identity.unwrap_or_default())
+        .collect())
 }
 
 #[cfg(test)]
@@ -115,5 +136,33 @@ mod tests {
             parse_list_response(Some(200), b"<html>"),
             Err(ListError::BadBody)
         );
+        for not_a_list in [
+            &br#"{"participants":{}}"#[..],
+            br#"{"participants":[{"identity":5}]}"#,
+            br#"[]"#,
+        ] {
+            assert_eq!(
+                parse_list_response(Some(200), not_a_list),
+                Err(ListError::BadBody)
+            );
+        }
+    }
+
+    #[test]
+    fn reads_lists_of_any_size_keeping_only_identity_and_state() {
+        // Participants set their own metadata; megabytes of it must not stop the check.
+        let metadata = "m".repeat(1 << 20);
+        let participants: Vec<String> = (0..6)
+            .map(|n| {
+                format!(
+                    r#"{{"sid":"PA_{n}","identity":"@u{n}:x:D","state":"ACTIVE","metadata":"{metadata}","attributes":{{"k":"{metadata}"}},"tracks":[{{"sid":"TR","name":"{metadata}"}}]}}"#
+                )
+            })
+            .collect();
+        let body = format!(r#"{{"participants":[{}]}}"#, participants.join(","));
+        assert!(body.len() > 12 << 20);
+        let identities = parse_list_response(Some(200), body.as_bytes()).unwrap();
+        assert_eq!(identities.len(), 6);
+        assert_eq!(identities[5], "@u5:x:D");
     }
 }

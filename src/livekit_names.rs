@@ -35,21 +35,55 @@ fn hash_of_string_array(items: &[&str]) -> String {
     STANDARD_NO_PAD.encode(Sha256::digest(json.as_bytes()))
 }
 
-/// Reduces a LiveKit identity to the Matrix user behind it, when the identity says so.
+/// The Matrix user a `/sfu/get` identity `<user id>:<device id>` starts with, read with the
+/// Matrix user-id grammar: `@localpart:server_name`, where the server name is a hostname, an
+/// IPv4 address or an `[IPv6]` literal. Anything that does not start that way (hashed
+/// `/get_token` identities) is returned whole: it counts as its own user unless the guard
+/// learnt who it belongs to.
 ///
-/// `/sfu/get` identities are `<user id>:<device id>`. A user id is `@localpart:server` and the
-/// server name may carry a port (`@a:example.com:8448`), so the device is what follows the
-/// LAST colon, provided at least one colon remains in the user part. Identities that do not
-/// start with `@` (hashed `/get_token` identities) are returned unchanged: each counts as its
-/// own user unless the guard learnt who it belongs to.
+/// lk-jwt-service does not check device ids, so a device id may hold colons (`@a:x:b:1`):
+/// everything after the server name is the device's, and one user's devices all read as that
+/// user. The one ambiguity is a server name with a port (`@a:x:8448:DEV`), which reads as
+/// `@a:x`; for the requester the guard knows better (see [`requester_of_identity`]) and learns
+/// the pairing, so only a participant whose token the guard never saw is read that way.
 pub fn matrix_user_of_identity(identity: &str) -> &str {
-    if !identity.starts_with('@') {
-        return identity;
+    user_prefix_len(identity).map_or(identity, |len| &identity[..len])
+}
+
+/// The length of the `@localpart:server_name` prefix of `identity`, if it has one.
+fn user_prefix_len(identity: &str) -> Option<usize> {
+    let rest = identity.strip_prefix('@')?;
+    let colon = rest.find(':')?;
+    if colon == 0 {
+        return None; // empty localpart
     }
-    match identity.rfind(':') {
-        Some(last) if identity[..last].contains(':') => &identity[..last],
-        _ => identity,
+    let server = &rest[colon + 1..];
+    let host_len = if server.starts_with('[') {
+        server.find(']')? + 1
+    } else {
+        server
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+            .count()
+    };
+    if host_len == 0 {
+        return None;
     }
+    match server.as_bytes().get(host_len) {
+        None | Some(b':') => Some(1 + colon + 1 + host_len),
+        Some(_) => None, // not a server name
+    }
+}
+
+/// The verified Matrix user behind the identity lk-jwt-service issued for a `/sfu/get`
+/// request: it writes `<verified user>:<device_id>`, and the request says which device id,
+/// so no guessing is needed whatever the device id holds.
+pub fn requester_of_identity<'a>(identity: &'a str, device_id: &str) -> &'a str {
+    identity
+        .strip_suffix(device_id)
+        .and_then(|rest| rest.strip_suffix(':'))
+        .filter(|user| !user.is_empty())
+        .unwrap_or_else(|| matrix_user_of_identity(identity))
 }
 
 #[cfg(test)]
@@ -76,20 +110,41 @@ mod tests {
 
     #[test]
     fn reduces_identities_to_users() {
+        let cases = [
+            ("@alice:example.com:DEVICE", "@alice:example.com"),
+            // Device ids may hold colons: still one user.
+            ("@alice:example.com:a:1", "@alice:example.com"),
+            ("@alice:example.com:1:z", "@alice:example.com"),
+            ("@alice:example.com::", "@alice:example.com"),
+            // A port reads as the device's (the documented ambiguity).
+            ("@alice:example.com:8448:DEVICE", "@alice:example.com"),
+            ("@alice:[::1]:DEVICE", "@alice:[::1]"),
+            ("@alice:10.0.0.1:D:E", "@alice:10.0.0.1"),
+            ("@alice:example.com", "@alice:example.com"),
+            ("J+T45tGr/x", "J+T45tGr/x"),
+            ("@nocolon", "@nocolon"),
+            ("@:x:D", "@:x:D"),
+            ("@a:x/y:D", "@a:x/y:D"),
+            ("@a:[::1", "@a:[::1"),
+            ("", ""),
+        ];
+        for (identity, user) in cases {
+            assert_eq!(matrix_user_of_identity(identity), user, "{identity}");
+        }
+    }
+
+    #[test]
+    fn the_requester_is_the_identity_without_its_device() {
         assert_eq!(
-            matrix_user_of_identity("@alice:example.com:DEVICE"),
-            "@alice:example.com"
+            requester_of_identity("@a:example.com:8448:DEV", "DEV"),
+            "@a:example.com:8448"
         );
         assert_eq!(
-            matrix_user_of_identity("@alice:example.com:8448:DEVICE"),
-            "@alice:example.com:8448"
+            requester_of_identity("@a:example.com:1:z", "1:z"),
+            "@a:example.com"
         );
-        assert_eq!(
-            matrix_user_of_identity("@alice:example.com"),
-            "@alice:example.com"
-        );
-        assert_eq!(matrix_user_of_identity("J+T45tGr/x"), "J+T45tGr/x");
-        assert_eq!(matrix_user_of_identity("@nocolon"), "@nocolon");
-        assert_eq!(matrix_user_of_identity(""), "");
+        assert_eq!(requester_of_identity("@a:x:", ""), "@a:x");
+        // An identity that does not end with the device falls back to the grammar.
+        assert_eq!(requester_of_identity("@a:x:OTHER", "DEV"), "@a:x");
     }
 }

@@ -25,12 +25,14 @@ use std::collections::BTreeSet;
 use crate::decision::should_block;
 use crate::gojson::{write_string, Value};
 use crate::livekit_names::matrix_user_of_identity;
-use crate::store::{Buckets, Change, Record, SharedStore, StoreError};
+use crate::store::{digest, Buckets, Change, Eviction, Record, SharedStore, StoreError};
 
-/// Where this state lives in shared data (created when the VM starts).
+/// Where this state lives in shared data (created when the VM starts). A record at its caps
+/// is about 28 KiB, so one always fits a bucket on its own; typical records are a few hundred
+/// bytes.
 pub const BUCKETS: Buckets = Buckets {
     prefix: "voice_limit_guard.rooms",
-    count: 256,
+    count: 1024,
     max_bytes: 32 * 1024,
 };
 
@@ -39,11 +41,22 @@ pub const BUCKETS: Buckets = Buckets {
 const IDENTITY_KEEP_MS: u64 = 3600 * 1000;
 /// Expiries are pushed back only when they gain more than this, to spare rewrites.
 const REFRESH_SLACK_MS: u64 = 60 * 1000;
-/// Learnt identities kept per room; the oldest go first.
-const MAX_IDENTITIES_PER_ROOM: usize = 512;
+/// Users admitted and not yet connected, per room. Beyond it an admission cannot be
+/// recorded, which fails that request (never drops another reservation).
+pub const MAX_RESERVATIONS: usize = 256;
+/// Learnt identities kept per room and per user in a room. Past a cap, the oldest identity
+/// not connected goes first; if every one is connected, the token is refused: an identity the
+/// guard could not learn would count as one more user once connected, so letting it in would
+/// let one account fill the room.
+pub const MAX_IDENTITIES_PER_ROOM: usize = 256;
+pub const MAX_IDENTITIES_PER_USER: usize = 16;
+/// Longer participant lists are not cached (the cache is an optimisation).
+const MAX_CACHED_LIST: usize = 256;
 
 /// The shared record of one LiveKit room, stored as `[[[user, until]...], [[identity, user,
 /// until]...], [fresh until, [identity...]]]` (the last part only while a list is cached).
+/// Users and identities are kept as [`digest`]s: the record's size does not depend on what
+/// ids clients choose.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct RoomRecord {
     /// Users admitted and not yet seen in LiveKit: (user, reserved until).
@@ -126,14 +139,30 @@ impl Record for RoomRecord {
         };
         Some(RoomRecord { r, i, p })
     }
+
+    /// Reservations and learnt identities hold the limit: never evicted for another room.
+    fn eviction(&self) -> Eviction {
+        if self.r.is_empty() && self.i.is_empty() {
+            Eviction::Rank(0)
+        } else {
+            Eviction::Never
+        }
+    }
+}
+
+/// The digest of the Matrix user an identity's name says it is.
+fn user_named_by(identity: &str) -> String {
+    digest(matrix_user_of_identity(identity))
 }
 
 impl RoomRecord {
-    fn user_of<'a>(&'a self, identity: &'a str) -> &'a str {
+    /// The user behind a participant (by the digest of its identity): a learnt pairing
+    /// first, the user-id grammar otherwise.
+    fn user_of(&self, identity_digest: &str, identity: &str) -> String {
         self.i
             .iter()
-            .find(|(known, _, _)| known == identity)
-            .map_or_else(|| matrix_user_of_identity(identity), |(_, user, _)| user)
+            .find(|(known, _, _)| known == identity_digest)
+            .map_or_else(|| user_named_by(identity), |(_, user, _)| user.clone())
     }
 
     fn expires_at(&self) -> u64 {
@@ -151,20 +180,54 @@ impl RoomRecord {
         self.r.is_empty() && self.i.is_empty() && self.p.is_none()
     }
 
-    fn remember(&mut self, identity: &str, user: &str, until: u64) {
-        if identity.is_empty() || matrix_user_of_identity(identity) == user {
-            return; // the identity says who it is
+    /// Pairs an identity with its verified user. Identities whose name already says who they
+    /// are need no pairing. Caps per user and per room drop the oldest identity that is not
+    /// connected (`connected`); when all are, the pairing cannot be kept: `Err(())`.
+    fn remember(
+        &mut self,
+        identity: &str,
+        user: &str,
+        until: u64,
+        connected: &BTreeSet<String>,
+    ) -> Result<(), ()> {
+        let user = digest(user);
+        if identity.is_empty() || user_named_by(identity) == user {
+            return Ok(());
         }
-        match self.i.iter_mut().find(|(known, _, _)| known == identity) {
-            Some(entry) if entry.2 + REFRESH_SLACK_MS < until => entry.2 = until,
-            Some(_) => {}
-            None => self.i.push((identity.to_owned(), user.to_owned(), until)),
+        let identity = digest(identity);
+        if let Some(entry) = self.i.iter_mut().find(|(known, _, _)| *known == identity) {
+            if entry.2 + REFRESH_SLACK_MS < until {
+                entry.2 = until;
+            }
+            entry.1 = user;
+            return Ok(());
         }
-        if self.i.len() > MAX_IDENTITIES_PER_ROOM {
-            self.i
-                .sort_by_key(|(_, _, until)| std::cmp::Reverse(*until));
-            self.i.truncate(MAX_IDENTITIES_PER_ROOM);
+        let of_user = self.i.iter().filter(|(_, u, _)| *u == user).count();
+        if of_user >= MAX_IDENTITIES_PER_USER {
+            self.forget_oldest(|(_, u, _)| *u == user, connected)?;
         }
+        if self.i.len() >= MAX_IDENTITIES_PER_ROOM {
+            self.forget_oldest(|_| true, connected)?;
+        }
+        self.i.push((identity, user, until));
+        Ok(())
+    }
+
+    fn forget_oldest(
+        &mut self,
+        among: impl Fn(&(String, String, u64)) -> bool,
+        connected: &BTreeSet<String>,
+    ) -> Result<(), ()> {
+        let oldest = self
+            .i
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| among(entry) && !connected.contains(&entry.0))
+            .min_by_key(|(_, (_, _, until))| *until)
+            .map(|(n, _)| n)
+            .ok_or(())?;
+        self.i.remove(oldest);
+        Ok(())
     }
 }
 
@@ -183,7 +246,7 @@ pub struct Request<'a> {
     pub room: &'a str,
     pub max_users: u32,
     pub participants: Participants<'a>,
-    /// The Matrix user asking.
+    /// The Matrix user asking, as lk-jwt-service verified it.
     pub requester: &'a str,
     /// The identity of the token being decided.
     pub identity: &'a str,
@@ -199,6 +262,9 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub admitted: bool,
+    /// Refused because every identity the room can hold for this user (or at all) is
+    /// connected, not because the room is full.
+    pub too_many_devices: bool,
     /// Distinct users present in LiveKit.
     pub present: usize,
     /// Users admitted but not yet in LiveKit (the requester excluded).
@@ -213,30 +279,36 @@ pub enum Outcome {
 }
 
 /// Decides and, when admitting, reserves a place, atomically for the whole process.
+/// An admission whose reservation or identity cannot be recorded is an error, never an
+/// admission that forgot something.
 pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Outcome, StoreError> {
-    BUCKETS.update(
-        store,
-        q.room,
-        q.now_ms,
-        |old: Option<(&RoomRecord, u64)>| {
-            let mut record = old.map(|(r, _)| r.clone()).unwrap_or_default();
-            let Some(outcome) = decide(&mut record, q) else {
-                return (Change::Keep, Outcome::NeedList);
-            };
-            let change = if old.is_some_and(|(unchanged, _)| *unchanged == record) {
-                Change::Keep // most repeated admissions change nothing: no write
-            } else if record.is_empty() {
-                Change::Remove
-            } else {
-                let until = record.expires_at();
-                Change::Put(record, until)
-            };
-            (change, Outcome::Decided(outcome))
-        },
-    )
+    BUCKETS
+        .update(
+            store,
+            q.room,
+            q.now_ms,
+            |old: Option<(&RoomRecord, u64)>| {
+                let mut record = old.map(|(r, _)| r.clone()).unwrap_or_default();
+                let verdict = match decide(&mut record, q) {
+                    Ok(Some(verdict)) => verdict,
+                    Ok(None) => return (Change::Keep, Ok(Outcome::NeedList)),
+                    Err(e) => return (Change::Keep, Err(e)),
+                };
+                let change = if old.is_some_and(|(unchanged, _)| *unchanged == record) {
+                    Change::Keep // most repeated admissions change nothing: no write
+                } else if record.is_empty() {
+                    Change::Remove
+                } else {
+                    let until = record.expires_at();
+                    Change::Put(record, until)
+                };
+                (change, Ok(Outcome::Decided(verdict)))
+            },
+        )
+        .and_then(|outcome| outcome)
 }
 
-fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
+fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, StoreError> {
     record.r.retain(|(_, until)| *until > q.now_ms);
     record.i.retain(|(_, _, until)| *until > q.now_ms);
     if record
@@ -246,54 +318,83 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     {
         record.p = None;
     }
-    let participants: Vec<String> = match q.participants {
+    // (digest of the identity, the identity itself when known).
+    let participants: Vec<(String, Option<&str>)> = match q.participants {
         Participants::Fresh(list) => {
-            if q.list_cache_ms > 0 {
-                record.p = Some((q.now_ms + q.list_cache_ms, list.to_vec()));
+            let digests: Vec<(String, Option<&str>)> = list
+                .iter()
+                .map(|identity| (digest(identity), Some(identity.as_str())))
+                .collect();
+            if q.list_cache_ms > 0 && digests.len() <= MAX_CACHED_LIST {
+                let cached = digests.iter().map(|(d, _)| d.clone()).collect();
+                record.p = Some((q.now_ms + q.list_cache_ms, cached));
             }
-            list.to_vec()
+            digests
         }
-        Participants::Cached => record.p.as_ref()?.1.clone(),
+        Participants::Cached => match &record.p {
+            Some((_, list)) => list.iter().map(|d| (d.clone(), None)).collect(),
+            None => return Ok(None),
+        },
     };
+    let connected: BTreeSet<String> = participants.iter().map(|(d, _)| d.clone()).collect();
 
     // Identities still in the room stay known while they are there (refreshed at most once a
     // minute, so repeated decisions need not rewrite the record).
     let keep_until = q.now_ms + IDENTITY_KEEP_MS;
     for (identity, _, until) in record.i.iter_mut() {
-        if participants.contains(identity) && *until + REFRESH_SLACK_MS < keep_until {
+        if connected.contains(identity) && *until + REFRESH_SLACK_MS < keep_until {
             *until = keep_until;
         }
     }
     let present: BTreeSet<String> = participants
         .iter()
-        .map(|identity| record.user_of(identity).to_owned())
+        .map(|(d, identity)| match identity {
+            Some(identity) => record.user_of(d, identity),
+            // A cached list holds digests only: those never learnt count one user each.
+            None => record
+                .i
+                .iter()
+                .find(|(known, _, _)| known == d)
+                .map_or_else(|| d.clone(), |(_, user, _)| user.clone()),
+        })
         .collect();
     // A reservation ends once its user is in LiveKit.
     record.r.retain(|(user, _)| !present.contains(user));
 
+    let requester = digest(q.requester);
     let mut occupied: BTreeSet<&str> = present.iter().map(String::as_str).collect();
     occupied.extend(record.r.iter().map(|(user, _)| user.as_str()));
-    let admitted = !should_block(q.max_users, &occupied, q.requester);
-    let reserved = record.r.iter().filter(|(u, _)| u != q.requester).count();
-    let verdict = Verdict {
+    let admitted = !should_block(q.max_users, &occupied, &requester);
+    let reserved = record.r.iter().filter(|(u, _)| *u != requester).count();
+    let mut verdict = Verdict {
         admitted,
+        too_many_devices: false,
         present: present.len(),
         reserved,
     };
     if admitted {
-        if !present.contains(q.requester) {
+        let token_until = q.token_expires_ms.max(q.now_ms + q.reservation_ms);
+        if record
+            .remember(q.identity, q.requester, token_until, &connected)
+            .is_err()
+        {
+            verdict.admitted = false;
+            verdict.too_many_devices = true;
+            return Ok(Some(verdict));
+        }
+        if !present.contains(&requester) {
             let until = q.now_ms + q.reservation_ms;
-            match record.r.iter_mut().find(|(user, _)| user == q.requester) {
+            let full = record.r.len() >= MAX_RESERVATIONS;
+            match record.r.iter_mut().find(|(user, _)| *user == requester) {
                 // A repeated request renews the reservation once half of it has passed.
                 Some(entry) if entry.1 < q.now_ms + q.reservation_ms / 2 => entry.1 = until,
                 Some(_) => {}
-                None => record.r.push((q.requester.to_owned(), until)),
+                None if full => return Err(StoreError::Full),
+                None => record.r.push((requester, until)),
             }
         }
-        let token_until = q.token_expires_ms.max(q.now_ms + q.reservation_ms);
-        record.remember(q.identity, q.requester, token_until);
     }
-    Some(verdict)
+    Ok(Some(verdict))
 }
 
 #[cfg(test)]
@@ -474,5 +575,74 @@ mod tests {
         assert!(ask(&store, 1, &[], "@a:x", "@a:x:D", 0).admitted);
         assert!(ask(&store, 1, &["@a:x:D"], "@a:x", "@a:x:D2", 1).admitted);
         assert_eq!(BUCKETS.get::<RoomRecord>(&store, ROOM, 2), None);
+    }
+
+    #[test]
+    fn one_user_counts_once_whatever_device_ids_they_choose() {
+        let store = MemoryStore::default();
+        // alice asks with device ids full of colons; lk-jwt-service does not check them.
+        for (n, device) in ["a:1", "b:1", "1:z"].iter().enumerate() {
+            let identity = format!("@alice:x:{device}");
+            let v = ask(&store, 3, &[], "@alice:x", &identity, n as u64);
+            assert!(v.admitted);
+        }
+        let connected = ["@alice:x:a:1", "@alice:x:b:1", "@alice:x:1:z", "@bob:x:D"];
+        let v = ask(&store, 3, &connected, "@carol:x", "@carol:x:D", 10);
+        assert_eq!(v.present, 2);
+        assert!(v.admitted, "{v:?}");
+    }
+
+    #[test]
+    fn a_user_on_a_server_with_a_port_is_learnt() {
+        let store = MemoryStore::default();
+        assert!(ask(&store, 2, &[], "@a:x:8448", "@a:x:8448:D", 0).admitted);
+        // Without the pairing, `@a:x:8448:D` would read as `@a:x`: the same user as this one.
+        let v = ask(&store, 2, &["@a:x:8448:D"], "@a:x", "@a:x:E", 10);
+        assert_eq!(v.present, 1);
+        assert!(v.admitted);
+        let v = ask(&store, 2, &["@a:x:8448:D", "@a:x:E"], "@b:x", "@b:x:D", 20);
+        assert_eq!(v.present, 2);
+        assert!(!v.admitted);
+    }
+
+    #[test]
+    fn identities_per_user_are_capped_oldest_unconnected_first() {
+        let store = MemoryStore::default();
+        for n in 0..(MAX_IDENTITIES_PER_USER as u64 + 4) {
+            assert!(ask(&store, 1, &[], "@a:x", &format!("hashA{n}"), n).admitted);
+        }
+        let record: RoomRecord = BUCKETS.get(&store, ROOM, 100).unwrap();
+        assert_eq!(record.i.len(), MAX_IDENTITIES_PER_USER);
+        // The newest identities are the ones kept.
+        let last = format!("hashA{}", MAX_IDENTITIES_PER_USER + 3);
+        assert!(!ask(&store, 1, &[&last], "@b:x", "hashB", 200).admitted);
+    }
+
+    #[test]
+    fn a_user_with_every_device_slot_connected_is_refused_another() {
+        let store = MemoryStore::default();
+        let connected: Vec<String> = (0..MAX_IDENTITIES_PER_USER)
+            .map(|n| format!("hashA{n}"))
+            .collect();
+        for (n, identity) in connected.iter().enumerate() {
+            assert!(ask(&store, 1, &[], "@a:x", identity, n as u64).admitted);
+        }
+        // Every learnt identity is connected: a further one has no place.
+        let listed: Vec<&str> = connected.iter().map(String::as_str).collect();
+        let participants: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
+        let q = question(
+            1,
+            Participants::Fresh(&participants),
+            "@a:x",
+            "hashAnew",
+            100,
+        );
+        let Ok(Outcome::Decided(verdict)) = admit(&store, &q) else {
+            panic!("no decision")
+        };
+        assert!(!verdict.admitted && verdict.too_many_devices);
+        // Another user still gets the place the room has.
+        let q = question(2, Participants::Fresh(&participants), "@b:x", "hashB", 101);
+        assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
     }
 }

@@ -37,3 +37,23 @@ pub fn check_failed() -> LocalReply {
         body: r#"{"errcode":"M_UNKNOWN","error":"The participant limit of this voice channel could not be checked."}"#,
     }
 }
+
+/// 503 whatever `failure_mode` says: lk-jwt-service issued a token for a request body the
+/// guard could not read (incomplete, or not readable the way lk-jwt-service reads it).
+pub fn unreadable_request() -> LocalReply {
+    LocalReply {
+        status: 503,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_UNKNOWN","error":"The token request could not be checked against the participant limit."}"#,
+    }
+}
+
+/// 403: the requester's devices (or the room's) already fill every place the guard can
+/// remember; one more would count as another user.
+pub fn too_many_devices() -> LocalReply {
+    LocalReply {
+        status: 403,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_FORBIDDEN","error":"Too many devices are connected to this voice channel."}"#,
+    }
+}

@@ -3,9 +3,25 @@
 //! proxy-wasm shared data is a flat key/value store with compare-and-swap, no expiry and no
 //! key listing. The guard therefore never creates keys per room: each kind of state lives in
 //! a fixed number of buckets (`<prefix>.<n>`), a room is hashed to one bucket, and every write
-//! to a bucket drops its expired entries and, past a size cap, the entries closest to expiry.
-//! Keys and bytes held are thus bounded by construction, whatever the number of rooms seen.
-//! Updates are read-modify-write loops on the bucket's CAS, so they are atomic across threads.
+//! to a bucket drops its expired entries. Keys and bytes held are thus bounded by
+//! construction, whatever the number of rooms seen. Updates are read-modify-write loops on
+//! the bucket's CAS, so they are atomic across threads.
+//!
+//! Ids are attacker-chosen (room ids, slot ids), so two rules keep one room's traffic from
+//! pushing out another room's state:
+//! - entries are filed under a fixed-size [`digest`] of their id, and the bucket is chosen
+//!   with a per-process secret ([`set_bucket_seed`]), so nobody can aim many ids at the
+//!   bucket of a room they want to disturb;
+//! - a write never evicts the entry being written, and evicts other live entries only when
+//!   their record says it may be dropped ([`Record::eviction`]): caches go, reservations
+//!   and learnt identities never do. A write that cannot fit fails with
+//!   [`StoreError::Full`], which the caller treats as a failure of its request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use sha2::{Digest, Sha256};
 
 use crate::gojson::{self, Value};
 
@@ -25,6 +41,8 @@ pub enum StoreError {
     CasMismatch,
     /// The host refused the write.
     Failed,
+    /// The bucket holds only live state that may not be dropped: the entry does not fit.
+    Full,
 }
 
 impl std::fmt::Display for StoreError {
@@ -32,6 +50,7 @@ impl std::fmt::Display for StoreError {
         f.write_str(match self {
             StoreError::CasMismatch => "shared data kept changing under contention",
             StoreError::Failed => "shared data write failed",
+            StoreError::Full => "shared data is full of live state",
         })
     }
 }
@@ -41,10 +60,42 @@ const EMPTY_BUCKET: &[u8] = b"[]";
 /// Attempts of one read-modify-write before giving up; contention on one bucket is brief.
 const MAX_ATTEMPTS: usize = 64;
 
+/// The shared-data key under which every VM copy of the process finds the bucket seed.
+pub const SEED_KEY: &str = "voice_limit_guard.seed";
+
+static BUCKET_SEED: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the secret that spreads ids over buckets. Every VM copy of one process must use the
+/// same value (the host keeps it in shared data under [`SEED_KEY`]).
+pub fn set_bucket_seed(seed: u64) {
+    BUCKET_SEED.store(seed, Ordering::Relaxed);
+}
+
+/// A fixed-size stand-in for an attacker-chosen id: 96 bits of its SHA-256, in 16 URL-safe
+/// base64 characters. Long ids then cost no more room than short ones, and no two ids anyone
+/// can find share one.
+pub fn digest(id: &str) -> String {
+    let hash = Sha256::digest(id.as_bytes());
+    URL_SAFE_NO_PAD.encode(&hash[..12])
+}
+
+/// Whether another room's live entry may be dropped to make room for a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Eviction {
+    /// A cache that can be asked for again; lower ranks go first.
+    Rank(u8),
+    /// State whose loss would let the limit be exceeded.
+    Never,
+}
+
 /// A value kept in a bucket, written as JSON.
 pub trait Record: Sized {
     fn write(&self, out: &mut String);
     fn read(value: &Value) -> Option<Self>;
+    /// Whether this live entry may be evicted for another room's entry.
+    fn eviction(&self) -> Eviction {
+        Eviction::Rank(0)
+    }
 }
 
 impl Record for i64 {
@@ -121,8 +172,9 @@ pub struct Buckets {
 }
 
 impl Buckets {
+    /// The bucket that holds `id`'s entry.
     pub fn key_for(&self, id: &str) -> String {
-        self.key_of(fnv1a(id.as_bytes()) % self.count)
+        self.key_of(bucket_index(&digest(id), self.count))
     }
 
     fn key_of(&self, index: u32) -> String {
@@ -145,10 +197,11 @@ impl Buckets {
 
     /// The live entry for `id`, if any.
     pub fn get<T: Record>(&self, store: &dyn SharedStore, id: &str, now_ms: u64) -> Option<T> {
-        let (bytes, _) = store.get(&self.key_for(id))?;
+        let k = digest(id);
+        let (bytes, _) = store.get(&self.key_of(bucket_index(&k, self.count)))?;
         decode::<T>(&bytes)
             .into_iter()
-            .find(|entry| entry.k == id && entry.e > now_ms)
+            .find(|entry| entry.k == k && entry.e > now_ms)
             .map(|entry| entry.v)
     }
 
@@ -165,7 +218,8 @@ impl Buckets {
     where
         T: Record,
     {
-        let key = self.key_for(id);
+        let k = digest(id);
+        let key = self.key_of(bucket_index(&k, self.count));
         for _ in 0..MAX_ATTEMPTS {
             let (old_bytes, cas) = match store.get(&key) {
                 Some((bytes, cas)) => (bytes, Some(cas)),
@@ -174,7 +228,7 @@ impl Buckets {
             // A bucket that does not parse (another version of the guard) is started afresh.
             let mut entries: Vec<Entry<T>> = decode(&old_bytes);
             entries.retain(|entry| entry.e > now_ms);
-            let position = entries.iter().position(|entry| entry.k == id);
+            let position = entries.iter().position(|entry| entry.k == k);
             let (change, result) = change(position.map(|i| (&entries[i].v, entries[i].e)));
             match change {
                 Change::Keep => return Ok(result),
@@ -187,14 +241,10 @@ impl Buckets {
                     if let Some(i) = position {
                         entries.remove(i);
                     }
-                    entries.push(Entry {
-                        k: id.to_owned(),
-                        e,
-                        v,
-                    });
+                    entries.push(Entry { k: k.clone(), e, v });
                 }
             }
-            let bytes = self.encode_within_cap(&mut entries, id);
+            let bytes = self.encode_within_cap(entries, &k, old_bytes.len())?;
             match store.set(&key, &bytes, cas) {
                 Ok(()) => {
                     let new_key = i64::from(cas.is_none());
@@ -208,23 +258,42 @@ impl Buckets {
         Err(StoreError::CasMismatch)
     }
 
-    /// Serialises the bucket, evicting the entries closest to expiry until it fits. The entry
-    /// just written (`keep`) goes last: it is what the caller needs now, even when it expires
-    /// sooner than the rest (a pending-lookup marker does).
-    fn encode_within_cap<T: Record>(&self, entries: &mut Vec<Entry<T>>, keep: &str) -> Vec<u8> {
-        let mut encoded: Vec<(u64, bool, String)> = entries
-            .drain(..)
-            .map(|entry| (entry.e, entry.k == keep, encode_entry(&entry)))
+    /// Serialises the bucket within its byte cap. Past the cap, other rooms' entries that
+    /// [`Record::eviction`] allows to go are dropped, lowest rank and soonest expiry first;
+    /// the entry being written (`keep`) and entries that must never go stay. If the bucket
+    /// still does not fit and the write would make it larger, nothing is written:
+    /// [`StoreError::Full`].
+    fn encode_within_cap<T: Record>(
+        &self,
+        entries: Vec<Entry<T>>,
+        keep: &str,
+        old_size: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut encoded: Vec<(Eviction, u64, String)> = entries
+            .into_iter()
+            .map(|entry| {
+                let eviction = if entry.k == keep {
+                    Eviction::Never
+                } else {
+                    entry.v.eviction()
+                };
+                (eviction, entry.e, encode_entry(&entry))
+            })
             .collect();
         // "[" + entries joined by "," + "]"
         let mut size = 2 + encoded.iter().map(|(_, _, e)| e.len() + 1).sum::<usize>();
-        while size > self.max_bytes && !encoded.is_empty() {
+        while size > self.max_bytes {
             let victim = encoded
                 .iter()
                 .enumerate()
-                .min_by_key(|(_, (expiry, kept, _))| (*kept, *expiry))
-                .map_or(0, |(i, _)| i);
+                .filter(|(_, (eviction, _, _))| *eviction != Eviction::Never)
+                .min_by_key(|(_, (eviction, expiry, _))| (*eviction, *expiry))
+                .map(|(i, _)| i);
+            let Some(victim) = victim else { break };
             size -= encoded.remove(victim).2.len() + 1;
+        }
+        if size > self.max_bytes && size > old_size {
+            return Err(StoreError::Full);
         }
         let mut out = String::with_capacity(size);
         out.push('[');
@@ -235,18 +304,18 @@ impl Buckets {
             out.push_str(entry);
         }
         out.push(']');
-        out.into_bytes()
+        Ok(out.into_bytes())
     }
 }
 
-/// FNV-1a: a stable, dependency-free hash to spread ids over buckets.
-fn fnv1a(bytes: &[u8]) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for &b in bytes {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    hash
+/// The bucket of a digested id: SHA-256 keyed by the process's secret seed, so which ids
+/// share a bucket cannot be worked out from outside.
+fn bucket_index(digest: &str, count: u32) -> u32 {
+    let mut hasher = Sha256::new();
+    hasher.update(BUCKET_SEED.load(Ordering::Relaxed).to_le_bytes());
+    hasher.update(digest.as_bytes());
+    let hash = hasher.finalize();
+    u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % count.max(1)
 }
 
 /// An in-process [`SharedStore`] with the host's semantics (CAS starts at 1 and changes on
@@ -331,7 +400,7 @@ mod tests {
                 let value = self.inner.get(key);
                 if !self.interfered.replace(true) {
                     let other = encode(&[Entry {
-                        k: "!a".to_owned(),
+                        k: digest("!a"),
                         e: 9999,
                         v: 1i64,
                     }]);
@@ -444,5 +513,68 @@ mod tests {
             })
             .unwrap();
         assert_eq!(BUCKETS.get::<i64>(&store, "!a", 0), None);
+    }
+
+    /// A record that must never be evicted while it lives.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Held(i64);
+
+    impl Record for Held {
+        fn write(&self, out: &mut String) {
+            self.0.write(out)
+        }
+        fn read(value: &Value) -> Option<Self> {
+            i64::read(value).map(Held)
+        }
+        fn eviction(&self) -> Eviction {
+            Eviction::Never
+        }
+    }
+
+    #[test]
+    fn live_entries_that_must_stay_are_never_evicted() {
+        let store = MemoryStore::default();
+        let one_bucket = Buckets {
+            prefix: "t",
+            count: 1,
+            max_bytes: 200,
+        };
+        let mut kept = Vec::new();
+        let mut full = 0;
+        for i in 0..20 {
+            let id = format!("!held{i}");
+            match one_bucket.update(&store, &id, 0, |_: Option<(&Held, u64)>| {
+                (Change::Put(Held(1), 1_000_000), ())
+            }) {
+                Ok(()) => kept.push(id),
+                Err(StoreError::Full) => full += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(full > 0 && !kept.is_empty());
+        // Every write that succeeded is still there; the ones that did not fit said so.
+        for id in &kept {
+            assert_eq!(one_bucket.get::<Held>(&store, id, 0), Some(Held(1)));
+        }
+        assert!(store.byte_count() <= 200);
+        // Once they expire, their place is free again.
+        one_bucket
+            .update(&store, "!later", 1_000_000, |_: Option<(&Held, u64)>| {
+                (Change::Put(Held(2), 2_000_000), ())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn ids_are_filed_under_fixed_size_digests() {
+        let store = MemoryStore::default();
+        let huge = "!".repeat(100_000);
+        BUCKETS
+            .update(&store, &huge, 0, |_: Option<(&i64, u64)>| {
+                (Change::Put(1, 10), ())
+            })
+            .unwrap();
+        assert_eq!(BUCKETS.get::<i64>(&store, &huge, 0), Some(1));
+        assert!(store.byte_count() < 100);
     }
 }

@@ -39,8 +39,9 @@ SHAPES = [
     pytest.param("/get_token", "new", id="get_token"),
 ]
 
-# Every counter the guard documents (the harness's list predates fail_closed).
-GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed")))
+# Every counter the guard documents (the harness's list predates the later ones).
+GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_hits",
+                                      "unreadable_requests", "stale_limits")))
 
 CHANNEL_FULL = b'{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}'
 

@@ -18,14 +18,16 @@ import pytest
 from conftest import requires_standins, requires_wasm
 from guard import (
     ask,
+    assert_channel_full,
     assert_check_failed,
     assert_token_issued,
     counting,
     elapsed,
     shared_envoy,
     still_serving,
+    user,
 )
-from stack import LIMIT_STATE_TYPE, FaultServer
+from stack import LIMIT_STATE_TYPE, FaultServer, livekit_alias, livekit_identity
 
 pytestmark = [requires_wasm, requires_standins]
 
@@ -44,8 +46,11 @@ FAULTS = {
     "5xx": {"mode": "status"},
     "garbage": {"mode": "garbage"},
     "truncated": {"mode": "truncated"},
-    "huge": {"mode": "huge", "huge_size": 8 * 1024 * 1024},
 }
+
+# Not a fault: answers this large are read whole (participants set their own metadata, and a
+# large room's state is long), and decided on.
+HUGE = {"mode": "huge", "huge_size": 8 * 1024 * 1024}
 
 STATUS = {
     ("synapse", "4xx"): (403, {"errcode": "M_FORBIDDEN", "error": "You are not a server admin"}),
@@ -97,7 +102,7 @@ class FaultRig:
         return room
 
     def inject(self, fault: str) -> None:
-        settings = dict(FAULTS[fault])
+        settings = dict(HUGE if fault == "huge" else FAULTS[fault])
         self.server.status, body = STATUS.get((self.upstream, fault), (500, None))
         self.server.body = body if body is not None else answer_during_fault(self.upstream)
         self.server.delay = settings.get("delay", self.server.delay)
@@ -163,6 +168,28 @@ def test_fault(rigs, standins, upstream, failure_mode, fault):
     except BaseException:
         print(f"\n--- {envoy.name}: {envoy.log_path} (excerpt) ---\n{envoy.log_excerpt()}")
         raise
+
+
+@pytest.mark.parametrize("failure_mode", ["open", "closed"])
+@pytest.mark.parametrize("upstream", ["synapse", "livekit"])
+def test_multi_megabyte_answers_are_read_whole(rigs, standins, upstream, failure_mode):
+    """8 MB answers decide like small ones: Synapse's long state list ends with a limit of 1
+    (and alice is in the call); LiveKit's long list holds many distinct users (limit 2)."""
+    rig = rigs(upstream, failure_mode)
+    envoy = rig.envoy
+    room = rig.room()
+    if upstream == "synapse":
+        standins.set_room(livekit_alias(room), [(livekit_identity(user("alice"), "A1"), "ACTIVE")])
+    rig.inject("huge")
+    try:
+        with counting(envoy) as counts:
+            resp = ask(envoy, PATH, SHAPE, "carol", "C1", room, timeout=30)
+    finally:
+        rig.heal()
+    assert_channel_full(resp)
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
+                            "blocked": 1}
+    still_serving(envoy)
 
 
 def assert_recovers(rig: FaultRig, room: str) -> None:

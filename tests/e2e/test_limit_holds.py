@@ -388,7 +388,8 @@ def test_state_stays_bounded_after_ten_thousand_rooms(livekit, start_envoy, plug
         {"type": "io.lotus.voice_limit", "state_key": "", "content": {"max_users": 5}}]})
     envoy = start_envoy(
         plugin_config(reservation_seconds=SHORT_RESERVATION_SECONDS,
-                      limit_cache_ttl_seconds=SHORT_LIMIT_TTL_SECONDS),
+                      limit_cache_ttl_seconds=SHORT_LIMIT_TTL_SECONDS,
+                      stale_limit_seconds=SHORT_LIMIT_TTL_SECONDS),
         synapse=synapse_fault)
     pid = envoy.process.pid
     buckets = declared_buckets()

@@ -1,0 +1,269 @@
+"""A hostile client with a valid Matrix account, against the built module in real Envoy.
+
+Each test is one way of getting past the guard or of turning it against other users: request
+bodies that end in trailers or in many frames, device and member ids chosen to count as many
+users, participant lists made huge by users' own metadata, floods of room ids, a Synapse
+outage after a limit was seen, and a client that resets while the limit lookup is pending.
+Each asserts the exact counters, so a check that silently fails open cannot pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import socket
+import time
+
+import pytest
+
+import h2c
+from conftest import requires_standins, requires_wasm
+from guard import (
+    CHANNEL_FULL,
+    SHAPES,
+    LK_JWT_HEADERS,
+    assert_channel_full,
+    assert_check_failed,
+    assert_token_issued,
+    ask,
+    counting,
+    fill_room,
+    identity,
+    module_envoy,
+    still_serving,
+    token_body,
+    user,
+)
+from stack import LIVEKIT_KEY, LIVEKIT_SECRET, LIMIT_STATE_TYPE, livekit_alias, wait_until
+
+pytestmark = [requires_wasm, requires_standins]
+
+envoy, _log_on_failure = module_envoy("attacks")
+
+TOO_MANY_DEVICES = b'{"errcode":"M_FORBIDDEN","error":"Too many devices are connected to this voice channel."}'
+
+
+def limit_state(max_users: int) -> dict:
+    return {"state": [{"type": LIMIT_STATE_TYPE, "state_key": "", "content": {"max_users": max_users}}]}
+
+
+@pytest.fixture
+def full_room(new_room, standins):
+    """A room limited to 1 with alice in the call, under both shapes' LiveKit rooms."""
+    room = new_room(limit=1)
+    for shape in ("legacy", "new"):
+        fill_room(standins, room, shape, [("alice", "A1")])
+    return room
+
+
+# --------------------------------------------------------------------------- every body is read
+
+
+H2_ENDINGS = {
+    "trailers": {"trailers": [("x-checksum", "abc")]},
+    "many_frames_then_trailers": {"frames": 7, "trailers": [("x-checksum", "abc")]},
+    "many_frames_then_empty_frame": {"frames": 9, "empty_last_frame": True},
+    "one_frame": {},
+}
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+@pytest.mark.parametrize("ending", list(H2_ENDINGS))
+def test_http2_body_is_read_however_it_ends(envoy, full_room, path, shape, ending):
+    """An HTTP/2 request whose body ends in trailers (or in an empty DATA frame) is read like
+    any other: carol gets no token for the full room."""
+    body = json.dumps(token_body(shape, "carol", "C1", full_room)).encode()
+    with counting(envoy) as counts:
+        resp = h2c.request(envoy.address, "POST", path, body,
+                           headers=[("content-type", "application/json"),
+                                    ("content-length", str(len(body)))],
+                           **H2_ENDINGS[ending])
+    assert resp.status == 403, resp.body
+    assert resp.body == CHANNEL_FULL
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
+                            "blocked": 1} or counts.guard == {
+        "token_requests": 1, "limit_cache_hits": 1, "livekit_lookups": 1, "blocked": 1}
+
+
+def test_http2_request_below_the_limit_still_gets_its_token(envoy, new_room, standins):
+    """The same request shape in a room with space passes, byte for byte a token."""
+    room = new_room(limit=2)
+    fill_room(standins, room, "legacy", [("alice", "A1")])
+    body = json.dumps(token_body("legacy", "carol", "C1", room)).encode()
+    with counting(envoy) as counts:
+        resp = h2c.request(envoy.address, "POST", "/sfu/get", body, frames=5,
+                           trailers=[("x-checksum", "abc")],
+                           headers=[("content-type", "application/json")])
+    assert resp.status == 200, resp.body
+    assert set(json.loads(resp.body)) == {"url", "jwt"}
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
+                            "allowed": 1}
+
+
+def test_http1_chunked_body_with_trailers_is_read(envoy, full_room):
+    """HTTP/1.1 chunked encoding, with a trailer section, in several chunks."""
+    body = json.dumps(token_body("legacy", "carol", "C1", full_room)).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                      for part in (body[:10], body[10:40], body[40:]))
+    request = (b"POST /sfu/get HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+               + chunks + b"0\r\nX-Checksum: abc\r\n\r\n")
+    with counting(envoy) as counts:
+        with socket.create_connection(envoy.address, timeout=10) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert answer.endswith(CHANNEL_FULL)
+    assert counts.guard.get("blocked") == 1 and "fail_open" not in counts.guard
+
+
+def mint_token(room: str, identity_: str) -> str:
+    """A join JWT like lk-jwt-service's, signed with the test LiveKit secret."""
+    def b64(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    now = int(time.time())
+    head = b64({"alg": "HS256", "typ": "JWT"})
+    payload = b64({"iss": LIVEKIT_KEY, "sub": identity_, "nbf": now, "exp": now + 3600,
+                   "video": {"roomJoin": True, "room": room}})
+    signature = hmac.new(LIVEKIT_SECRET.encode(), f"{head}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{head}.{payload}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+
+@pytest.mark.parametrize("failure_mode", ["open", "closed"])
+@pytest.mark.parametrize("body", [b'{"room": 5}', b"not json", b'{"device_id":"D"}'],
+                         ids=["wrong_type", "not_json", "no_room"])
+def test_token_for_a_body_the_guard_cannot_read_is_never_passed(start_envoy, plugin_config,
+                                                                fault_server, failure_mode, body):
+    """An lk-jwt-service that issues a token for a body the guard cannot read (here a fault
+    server answering every request with a valid token) gets a 503, whatever failure_mode says."""
+    token = {"url": "ws://livekit", "jwt": mint_token("some-alias", "@mallory:test.local:M")}
+    proxy = start_envoy(plugin_config(failure_mode=failure_mode),
+                        lk_jwt=fault_server("ok", body=token))
+    with counting(proxy) as counts:
+        resp = proxy.post("/sfu/get", body)
+    assert_check_failed(resp)
+    assert b"could not be checked against the participant limit" in resp.content
+    assert counts.guard == {"token_requests": 1, "unreadable_requests": 1}
+
+
+# --------------------------------------------------------------------------- one user counts once
+
+
+def test_member_id_flood_cannot_fill_the_room(envoy, new_room, standins):
+    """/get_token identities are hashes of (user, device, member id), all chosen by the client.
+    mallory's connected devices are capped at 16, further ones are refused, and the room
+    keeps its place for bob; carol then finds it full."""
+    room = new_room(limit=2)
+    alias = livekit_alias(room)
+    connected = []
+    refused = 0
+    with counting(envoy, standins) as counts:
+        for n in range(20):
+            resp = ask(envoy, "/get_token", "new", "mallory", f"M{n}", room)
+            if resp.status_code == 200:
+                connected.append((identity("new", "mallory", f"M{n}"), "ACTIVE"))
+                standins.set_room(alias, connected)
+            else:
+                assert resp.status_code == 403 and resp.content == TOO_MANY_DEVICES, resp.text
+                refused += 1
+        assert (len(connected), refused) == (16, 4)
+        assert_token_issued(ask(envoy, "/get_token", "new", "bob", "B1", room), room, "new",
+                            "bob", "B1", standins)
+        connected.append((identity("new", "bob", "B1"), "ACTIVE"))
+        standins.set_room(alias, connected)
+        assert_channel_full(ask(envoy, "/get_token", "new", "carol", "C1", room))
+    assert counts.guard == {"token_requests": 22, "synapse_lookups": 1, "limit_cache_hits": 21,
+                            "livekit_lookups": 22, "allowed": 17, "blocked": 5}
+
+
+# --------------------------------------------------------------------------- huge participant lists
+
+
+@pytest.mark.parametrize("failure_mode", ["open", "closed"])
+def test_participants_metadata_of_megabytes_does_not_turn_the_check_off(
+        start_envoy, plugin_config, fault_server, new_room, failure_mode):
+    """Five participants with 1 MB of their own metadata and attributes each: still five users."""
+    room = new_room(limit=5)
+    fat = "m" * 1_000_000
+    listing = {"participants": [
+        {"sid": f"PA_{n}", "identity": f"@u{n}:test.local:D", "state": "ACTIVE", "metadata": fat,
+         "attributes": {"status": fat[:100_000]}, "tracks": [{"sid": "TR", "name": "mic"}]}
+        for n in range(5)]}
+    proxy = start_envoy(plugin_config(failure_mode=failure_mode),
+                        livekit=fault_server("ok", body=listing))
+    with counting(proxy) as counts:
+        resp = ask(proxy, "/sfu/get", "legacy", "carol", "C1", room, timeout=30)
+    assert_channel_full(resp)
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
+                            "blocked": 1}
+    still_serving(proxy)
+
+
+# --------------------------------------------------------------------------- state that holds
+
+
+def test_a_flood_of_room_ids_does_not_push_out_a_limit(envoy, full_room):
+    """1,000 distinct room ids (each a lookup, each cached as unlimited) leave the full
+    room's cached limit in place: no new lookup, still full."""
+    assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
+    with counting(envoy) as counts:
+        for n in range(1000):
+            body = token_body("legacy", "mallory", "M", f"!flood{n}-{time.monotonic_ns()}:test.local")
+            assert envoy.post("/sfu/get", body).status_code == 200
+    assert counts.guard.get("synapse_lookups") == 1000
+    with counting(envoy) as counts:
+        assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
+    assert counts.guard == {"token_requests": 1, "limit_cache_hits": 1, "livekit_lookups": 1,
+                            "blocked": 1}
+
+
+@pytest.mark.parametrize("failure_mode", ["open", "closed"])
+def test_a_synapse_outage_keeps_the_last_limit_seen(start_envoy, plugin_config, fault_server,
+                                                    standins, failure_mode):
+    """With no fresh cache (TTL 0) every request asks Synapse. Once Synapse fails, the limit it
+    gave before is still enforced (counted as stale), not lifted; a room never seen fails per
+    failure_mode."""
+    synapse = fault_server("ok", body=limit_state(1))
+    proxy = start_envoy(plugin_config(failure_mode=failure_mode, limit_cache_ttl_seconds=0),
+                        synapse=synapse)
+    room = "!outage-room:test.local"
+    fill_room(standins, room, "legacy", [("alice", "A1")])
+    assert_channel_full(ask(proxy, "/sfu/get", "legacy", "carol", "C1", room))
+    synapse.status = 502
+    synapse.body = {"errcode": "M_UNKNOWN", "error": "Bad gateway"}
+    synapse.mode = "status"
+    with counting(proxy) as counts:
+        assert_channel_full(ask(proxy, "/sfu/get", "legacy", "carol", "C1", room))
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "stale_limits": 1,
+                            "livekit_lookups": 1, "blocked": 1}
+    with counting(proxy) as counts:
+        resp = ask(proxy, "/sfu/get", "legacy", "carol", "C1", "!never-seen:test.local")
+    if failure_mode == "open":
+        assert resp.status_code == 200
+    else:
+        assert_check_failed(resp)
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, f"fail_{failure_mode}": 1}
+
+
+def test_a_client_reset_does_not_lose_the_limit_lookup(start_envoy, plugin_config, fault_server,
+                                                       standins):
+    """mallory starts a token request for a cold room and resets it at once. The Synapse lookup
+    it caused still lands in the cache: carol, asking while it is pending, waits for that answer
+    and no second lookup is made."""
+    synapse = fault_server("slow", delay=1.5, body=limit_state(2))
+    proxy = start_envoy(plugin_config(synapse={"timeout_ms": 8000}), synapse=synapse)
+    room = "!reset-room:test.local"
+    body = json.dumps(token_body("legacy", "mallory", "M1", room)).encode()
+    with counting(proxy) as counts:
+        assert h2c.request(proxy.address, "POST", "/sfu/get", body, reset=True) is None
+        wait_until(lambda: synapse.hits >= 1, "the lookup reached Synapse", 5)
+        resp = ask(proxy, "/sfu/get", "legacy", "carol", "C1", room, timeout=30)
+        assert_token_issued(resp, room, "legacy", "carol", "C1", standins)
+    assert sum("/state" in r["path"] for r in synapse.requests) == 1
+    assert counts.guard["synapse_lookups"] == 1 and counts.guard["allowed"] == 1
+    assert "fail_open" not in counts.guard
+    still_serving(proxy)
