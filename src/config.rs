@@ -555,4 +555,20 @@ mod tests {
         assert!(c.is_token_path("/get%5Ftoken"));
         assert!(!c.is_token_path("/sfu%2"));
     }
+
+    #[test]
+    fn stale_limit_seconds_defaults_to_an_hour_and_may_be_set() {
+        let minimal = r#"{"synapse": {"cluster": "s", "admin_token": "t"},
+                          "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#;
+        let config = Config::parse(minimal.as_bytes(), &|_| None).unwrap();
+        assert_eq!(config.stale_limit, Duration::from_secs(3600));
+        let set = minimal.replacen('{', r#"{"stale_limit_seconds": 0, "#, 1);
+        let config = Config::parse(set.as_bytes(), &|_| None).unwrap();
+        assert_eq!(config.stale_limit, Duration::ZERO);
+        let wrong = minimal.replacen('{', r#"{"stale_limit_seconds": "1", "#, 1);
+        assert!(Config::parse(wrong.as_bytes(), &|_| None)
+            .unwrap_err()
+            .0
+            .starts_with("stale_limit_seconds"));
+    }
 }
