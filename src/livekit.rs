@@ -37,9 +37,10 @@ impl std::fmt::Display for ListError {
 /// by the parser without being copied, so memory stays bounded by the answer's own buffer.
 #[derive(Deserialize)]
 struct ListAnswer {
-    /// protojson omits an empty repeated field unless defaults are emitted.
-    #[serde(default)]
-    participants: Option<Vec<Participant>>,
+    /// Required: LiveKit's Twirp JSON emits defaults, so even a room that does not exist
+    /// answers `{"participants":[]}` (seen with livekit-server 1.13). An answer without the
+    /// list is not a participant list, and must not pass for an empty room.
+    participants: Vec<Participant>,
 }
 
 #[derive(Deserialize)]
@@ -80,7 +81,6 @@ pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<Strin
     let answer: ListAnswer = serde_json::from_slice(body).map_err(|_| ListError::BadBody)?;
     Ok(answer
         .participants
-        .unwrap_or_default()
         .into_iter()
         .filter(Participant::holds_a_place)
         .map(|p| p.identity.unwrap_or_default())
@@ -118,7 +118,14 @@ mod tests {
 
     #[test]
     fn empty_room_and_failures() {
-        assert_eq!(parse_list_response(Some(200), b"{}"), Ok(vec![]));
+        assert_eq!(
+            parse_list_response(Some(200), b"{}"),
+            Err(ListError::BadBody)
+        );
+        assert_eq!(
+            parse_list_response(Some(200), br#"{"participants":null}"#),
+            Err(ListError::BadBody)
+        );
         assert_eq!(
             parse_list_response(Some(200), br#"{"participants":[]}"#),
             Ok(vec![])

@@ -86,6 +86,49 @@ def standins() -> StandIns:
     pair.stop()
 
 
+@pytest.fixture(scope="session")
+def real_livekit() -> Any:
+    """The real LiveKit server, started once for the whole run."""
+    from realstack import LiveKitServer, missing_binaries
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"real LiveKit stack not built: {', '.join(missing)}")
+    server = LiveKitServer()
+    try:
+        server.start()
+    except Exception:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_lk_jwt(real_livekit: Any, synapse: Synapse) -> Any:
+    """The Go lk-jwt-service stand-in in front of the real LiveKit, checking OpenID tokens
+    against the session's Synapse."""
+    from realstack import LkJwtService
+    service = LkJwtService(real_livekit.ws_url, {synapse.server_name: synapse.base_url})
+    try:
+        service.start()
+    except Exception:
+        service.stop()
+        raise
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def clients() -> Any:
+    """Real LiveKit clients (the Go SDK), driven from the tests."""
+    from realstack import LiveKitClients, missing_binaries
+    if missing_binaries():
+        pytest.skip("real LiveKit stack not built (make livekit lkstack)")
+    driver = LiveKitClients().start()
+    yield driver
+    driver.stop()
+
+
 @pytest.fixture
 def livekit(standins: StandIns) -> StandIns:
     """The stand-ins with LiveKit's rooms, delay and counters reset, for tests that populate rooms."""

@@ -500,7 +500,8 @@ class Synapse:
                 "type": "http",
                 "tls": False,
                 "x_forwarded": False,
-                "resources": [{"names": ["client"], "compress": False}],
+                # federation: lk-jwt-service checks OpenID tokens at the userinfo endpoint.
+                "resources": [{"names": ["client", "federation"], "compress": False}],
             }],
             "database": {"name": "sqlite3", "args": {"database": str(self.dir / "homeserver.db")}},
             "enable_registration": False,
@@ -552,6 +553,27 @@ class Synapse:
         if result.returncode != 0:
             raise StackError(f"registering {localpart} failed: {result.stdout}{result.stderr}")
         return f"@{localpart}:{self.server_name}"
+
+    def openid_token(self, user_id: str) -> dict:
+        """A real OpenID token of ``user_id`` (a local user, created on first use), as a Matrix
+        client gets one for lk-jwt-service: ``POST /user/{userId}/openid/request_token``.
+        Tokens are kept per user (they live an hour)."""
+        cache = self.__dict__.setdefault("_openid", {})
+        if user_id not in cache:
+            quoted = urllib.parse.quote(user_id, safe="")
+            admin = self.admin_token
+            resp = self.request("PUT", f"/_synapse/admin/v2/users/{quoted}", admin,
+                                json={"password": secrets.token_hex(8)})
+            if resp.status_code not in (200, 201):
+                raise StackError(f"creating {user_id}: HTTP {resp.status_code} {resp.text[:300]}")
+            resp = self.request("POST", f"/_synapse/admin/v1/users/{quoted}/login", admin, json={})
+            self._check(resp, f"logging in as {user_id}")
+            token = resp.json()["access_token"]
+            resp = self.request("POST", f"/_matrix/client/v3/user/{quoted}/openid/request_token",
+                                token, json={})
+            self._check(resp, f"OpenID token of {user_id}")
+            cache[user_id] = resp.json()
+        return dict(cache[user_id])
 
     def login(self, localpart: str, password: str) -> str:
         """Log in with a password; return the access token."""
