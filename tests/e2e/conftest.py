@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end tests: one Synapse and one pair of stand-ins per session,
+"""Fixtures for the end-to-end tests: one Synapse, one real LiveKit and the lk-jwt-service stand-in per session,
 and a cheap Envoy per test.
 
 Components that are not built yet (the Wasm module, the stand-in binaries) make
@@ -12,12 +12,13 @@ from typing import Any, Callable
 
 import pytest
 
+import stack
+from realstack import ForeignHomeserver, RealStandIns, missing_binaries
 from stack import (
     LIVEKIT_SECRET,
     WASM_PATH,
     Envoy,
     FaultServer,
-    StandIns,
     Synapse,
     default_plugin_config,
     join_body,
@@ -37,8 +38,11 @@ __all__ = [
 requires_wasm = pytest.mark.skipif(
     not WASM_PATH.exists(), reason=f"Wasm module not built: {WASM_PATH} (run `make build`)")
 requires_standins = pytest.mark.skipif(
-    bool(StandIns.missing()),
-    reason="stand-ins not built (run `cargo build --release -p vlg-standins`)")
+    bool(missing_binaries()),
+    reason="real LiveKit stack not built (run `make livekit lkstack`)")
+
+# Server names of users who are not on the test Synapse (their homeserver is a stand-in).
+FOREIGN_SERVERS = ["example.org", "example.org:8448"]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -71,67 +75,49 @@ def synapse() -> Synapse:
 
 
 @pytest.fixture(scope="session")
-def standins() -> StandIns:
-    """The lk-jwt-service and LiveKit stand-ins, started once for the whole run."""
-    missing = StandIns.missing()
+def standins(synapse: Synapse) -> Any:
+    """lk-jwt-service and LiveKit for the whole run: the Go lk-jwt-service stand-in checking
+    real OpenID tokens against the session's Synapse (and a stand-in for other homeservers),
+    the real LiveKit server, and real clients (see :class:`realstack.RealStandIns`)."""
+    missing = missing_binaries()
     if missing:
-        pytest.skip(f"stand-ins not built: {', '.join(missing)} (cargo build --release -p vlg-standins)")
-    pair = StandIns()
+        pytest.skip(f"real LiveKit stack not built: {', '.join(missing)}")
+    foreign = ForeignHomeserver(FOREIGN_SERVERS).start()
+    pair = RealStandIns(synapse.server_name, synapse.base_url, foreign)
     try:
         pair.start()
     except Exception:
         pair.stop()
+        foreign.stop()
         raise
+    stack.OPENID_PROVIDER = synapse.openid_token
     yield pair
+    stack.OPENID_PROVIDER = None
     pair.stop()
+    foreign.stop()
 
 
 @pytest.fixture(scope="session")
-def real_livekit() -> Any:
-    """The real LiveKit server, started once for the whole run."""
-    from realstack import LiveKitServer, missing_binaries
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"real LiveKit stack not built: {', '.join(missing)}")
-    server = LiveKitServer()
-    try:
-        server.start()
-    except Exception:
-        server.stop()
-        raise
-    yield server
-    server.stop()
+def real_livekit(standins: Any) -> Any:
+    """The real LiveKit server (its API reached directly, not through the counting proxy)."""
+    return standins.livekit
 
 
 @pytest.fixture(scope="session")
-def real_lk_jwt(real_livekit: Any, synapse: Synapse) -> Any:
-    """The Go lk-jwt-service stand-in in front of the real LiveKit, checking OpenID tokens
-    against the session's Synapse."""
-    from realstack import LkJwtService
-    service = LkJwtService(real_livekit.ws_url, {synapse.server_name: synapse.base_url})
-    try:
-        service.start()
-    except Exception:
-        service.stop()
-        raise
-    yield service
-    service.stop()
+def real_lk_jwt(standins: Any) -> Any:
+    """The Go lk-jwt-service stand-in."""
+    return standins.jwt
 
 
 @pytest.fixture(scope="session")
-def clients() -> Any:
+def clients(standins: Any) -> Any:
     """Real LiveKit clients (the Go SDK), driven from the tests."""
-    from realstack import LiveKitClients, missing_binaries
-    if missing_binaries():
-        pytest.skip("real LiveKit stack not built (make livekit lkstack)")
-    driver = LiveKitClients().start()
-    yield driver
-    driver.stop()
+    return standins.clients
 
 
 @pytest.fixture
-def livekit(standins: StandIns) -> StandIns:
-    """The stand-ins with LiveKit's rooms, delay and counters reset, for tests that populate rooms."""
+def livekit(standins: Any) -> Any:
+    """LiveKit with every test client gone and no delay, for tests that populate rooms."""
     standins.reset()
     return standins
 
@@ -201,7 +187,7 @@ def start_envoy(request: pytest.FixtureRequest) -> Callable[..., Any]:
         if with_filter and not WASM_PATH.exists():
             pytest.skip(f"Wasm module not built: {WASM_PATH} (run `make build`)")
         if lk_jwt is None or livekit is None:
-            pair: StandIns = request.getfixturevalue("standins")
+            pair = request.getfixturevalue("standins")
             lk_jwt = lk_jwt if lk_jwt is not None else pair.jwt_address
             livekit = livekit if livekit is not None else pair.livekit_address
         if synapse is None:
@@ -232,7 +218,7 @@ def _slug(text: str) -> str:
 # --------------------------------------------------------------------------- small helpers for tests
 
 
-def connect(standins: StandIns, token_response: Any) -> Any:
+def connect(standins: Any, token_response: Any) -> Any:
     """Connect to the LiveKit stand-in with the JWT of an lk-jwt-service answer."""
     return standins.connect(token_response)
 

@@ -14,10 +14,15 @@ Like :mod:`stack`, no test-framework imports.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import subprocess
 import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +34,10 @@ from stack import (
     REPO,
     Process,
     StackError,
+    _b64url,
     free_port,
     http,
+    jwt_claims,
     livekit_admin_token,
     run_dir_for,
     tail,
@@ -213,3 +220,251 @@ class LiveKitClients:
 
     def leave(self, ref: str) -> None:
         self._command(op="leave", ref=ref)
+
+
+class _Server(ThreadingHTTPServer):
+    """A threaded HTTP server whose accept queue takes a burst: Envoy opens many connections
+    at once, and a refused one would reach the guard as a 503 from LiveKit."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+
+class LiveKitAPIProxy:
+    """What the guard reaches as LiveKit: a pass-through to the real server's HTTP API that
+    counts ``ListParticipants`` calls and can hold each answer back (``delay_ms``), for tests
+    that need a slow LiveKit. Clients connect to the real server directly."""
+
+    def __init__(self, target: LiveKitServer):
+        self.target = target
+        self.delay_ms = 0
+        self.list_participants_calls = 0
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        return ("127.0.0.1", self._server.server_address[1])
+
+    def start(self) -> "LiveKitAPIProxy":
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.endswith("/ListParticipants"):
+                    with proxy._lock:
+                        proxy.list_participants_calls += 1
+                if proxy.delay_ms:
+                    time.sleep(proxy.delay_ms / 1000)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type")}
+                try:
+                    resp = requests.post(f"{proxy.target.http_url}{self.path}", data=body,
+                                         headers=headers, timeout=30)
+                    status, content = resp.status_code, resp.content
+                    content_type = resp.headers.get("Content-Type", "application/json")
+                except requests.RequestException as exc:
+                    status, content, content_type = 502, str(exc).encode(), "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class RealStandIns:
+    """The test stack's lk-jwt-service and LiveKit, real where it can be: the Go lk-jwt-service
+    stand-in, the real LiveKit server behind :class:`LiveKitAPIProxy`, and real clients.
+
+    It offers what tests ask of "lk-jwt-service and LiveKit": the addresses Envoy needs
+    (``jwt_address``, ``livekit_address``), the URL clients get (``livekit_ws_url``), and
+    ways to put participants in a room: :meth:`set_room` connects real clients with tokens
+    minted for the identities asked for (the way lk-jwt-service would), :meth:`connect` joins
+    with a token the guard let through.
+    """
+
+    def __init__(self, synapse_server_name: str, synapse_url: str,
+                 foreign_homeserver: "ForeignHomeserver | None" = None,
+                 key: str = LIVEKIT_KEY, secret: str = LIVEKIT_SECRET, sfu_get_shapes: str = "both",
+                 name: str = "real"):
+        self.key, self.secret = key, secret
+        self.livekit = LiveKitServer(key, secret, name=f"{name}-livekit")
+        self.proxy = LiveKitAPIProxy(self.livekit)
+        self.clients = LiveKitClients(name=f"{name}-clients")
+        self.homeservers = {synapse_server_name: synapse_url}
+        self.foreign = foreign_homeserver
+        self.sfu_get_shapes = sfu_get_shapes
+        self.name = name
+        self.jwt: LkJwtService | None = None
+        # alias -> identity -> client handle
+        self.rooms: dict[str, dict[str, str]] = {}
+
+    def start(self) -> "RealStandIns":
+        self.livekit.start()
+        self.proxy.start()
+        self.clients.start()
+        homeservers = dict(self.homeservers)
+        if self.foreign is not None:
+            for server_name in self.foreign.server_names:
+                homeservers[server_name] = self.foreign.url
+        self.jwt = LkJwtService(self.livekit.ws_url, homeservers, self.key, self.secret,
+                                self.sfu_get_shapes, name=f"{self.name}-lk-jwt").start()
+        return self
+
+    def stop(self) -> None:
+        for part in (self.jwt, self.clients, self.proxy, self.livekit):
+            if part is not None:
+                part.stop()
+
+    @property
+    def jwt_address(self) -> tuple[str, int]:
+        assert self.jwt is not None
+        return self.jwt.address
+
+    @property
+    def jwt_url(self) -> str:
+        assert self.jwt is not None
+        return self.jwt.url
+
+    @property
+    def livekit_address(self) -> tuple[str, int]:
+        return self.proxy.address
+
+    @property
+    def livekit_ws_url(self) -> str:
+        return self.livekit.ws_url
+
+    def _mint(self, alias: str, identity: str) -> str:
+        return join_token(self.key, self.secret, alias, identity)
+
+    def set_room(self, alias: str, participants: list[dict] | list[tuple[str, str]]) -> None:
+        """Make the LiveKit room hold exactly these ``(identity, state)`` participants: real
+        clients connect (``ACTIVE``: fully; ``JOINING``/``JOINED``: signalling only) or leave.
+        ``DISCONNECTED`` participants are not connected: LiveKit drops a participant that
+        leaves from its list at once."""
+        wanted: dict[str, str] = {}
+        for p in participants:
+            identity, state = (p["identity"], p.get("state", "ACTIVE")) if isinstance(p, dict) else p
+            if state != "DISCONNECTED":
+                wanted[identity] = state
+        room = self.rooms.setdefault(alias, {})
+        for identity in [i for i in room if i not in wanted]:
+            self.clients.leave(room.pop(identity))
+        for identity, state in wanted.items():
+            if identity not in room:
+                token = {"url": self.livekit.ws_url, "jwt": self._mint(alias, identity)}
+                room[identity] = self.clients.join(token, signal_only=state != "ACTIVE")
+        wait_until(lambda: set(self.livekit.states(alias)) == set(wanted),
+                   f"LiveKit to list {sorted(wanted)} in {alias}", 15)
+
+    def connect(self, token_response: "requests.Response | dict | str", state: str | None = None) -> str:
+        """Join with the token of an lk-jwt-service answer (response, parsed body or bare JWT)."""
+        if isinstance(token_response, str):
+            token_response = {"url": self.livekit.ws_url, "jwt": token_response}
+        if isinstance(token_response, requests.Response):
+            if token_response.status_code != 200:
+                raise StackError(f"no token to connect with: HTTP {token_response.status_code} "
+                                 f"{token_response.text[:300]}")
+            token_response = token_response.json()
+        claims = jwt_claims(token_response["jwt"])
+        alias, identity = claims["video"]["room"], claims["sub"]
+        handle = self.clients.join(token_response, signal_only=state not in (None, "ACTIVE"))
+        self.rooms.setdefault(alias, {})[identity] = handle
+        return handle
+
+    def leave(self, alias: str, identity: str) -> None:
+        handle = self.rooms.get(alias, {}).pop(identity, None)
+        if handle is not None:
+            self.clients.leave(handle)
+        wait_until(lambda: identity not in self.livekit.states(alias),
+                   f"LiveKit to drop {identity}", 15)
+
+    def set_delay(self, delay_ms: int) -> None:
+        """Delay every answer the guard gets from LiveKit (to hold a check open)."""
+        self.proxy.delay_ms = delay_ms
+
+    def list_participants(self, alias: str) -> list[dict]:
+        return self.livekit.list_participants(alias)
+
+    def livekit_stats(self) -> dict:
+        return {"list_participants_calls": self.proxy.list_participants_calls}
+
+    def reset(self) -> None:
+        """Everyone leaves, no delay."""
+        for alias, room in self.rooms.items():
+            for handle in room.values():
+                self.clients.leave(handle)
+            room.clear()
+        self.rooms.clear()
+        self.proxy.delay_ms = 0
+
+
+class ForeignHomeserver:
+    """Other homeservers' OpenID userinfo endpoint, for users not on the test Synapse (a
+    server name with a port, say). It vouches for whoever an ``openid:@user:server`` token
+    names, as that user's own homeserver would for a token it issued."""
+
+    def __init__(self, server_names: list[str]):
+        self.server_names = server_names
+        self._server: _Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> "ForeignHomeserver":
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = urllib.parse.urlparse(self.path).query
+                token = urllib.parse.parse_qs(query).get("access_token", [""])[0]
+                if token.startswith("openid:@"):
+                    status, body = 200, json.dumps({"sub": token[len("openid:"):]}).encode()
+                else:
+                    status, body = 401, b'{"errcode":"M_UNKNOWN_TOKEN","error":"Unknown token"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def join_token(key: str, secret: str, alias: str, identity: str, ttl: int = 3600) -> str:
+    """A LiveKit join token for ``identity`` in room ``alias`` (what lk-jwt-service mints)."""
+    now = int(time.time())
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = _b64url(json.dumps({
+        "iss": key, "sub": identity, "nbf": now - 5, "exp": now + ttl,
+        "video": {"roomJoin": True, "room": alias, "canPublish": True, "canSubscribe": True}}).encode())
+    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(signature)}"

@@ -353,8 +353,16 @@ def livekit_identity(user: str, device: str, member_id: str | None = None) -> st
     return _b64_sha256(go_json_string_list([user, device, member_id]))
 
 
+# Gives a real OpenID token of a user of the test Synapse (set by the test session, see
+# ``Synapse.openid_token``); users of other servers get ``openid:@user`` tokens, which the
+# stack's stand-in for other homeservers vouches for.
+OPENID_PROVIDER: "Callable[[str], dict] | None" = None
+
+
 def openid_token(user: str, server_name: str = SERVER_NAME) -> dict:
-    """An OpenID token the lk-jwt stand-in accepts as a verified ``user``."""
+    """An OpenID token for ``user``, as its homeserver would issue it."""
+    if OPENID_PROVIDER is not None and server_name == SERVER_NAME and user.endswith(f":{SERVER_NAME}"):
+        return OPENID_PROVIDER(user)
     return {
         "access_token": f"openid:{user}",
         "token_type": "Bearer",

@@ -87,26 +87,21 @@ def test_place_freed_when_a_user_leaves(envoy, standins, new_room, path, shape):
 
 
 @pytest.mark.parametrize("path, shape", SHAPES)
-@pytest.mark.parametrize("state, expected", [
-    ("DISCONNECTED", 200), ("JOINING", 403), ("JOINED", 403), ("ACTIVE", 403)])
-def test_only_disconnected_participants_do_not_count(envoy, standins, new_room, path, shape,
-                                                     state, expected):
-    """A participant still joining already holds a place; one that has disconnected does not.
-
-    Bob is in the call first (as LiveKit lists him while the guard checks carol), then his
-    connection changes state, the way LiveKit reports a participant going away.
-    """
+@pytest.mark.parametrize("state", ["JOINED", "ACTIVE"])
+def test_a_participant_counts_before_its_media_connects(envoy, standins, new_room, path, shape,
+                                                       state):
+    """bob connected only LiveKit's signalling (listed JOINED: no media yet) or fully (ACTIVE):
+    either way he holds his place. (A participant that leaves is dropped from LiveKit's list at
+    once: see test_place_freed_when_a_user_leaves.)"""
     room = new_room(limit=2)
     join(envoy, standins, path, shape, "alice", "A1", room)
-    bob = join(envoy, standins, path, shape, "bob", "B1", room)
-    assert_channel_full(ask(envoy, path, shape, "carol", "C1", room))
-
-    standins.connect(bob, state=state)
-    resp = ask(envoy, path, shape, "carol", "C1", room)
-    if expected == 200:
-        assert_token_issued(resp, room, shape, "carol", "C1", standins)
-    else:
-        assert_channel_full(resp)
+    join(envoy, standins, path, shape, "bob", "B1", room, state=state)
+    bob = identity(shape, "bob", "B1")
+    listed = standins.livekit.states(livekit_alias(room))
+    assert bob in listed and (listed[bob] != "ACTIVE" if state == "JOINED" else True)
+    with counting(envoy, standins) as counts:
+        assert_channel_full(ask(envoy, path, shape, "carol", "C1", room))
+    assert counts.guard == {**CACHED_AND_CHECKED, "blocked": 1}
 
 
 def test_present_users_second_device_allowed_on_sfu_get(envoy, standins, new_room):

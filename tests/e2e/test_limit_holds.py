@@ -258,7 +258,7 @@ def test_user_who_connected_and_left_frees_the_place_at_once(livekit, start_envo
     livekit.connect(ask(envoy, room, "bob", "B1"))
     assert_refused(ask(envoy, room, "carol", "C1"), "carol while alice and bob are connected")
 
-    assert livekit.leave(alias, livekit_identity(user("alice"), "A1"))["removed"] is True
+    livekit.leave(alias, livekit_identity(user("alice"), "A1"))
     t0 = time.monotonic()
     assert_admitted(ask(envoy, room, "carol", "C1"), "carol after alice left")
     print(f"\ncarol admitted {time.monotonic() - t0:.2f}s after alice left (reservation_seconds=30)")
@@ -403,7 +403,9 @@ def test_state_stays_bounded_after_ten_thousand_rooms(livekit, start_envoy, plug
     before = envoy.stats()
 
     def join(i: int) -> int:
-        body = join_body(user(f"u{i:05d}"), "D", f"!bounded{i:05d}:{SERVER}")
+        # Users of another homeserver (a stand-in vouches for their OpenID tokens): 10,000
+        # accounts on the test Synapse would take longer to make than the test itself.
+        body = join_body(f"@u{i:05d}:example.org", "D", f"!bounded{i:05d}:{SERVER}")
         return envoy.post("/sfu/get", body, timeout=30).status_code
 
     samples: list[tuple[int, int, int, float]] = []

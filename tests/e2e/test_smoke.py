@@ -58,7 +58,10 @@ def test_alias_uses_go_escaping():
 def test_join_body_shapes():
     legacy = join_body("@alice:test.local", "DEV1", "!r")
     assert set(legacy) == {"room", "openid_token", "device_id"}
-    assert legacy["openid_token"]["access_token"] == "openid:@alice:test.local"
+    # Users of other homeservers get tokens their (stand-in) homeserver vouches for.
+    foreign = join_body("@alice:example.org", "DEV1", "!r")
+    assert foreign["openid_token"]["access_token"] == "openid:@alice:example.org"
+    assert foreign["openid_token"]["matrix_server_name"] == "example.org"
     new = join_body("@alice:test.local", "DEV1", "!r", shape="new", member_id="m1")
     assert set(new) == {"room_id", "slot_id", "openid_token", "member"}
     assert new["member"] == {"id": "m1", "claimed_user_id": "@alice:test.local", "claimed_device_id": "DEV1"}

@@ -176,7 +176,8 @@ func Read(endpoint string, body []byte, legacyOnly bool) (*Request, *Refusal) {
 		}
 		var r NewRequest
 		if err := decode(body, &r); err != nil {
-			return nil, refuse("M_NOT_JSON", "legacy: %v; new: %v", legacyErr, err)
+			// 0.5.0 answers a body neither shape decodes as malformed, not as "not JSON".
+			return nil, refuse("M_BAD_JSON", "legacy: %v; new: %v", legacyErr, err)
 		}
 		return fromNew(&r)
 	default:
