@@ -5,7 +5,6 @@ CARGO    ?= cargo
 PYTHON   ?= python3
 VENV     := .venv
 WASM     := target/wasm32-wasip1/release/voice_limit_guard.wasm
-STANDINS := target/release/lk-jwt-standin target/release/livekit-standin
 # The real LiveKit server, from the Go module registry (the last release whose go.mod has no
 # replace directives, which `go install pkg@version` refuses).
 LIVEKIT_VERSION := v1.13.5
@@ -14,7 +13,7 @@ LIVEKIT  := target/livekit/$(LIVEKIT_VERSION)/server
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
 TOOLS    := $(CURDIR)/target/tools
 
-.PHONY: all build standins livekit lkstack venv test test-unit test-wasm test-e2e lint demo bench clean
+.PHONY: all build livekit lkstack venv test test-unit test-wasm test-e2e lint demo bench clean
 
 all: build
 
@@ -23,10 +22,6 @@ build:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	$(CARGO) build --release --target wasm32-wasip1 --lib
 	@ls -l $(WASM)
-
-## The lk-jwt-service and LiveKit stand-ins used by the tests and the demo.
-standins:
-	$(CARGO) build --release -p vlg-standins
 
 ## The real LiveKit server (built once per version, about 2 minutes).
 livekit: $(LIVEKIT)
@@ -71,7 +66,7 @@ test-oracle:
 	VLG_ORACLE=$(CURDIR)/target/oracle/vlg-oracle VLG_ORACLE_CORPUS=$(CURDIR)/target/oracle/corpus.jsonl \
 	  VLG_ORACLE_REQUIRED=1 $(CARGO) test --test differential -- --nocapture
 
-test-e2e: build standins livekit lkstack venv
+test-e2e: build livekit lkstack venv
 	$(VENV)/bin/python -m pytest -q tests/e2e
 
 lint:
@@ -79,8 +74,9 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip1 --lib -- -D warnings
 
-## A local stack on defaults: Synapse, the stand-ins, Envoy with the filter, and a walk-through.
-demo: build standins venv
+## A local stack on defaults: Synapse, LiveKit, the lk-jwt-service stand-in, Envoy with the
+## filter, real clients, and a walk-through.
+demo: build livekit lkstack venv
 	$(VENV)/bin/python tests/e2e/demo.py
 
 bench: build venv

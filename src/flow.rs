@@ -1031,11 +1031,17 @@ mod tests {
         assert!(dispatched(&effects).is_empty(), "{effects:?}");
         assert!(counters(&effects).contains(&Counter::LivekitCacheHits));
         assert_eq!(outcome(&effects), Some(200));
-        // A third new user finds the room full from the cache alone.
+        // A third new user finds the room full on the cache, but a refusal is decided on a
+        // fresh list: LiveKit is asked, and still lists alice.
         let mut d = Admission::new();
         let mut effects = d.on_request_body(&legacy_body("@d:example.com", "DEV"), &env);
         effects.extend(d.on_response_headers(Some(200), false, &env));
         effects.extend(d.on_response_body(&issued(&legacy_alias(), "@d:example.com:DEV"), &env));
+        assert_eq!(outcome(&effects), None);
+        let calls = dispatched(&effects);
+        assert_eq!(calls.len(), 1);
+        let list = participants(&["@a:example.com:D1"]);
+        let effects = d.on_call_response(calls[0].kind.clone(), Some(200), &list, &env);
         assert_eq!(outcome(&effects), Some(403));
     }
 

@@ -365,6 +365,11 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
     let mut occupied: BTreeSet<&str> = present.iter().map(String::as_str).collect();
     occupied.extend(record.r.iter().map(|(user, _)| user.as_str()));
     let admitted = !should_block(q.max_users, &occupied, &requester);
+    if !admitted && matches!(q.participants, Participants::Cached) {
+        // A refusal is decided on a fresh list only: users who left since the list was taken
+        // would otherwise keep their places, and a user refused would never see why not.
+        return Ok(None);
+    }
     let reserved = record.r.iter().filter(|(u, _)| *u != requester).count();
     let mut verdict = Verdict {
         admitted,
@@ -529,11 +534,19 @@ mod tests {
         let mut q = question(2, Participants::Fresh(&list), "@b:x", "@b:x:D", 0);
         q.list_cache_ms = 1000;
         assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
-        // carol decides on the cached list plus bob's reservation: the room is full.
+        // On the cached list plus bob's reservation the room is full; a refusal is only ever
+        // decided on a fresh list, so carol's needs one.
         let q = question(2, Participants::Cached, "@c:x", "@c:x:D", 500);
+        assert_eq!(admit(&store, &q), Ok(Outcome::NeedList));
+        let fresh = vec!["@a:x:D".to_owned()];
+        let mut q = question(2, Participants::Fresh(&fresh), "@c:x", "@c:x:D", 500);
+        q.list_cache_ms = 1000;
         assert!(
             matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if !v.admitted && v.present == 1 && v.reserved == 1)
         );
+        // A second user admitted within the cache window is decided on the cache alone.
+        let q = question(3, Participants::Cached, "@d:x", "@d:x:D", 600);
+        assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
         // Once stale, the cached list is not used.
         let q = question(2, Participants::Cached, "@c:x", "@c:x:D", 1000);
         assert_eq!(admit(&store, &q), Ok(Outcome::NeedList));

@@ -1,10 +1,11 @@
 """`make demo`: the whole voice-limit-guard path on one machine, in about ten seconds.
 
-Starts a real Synapse, the lk-jwt-service and LiveKit stand-ins and Envoy running
-``envoy/envoy.yaml`` exactly as an operator would (same ports, same secrets from the
-environment, module path relative to the repository root). Then it creates a room
-limited to two users and walks through joins, printing each HTTP status and what it
-means, and finally the filter's counters.
+Starts a real Synapse, a real LiveKit server, the lk-jwt-service stand-in (Go, checking real
+OpenID tokens) and Envoy running ``envoy/envoy.yaml`` exactly as an operator would (same
+ports, same secrets from the environment, module path relative to the repository root).
+Then it creates a room limited to two users and walks through joins with real LiveKit
+clients that connect and stay, printing each HTTP status and what it means, who LiveKit
+lists in the call, and finally the filter's counters.
 
 The exit status is 0 only if every step answered as expected, so the demo doubles as
 a check of the example configuration. ``--free-ports`` runs the same walk-through on
@@ -27,6 +28,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import stack  # noqa: E402
+from realstack import LiveKitClients, LiveKitServer, LkJwtService, missing_binaries  # noqa: E402
 from stack import (  # noqa: E402  (the path above makes the harness importable)
     LIVEKIT_KEY,
     LIVEKIT_SECRET,
@@ -37,12 +40,12 @@ from stack import (  # noqa: E402  (the path above makes the harness importable)
     WASM_PATH,
     Process,
     StackError,
-    StandIns,
     Synapse,
     envoy_binary,
     http,
     install_signal_handlers,
     join_body,
+    livekit_alias,
     openid_token,
     rejection_lines,
     run_dir_for,
@@ -77,7 +80,7 @@ class Ports:
             ("Envoy admin", "127.0.0.1", self.admin),
             ("lk-jwt-service stand-in", "127.0.0.1", self.lk_jwt),
             ("Synapse", "127.0.0.1", self.synapse),
-            ("LiveKit stand-in", "127.0.0.1", self.livekit),
+            ("LiveKit", "127.0.0.1", self.livekit),
         ]
 
 
@@ -153,39 +156,6 @@ class FixedPortSynapse(Synapse):
         overrides["listeners"][0]["port"] = self.fixed_port
         overrides_path.write_text(json.dumps(overrides, indent=2))
         self.port = self.fixed_port
-
-
-class FixedPortStandIns(StandIns):
-    """The stand-ins on the ports envoy.yaml's ``lk_jwt`` and ``livekit`` clusters name."""
-
-    def __init__(self, jwt_port: int, livekit_port: int, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.jwt_port = jwt_port
-        self.livekit_port = livekit_port
-
-    def start(self, timeout: float = 20.0) -> "FixedPortStandIns":
-        missing = self.missing(self.bin_dir)
-        if missing:
-            raise StackError(f"stand-in binaries not built: {', '.join(missing)} (make standins)")
-        self.livekit_process = self._spawn_on(self.LIVEKIT_BINARY, self.livekit_port, [], timeout)
-        self.jwt_process = self._spawn_on(
-            self.JWT_BINARY, self.jwt_port, ["--livekit-url", self.livekit_ws_url], timeout)
-        return self
-
-    def _spawn_on(self, binary: str, port: int, extra: list[str], timeout: float) -> Process:
-        """Start one stand-in on ``port`` and wait for the line it prints once bound."""
-        stdout = self.dir / f"{binary}.stdout"
-        proc = Process(
-            binary,
-            [self.bin_dir / binary, "--listen", f"127.0.0.1:{port}",
-             "--key", self.key, "--secret", self.secret, *extra],
-            self.dir / f"{binary}.log",
-            stdout_path=stdout,
-            env={"RUST_LOG": "info"},
-        ).start()
-        wait_until(lambda: "listening on http://" in tail(stdout, 50),
-                   f"{binary} to listen on port {port}", timeout, proc)
-        return proc
 
 
 class ExampleEnvoy:
@@ -307,11 +277,13 @@ def preflight_step() -> Step:
 class Walkthrough:
     """Runs steps against Envoy, prints one line each and remembers any unexpected answer."""
 
-    def __init__(self, envoy: ExampleEnvoy, standins: StandIns, out: Callable[[str], None] = print):
+    def __init__(self, envoy: ExampleEnvoy, clients: LiveKitClients, out: Callable[[str], None] = print):
         self.envoy = envoy
-        self.standins = standins
+        self.clients = clients
         self.out = out
         self.failures: list[str] = []
+        # (who, device) -> the LiveKit client connected with that token
+        self.connected: dict[tuple[str, str], str] = {}
 
     def run(self, steps: list[Step]) -> None:
         for step in steps:
@@ -329,7 +301,7 @@ class Walkthrough:
             return
         detail = self.describe(step, resp)
         if resp.status_code == step.expect and step.connect:
-            detail += self.connect(resp)
+            detail += self.connect(step, resp)
         self.out(f"  {step.label()} -> {resp.status_code} {detail}")
         if resp.status_code != step.expect:
             self.failures.append(f"{step.label()}: expected {step.expect}, got {resp.status_code}")
@@ -342,14 +314,23 @@ class Walkthrough:
             return resp.text.strip()
         return step.meaning
 
-    def connect(self, resp: requests.Response) -> str:
-        """Join the LiveKit stand-in with the issued JWT, as a client would; a failure fails the step."""
+    def connect(self, step: Step, resp: requests.Response) -> str:
+        """Join LiveKit with the issued JWT, as a client would; a failure fails the step."""
         try:
-            self.standins.connect(resp)
+            self.connected[(step.who, step.device)] = self.clients.join(resp)
         except (StackError, requests.RequestException, ValueError, KeyError) as exc:
             self.failures.append(f"connecting to LiveKit with the issued token: {exc}")
             return f" (but connecting to LiveKit failed: {exc})"
         return ""
+
+    def leave(self, who: str, device: str) -> None:
+        """The client of ``who`` on ``device`` hangs up."""
+        handle = self.connected.pop((who, device), None)
+        if handle is None:
+            self.failures.append(f"{who} ({device}) never connected, so cannot leave")
+            return
+        self.clients.leave(handle)
+        self.out(f"  {who:<5} (device {device}) leaves the call")
 
 
 # --------------------------------------------------------------------------- the demo
@@ -362,30 +343,44 @@ class Demo:
         self.ports = ports
         self.run_dir = run_dir
         self.synapse: FixedPortSynapse | None = None
-        self.standins: FixedPortStandIns | None = None
+        self.livekit: LiveKitServer | None = None
+        self.lk_jwt: LkJwtService | None = None
+        self.clients: LiveKitClients | None = None
         self.envoy: ExampleEnvoy | None = None
         self.rooms: dict[str, str] = {}
 
     def start(self) -> None:
-        """Synapse and the stand-ins first: Envoy needs the admin's access token in its environment."""
+        """Synapse first (lk-jwt-service checks OpenID tokens with it, and Envoy needs the
+        admin's access token in its environment), then LiveKit and lk-jwt-service, then Envoy."""
         started = time.monotonic()
-        self.standins = FixedPortStandIns(self.ports.lk_jwt, self.ports.livekit, secret=LIVEKIT_SECRET,
-                                          run_dir=self.run_dir / "standins").start()
         self.synapse = FixedPortSynapse(self.ports.synapse, run_dir=self.run_dir / "synapse").start()
+        stack.OPENID_PROVIDER = self.synapse.openid_token
+        self.livekit = LiveKitServer(secret=LIVEKIT_SECRET, run_dir=self.run_dir / "livekit",
+                                     port=self.ports.livekit).start()
+        self.lk_jwt = LkJwtService(self.livekit.ws_url, {SERVER_NAME: self.synapse.base_url},
+                                   secret=LIVEKIT_SECRET, run_dir=self.run_dir / "lk-jwt",
+                                   port=self.ports.lk_jwt).start()
+        self.clients = LiveKitClients(run_dir=self.run_dir / "clients").start()
         config = envoy_config_for(self.ports, self.run_dir)
         self.envoy = ExampleEnvoy(config, self.ports, self.synapse.admin_token, LIVEKIT_SECRET,
                                   run_dir_for("envoy", self.run_dir / "envoy")).start()
         print(f"Stack up in {time.monotonic() - started:.1f}s: Synapse {self.synapse.base_url}, "
-              f"lk-jwt-service stand-in :{self.ports.lk_jwt}, LiveKit stand-in :{self.ports.livekit}, "
+              f"LiveKit :{self.ports.livekit}, lk-jwt-service stand-in :{self.ports.lk_jwt}, "
               f"Envoy :{self.ports.listener} (admin :{self.ports.admin}) with {_shown(config)}")
 
     def walk(self) -> list[str]:
         """Every scenario in order; returns the unexpected answers (none means success)."""
-        assert self.synapse and self.envoy and self.standins
-        walk = Walkthrough(self.envoy, self.standins)
+        assert self.synapse and self.envoy and self.clients and self.livekit
+        walk = Walkthrough(self.envoy, self.clients)
         limited = self.new_room("Limited call", LIMIT)
         print(f"\nRoom {limited}: {LIMIT_STATE_TYPE} {json.dumps({'max_users': LIMIT})}")
         walk.run(limited_room_steps(limited))
+        self.print_call(limited)
+        walk.leave("bob", "B1")
+        wait_until(lambda: len(self.livekit.list_participants(livekit_alias(limited))) == 2,
+                   "LiveKit to drop bob", 15)
+        walk.run([token_step("carol", "C1", limited, 200, "token issued: bob's place is free")])
+        self.print_call(limited)
         open_room = self.new_room("Open call", None)
         print(f"\nRoom {open_room}: no {LIMIT_STATE_TYPE}, so everyone is let in")
         walk.run(open_room_steps(open_room))
@@ -402,6 +397,13 @@ class Demo:
         self.rooms[name] = room
         return room
 
+    def print_call(self, room: str) -> None:
+        """Who LiveKit itself lists in the room's call (its ListParticipants API)."""
+        assert self.livekit
+        listed = self.livekit.list_participants(livekit_alias(room))
+        print(f"  LiveKit lists {len(listed)} participants: "
+              + ", ".join(f"{p['identity']} ({p.get('state', 'JOINING')})" for p in listed))
+
     def print_counters(self) -> None:
         assert self.envoy
         print(f"\nFilter counters ({self.envoy.admin_url}/stats?filter=voice_limit_guard):")
@@ -417,7 +419,7 @@ class Demo:
         print(f"  Envoy (token endpoints)  {self.envoy.url}/sfu/get, {self.envoy.url}/get_token")
         print(f"  Envoy admin              {self.envoy.admin_url}/stats?filter=voice_limit_guard")
         print(f"  Synapse                  {self.synapse.base_url} (admin token: {self.synapse.admin_token})")
-        print(f"  LiveKit stand-in         http://127.0.0.1:{self.ports.livekit}/_standin/stats")
+        print(f"  LiveKit                  ws://127.0.0.1:{self.ports.livekit} (key {LIVEKIT_KEY})")
         print("  Try (dave is refused: the limited room is full):")
         print(f"    curl -si {self.envoy.url}/sfu/get -d '{json.dumps(body)}'")
 
@@ -434,14 +436,16 @@ class Demo:
         found: list[Process | None] = []
         if self.envoy:
             found.append(self.envoy.process)
-        if self.standins:
-            found += [self.standins.jwt_process, self.standins.livekit_process]
+        if self.livekit:
+            found.append(self.livekit.process)
+        if self.lk_jwt:
+            found.append(self.lk_jwt.process)
         if self.synapse:
             found.append(self.synapse.process)
         return found
 
     def stop(self) -> None:
-        for component in (self.envoy, self.standins, self.synapse):
+        for component in (self.envoy, self.clients, self.lk_jwt, self.livekit, self.synapse):
             if component is not None:
                 component.stop()
 
@@ -462,7 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-running", action="store_true",
                         help="keep the stack up after the walk-through until Ctrl-C")
     parser.add_argument("--run-dir", type=Path, default=STACK_ROOT / "demo",
-                        help="where logs and state go (each run replaces its envoy/, standins/, synapse/; default .stack/demo)")
+                        help="where logs and state go (each run replaces its envoy/, livekit/, lk-jwt/, clients/, synapse/; default .stack/demo)")
     return parser.parse_args(argv)
 
 
@@ -470,9 +474,9 @@ def missing_build() -> str | None:
     """What has to be built before the demo can run, or None."""
     if not WASM_PATH.exists():
         return f"Wasm module not built: {_shown(WASM_PATH)} (run `make build`)"
-    missing = StandIns.missing()
+    missing = missing_binaries()
     if missing:
-        return f"stand-ins not built: {', '.join(missing)} (run `make standins`)"
+        return f"not built: {', '.join(missing)}"
     return None
 
 
@@ -517,9 +521,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ndemo: {exc}", file=sys.stderr)
         status = 1
     finally:
-        print("Stopping Envoy, the stand-ins and Synapse...")
+        print("Stopping Envoy, the LiveKit clients, lk-jwt-service, LiveKit and Synapse...")
         demo.stop()
-        print(f"Logs: {_shown(run_dir)}/ (envoy/, standins/, synapse/)")
+        print(f"Logs: {_shown(run_dir)}/ (envoy/, livekit/, lk-jwt/, clients/, synapse/)")
     return status
 
 

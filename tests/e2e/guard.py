@@ -22,7 +22,6 @@ from stack import (
     LIVEKIT_KEY,
     LIVEKIT_SECRET,
     Envoy,
-    StandIns,
     Synapse,
     default_plugin_config,
     http,
@@ -84,7 +83,7 @@ def ask(envoy: Envoy, path: str, shape: str, who: str, device: str, room: str,
     return envoy.post(path, token_body(shape, who, device, room), **kwargs)
 
 
-def fill_room(standins: StandIns, room: str, shape: str, people: list[tuple[str, str]],
+def fill_room(standins: Any, room: str, shape: str, people: list[tuple[str, str]],
               state: str = "ACTIVE") -> str:
     """Put ``(name, device)`` participants into the room's LiveKit room; return its alias."""
     alias = livekit_alias(room)
@@ -111,7 +110,7 @@ def assert_lk_jwt_headers(resp: requests.Response) -> None:
 
 
 def assert_token_issued(resp: requests.Response, room: str, shape: str, who: str,
-                        device: str, standins: StandIns) -> dict:
+                        device: str, standins: Any) -> dict:
     """A 200 exactly as lk-jwt-service sends it: ``{"url","jwt"}`` plus newline, a valid JWT
     for the right LiveKit room and identity, and lk-jwt's headers."""
     assert resp.status_code == 200, resp.text
@@ -150,7 +149,7 @@ def comparable_headers(resp: requests.Response) -> dict[str, str]:
     return {k.lower(): v for k, v in resp.headers.items() if k.lower() not in ENVOY_OWN_HEADERS}
 
 
-def direct(standins: StandIns, method: str, path: str, data: bytes | None = None) -> requests.Response:
+def direct(standins: Any, method: str, path: str, data: bytes | None = None) -> requests.Response:
     """The same request sent straight to the lk-jwt stand-in, bypassing Envoy."""
     return http().request(method, f"{standins.jwt_url}{path}", data=data, timeout=10)
 
@@ -167,7 +166,7 @@ def as_bytes(body: Any) -> bytes:
 class Counts:
     """Counter changes over a block: the guard's counters and LiveKit ``ListParticipants`` calls."""
 
-    def __init__(self, envoy: Envoy, standins: StandIns | None):
+    def __init__(self, envoy: Envoy, standins: Any):
         self.envoy = envoy
         self.standins = standins
         self.guard: dict[str, int] = {}
@@ -189,7 +188,7 @@ class Counts:
         self.list_participants = after[1] - self._before[1]
 
 
-def counting(envoy: Envoy, standins: StandIns | None = None) -> Counts:
+def counting(envoy: Envoy, standins: Any = None) -> Counts:
     """``with counting(envoy, standins) as c: ...`` then ``c.guard`` is the exact counter delta."""
     return Counts(envoy, standins)
 
@@ -197,7 +196,7 @@ def counting(envoy: Envoy, standins: StandIns | None = None) -> Counts:
 # --------------------------------------------------------------------------- Envoys
 
 
-def shared_envoy(name: str, synapse: Synapse, standins: StandIns, config: dict | None = None, *,
+def shared_envoy(name: str, synapse: Synapse, standins: Any, config: dict | None = None, *,
                  lk_jwt_at: Any = None, synapse_at: Any = None, livekit_at: Any = None,
                  **envoy_options: Any) -> Envoy:
     """Start an Envoy with the filter that a whole test module or class shares.
@@ -225,7 +224,7 @@ def module_envoy(name: str) -> tuple[Any, Any]:
     ``envoy, _log_on_failure = module_envoy("name")``."""
 
     @pytest.fixture(scope="module")
-    def envoy(synapse: Synapse, standins: StandIns) -> Iterator[Envoy]:
+    def envoy(synapse: Synapse, standins: Any) -> Iterator[Envoy]:
         proxy = shared_envoy(name, synapse, standins)
         yield proxy
         proxy.stop()

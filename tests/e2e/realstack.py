@@ -60,10 +60,12 @@ class LiveKitServer:
     """A real LiveKit server (single node, no Redis) on 127.0.0.1."""
 
     def __init__(self, key: str = LIVEKIT_KEY, secret: str = LIVEKIT_SECRET,
-                 run_dir: str | os.PathLike | None = None, name: str = "livekit"):
+                 run_dir: str | os.PathLike | None = None, name: str = "livekit", port: int = 0):
+        """``port``: the HTTP/WebSocket port (0: a free one)."""
         self.dir = run_dir_for(name, run_dir)
         self.key = key
         self.secret = secret
+        self.fixed_port = port
         self.port = 0
         self.process: Process | None = None
 
@@ -82,7 +84,7 @@ class LiveKitServer:
     def start(self, timeout: float = 30.0) -> "LiveKitServer":
         if not LIVEKIT_BIN.exists():
             raise StackError(f"LiveKit server not built: {LIVEKIT_BIN} (make livekit)")
-        self.port = free_port()
+        self.port = self.fixed_port or free_port()
         config = {
             "port": self.port,
             "bind_addresses": ["127.0.0.1"],
@@ -126,9 +128,9 @@ class LkJwtService:
 
     def __init__(self, livekit_ws_url: str, homeservers: dict[str, str], key: str = LIVEKIT_KEY,
                  secret: str = LIVEKIT_SECRET, sfu_get_shapes: str = "both",
-                 run_dir: str | os.PathLike | None = None, name: str = "lk-jwt"):
+                 run_dir: str | os.PathLike | None = None, name: str = "lk-jwt", port: int = 0):
         self.dir = run_dir_for(name, run_dir)
-        self.argv = [LKSTACK_DIR / self.BINARY, "--listen", "127.0.0.1:0", "--key", key,
+        self.argv = [LKSTACK_DIR / self.BINARY, "--listen", f"127.0.0.1:{port}", "--key", key,
                      "--secret", secret, "--livekit-url", livekit_ws_url,
                      "--sfu-get-shapes", sfu_get_shapes]
         for server_name, base_url in homeservers.items():

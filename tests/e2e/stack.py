@@ -9,9 +9,10 @@ no test-framework imports. Every component:
   deadline; a failure to start raises :class:`StackError` carrying the tail of
   the component's log, because a bare timeout says nothing about the cause.
 
-Components: :class:`Synapse` (a real homeserver), :class:`StandIns` (the
-lk-jwt-service and LiveKit stand-ins), :class:`Envoy` (with or without the Wasm
-filter) and :class:`FaultServer` (a misbehaving upstream for fault injection).
+Components: :class:`Synapse` (a real homeserver), :class:`Envoy` (with or without the
+Wasm filter) and :class:`FaultServer` (a misbehaving upstream for fault injection).
+The real LiveKit server, the lk-jwt-service stand-in and LiveKit clients are in
+:mod:`realstack`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ VENV_BIN = REPO / ".venv" / "bin"
 # Overridable so the same suite can run a debug build or binaries built elsewhere.
 WASM_PATH = Path(os.environ.get(
     "VLG_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "voice_limit_guard.wasm"))
-STANDIN_DIR = Path(os.environ.get("VLG_STANDIN_DIR", REPO / "target" / "release"))
 
 SERVER_NAME = "test.local"
 LIVEKIT_KEY = "devkey"
@@ -642,167 +642,6 @@ def quote_segment(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
-# --------------------------------------------------------------------------- stand-ins
-
-
-class StandIns:
-    """The lk-jwt-service and LiveKit stand-ins (Rust binaries), each on its own loopback port.
-
-    Each binary prints ``listening on http://127.0.0.1:PORT`` once bound; the
-    port is read from that line, so no port is ever guessed.
-    """
-
-    JWT_BINARY = "lk-jwt-standin"
-    LIVEKIT_BINARY = "livekit-standin"
-
-    def __init__(
-        self,
-        run_dir: str | os.PathLike | None = None,
-        key: str = LIVEKIT_KEY,
-        secret: str = LIVEKIT_SECRET,
-        bin_dir: str | os.PathLike = STANDIN_DIR,
-        sfu_get_shapes: str | None = None,
-        name: str = "standins",
-    ):
-        """``sfu_get_shapes``: ``"both"`` (lk-jwt-service v0.4.0 to v0.5.0, the stand-in's default)
-        or ``"legacy"`` (current lk-jwt-service) body shapes accepted on ``/sfu/get``.
-        A second pair needs its own ``name`` (its run directory)."""
-        self.dir = run_dir_for(name, run_dir)
-        self.key = key
-        self.secret = secret
-        self.bin_dir = Path(bin_dir)
-        self.sfu_get_shapes = sfu_get_shapes
-        self.jwt_port = 0
-        self.livekit_port = 0
-        self.jwt_process: Process | None = None
-        self.livekit_process: Process | None = None
-
-    @classmethod
-    def missing(cls, bin_dir: str | os.PathLike = STANDIN_DIR) -> list[str]:
-        """Names of stand-in binaries that have not been built yet."""
-        return [name for name in (cls.JWT_BINARY, cls.LIVEKIT_BINARY)
-                if not (Path(bin_dir) / name).exists()]
-
-    @property
-    def jwt_address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.jwt_port)
-
-    @property
-    def livekit_address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.livekit_port)
-
-    @property
-    def jwt_url(self) -> str:
-        return f"http://127.0.0.1:{self.jwt_port}"
-
-    @property
-    def livekit_http_url(self) -> str:
-        return f"http://127.0.0.1:{self.livekit_port}"
-
-    @property
-    def livekit_ws_url(self) -> str:
-        """The URL lk-jwt-service hands to clients (``url`` of the token response)."""
-        return f"ws://127.0.0.1:{self.livekit_port}"
-
-    def start(self, timeout: float = 20.0) -> "StandIns":
-        missing = self.missing(self.bin_dir)
-        if missing:
-            raise StackError(f"stand-in binaries not built: {', '.join(missing)} "
-                             f"(cargo build --release -p vlg-standins)")
-        self.livekit_process, self.livekit_port = self._spawn(
-            self.LIVEKIT_BINARY, [], timeout)
-        jwt_flags = ["--livekit-url", self.livekit_ws_url]
-        if self.sfu_get_shapes:
-            jwt_flags += ["--sfu-get-shapes", self.sfu_get_shapes]
-        self.jwt_process, self.jwt_port = self._spawn(self.JWT_BINARY, jwt_flags, timeout)
-        return self
-
-    def _spawn(self, binary: str, extra: list[str], timeout: float) -> tuple[Process, int]:
-        """Start one stand-in and read its port from the line it prints once listening."""
-        stdout = self.dir / f"{binary}.stdout"
-        proc = Process(
-            binary,
-            [self.bin_dir / binary, "--listen", "127.0.0.1:0", "--key", self.key,
-             "--secret", self.secret, *extra],
-            self.dir / f"{binary}.log",
-            stdout_path=stdout,
-            env={"RUST_LOG": os.environ.get("RUST_LOG", "info"), "RUST_BACKTRACE": "1"},
-        ).start()
-
-        def port_line() -> int | None:
-            for line in tail(stdout, 200).splitlines():
-                if line.startswith("listening on http://"):
-                    return int(line.rsplit(":", 1)[1].strip().rstrip("/"))
-            return None
-
-        port = wait_until(port_line, f"{binary} to print its port", timeout, proc)
-        return proc, port
-
-    def stop(self) -> None:
-        for proc in (self.jwt_process, self.livekit_process):
-            if proc:
-                proc.stop()
-
-    # LiveKit stand-in test control API -------------------------------------------------
-
-    def _control(self, method: str, path: str, body: Any = None) -> Any:
-        resp = http().request(method, f"{self.livekit_http_url}/_standin/{path}", json=body, timeout=10)
-        if resp.status_code >= 300:
-            raise StackError(f"livekit-standin {path}: HTTP {resp.status_code} {resp.text[:300]}")
-        try:
-            return resp.json()
-        except ValueError:
-            return resp.text
-
-    def set_room(self, alias: str, participants: list[dict] | list[tuple[str, str]]) -> Any:
-        """Replace a LiveKit room's participants (dicts, or ``(identity, state)`` pairs)."""
-        people = [p if isinstance(p, dict) else {"identity": p[0], "state": p[1]} for p in participants]
-        return self._control("POST", "rooms", {"room": alias, "participants": people})
-
-    def join(self, jwt: str, state: str | None = None) -> Any:
-        """Connect to LiveKit with an issued join token, as a client would (state ACTIVE unless given)."""
-        body = {"token": jwt}
-        if state:
-            body["state"] = state
-        return self._control("POST", "join", body)
-
-    def connect(self, token_response: "requests.Response | dict | str", state: str | None = None) -> Any:
-        """Connect with the JWT of an lk-jwt-service answer (response, parsed body or bare JWT)."""
-        if isinstance(token_response, requests.Response):
-            if token_response.status_code != 200:
-                raise StackError(f"no token to connect with: HTTP {token_response.status_code} "
-                                 f"{token_response.text[:300]}")
-            token_response = token_response.json()
-        jwt = token_response["jwt"] if isinstance(token_response, dict) else token_response
-        return self.join(jwt, state)
-
-    def leave(self, alias: str, identity: str) -> Any:
-        return self._control("POST", "leave", {"room": alias, "identity": identity})
-
-    def set_delay(self, delay_ms: int) -> Any:
-        """Delay every ListParticipants answer (to hold a check open)."""
-        return self._control("POST", "config", {"delay_ms": delay_ms})
-
-    def list_participants(self, alias: str) -> list[dict]:
-        """Ask the LiveKit stand-in's Twirp API who is in a room, exactly as the filter does."""
-        resp = http().post(
-            f"{self.livekit_http_url}/twirp/livekit.RoomService/ListParticipants",
-            json={"room": alias},
-            headers={"Authorization": f"Bearer {livekit_admin_token(self.key, self.secret, alias)}"},
-            timeout=10,
-        )
-        if resp.status_code != 200:
-            raise StackError(f"ListParticipants: HTTP {resp.status_code} {resp.text[:300]}")
-        return resp.json().get("participants", [])
-
-    def livekit_stats(self) -> dict:
-        return self._control("GET", "stats")
-
-    def reset(self) -> Any:
-        """Forget all rooms, participants, delays and counters."""
-        return self._control("POST", "reset", {})
-
-
 # --------------------------------------------------------------------------- Envoy
 
 Address = "tuple[str, int] | Synapse | FaultServer | str"
@@ -1374,56 +1213,6 @@ class FaultServer:
         self._send(conn, 200, huge_json(self.huge_size))
 
 
-# --------------------------------------------------------------------------- whole stack
-
-
-class Stack:
-    """Synapse, the stand-ins and an Envoy with the filter, wired together on defaults.
-
-    For scripts (the demo) that want the production-like path in one call::
-
-        with Stack().start() as stack:
-            room = stack.synapse.create_room()
-            stack.synapse.set_limit(room, 2)
-            stack.envoy.post("/sfu/get", join_body("@alice:test.local", "A", room))
-    """
-
-    def __init__(self, with_filter: bool = True, **plugin_overrides: Any):
-        self.with_filter = with_filter
-        self.plugin_overrides = plugin_overrides
-        self.synapse: Synapse | None = None
-        self.standins: StandIns | None = None
-        self.envoy: Envoy | None = None
-
-    def start(self) -> "Stack":
-        try:
-            self.synapse = Synapse().start()
-            self.standins = StandIns().start()
-            config = default_plugin_config(self.synapse.admin_token, self.standins.secret,
-                                           **self.plugin_overrides)
-            self.envoy = Envoy(lk_jwt=self.standins.jwt_address, synapse=self.synapse,
-                               livekit=self.standins.livekit_address, plugin_config=config,
-                               with_filter=self.with_filter).start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        for component in (self.envoy, self.standins, self.synapse):
-            if component is not None:
-                component.stop()
-
-    def log_dirs(self) -> list[Path]:
-        return [c.dir for c in (self.synapse, self.standins, self.envoy) if c is not None]
-
-    def __enter__(self) -> "Stack":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
 def huge_json(size: int) -> bytes:
     """Valid JSON of about ``size`` bytes, usable as either upstream's answer.
 
@@ -1459,9 +1248,7 @@ __all__ = [
     "Envoy",
     "FaultServer",
     "Process",
-    "Stack",
     "StackError",
-    "StandIns",
     "Synapse",
     "default_plugin_config",
     "free_port",

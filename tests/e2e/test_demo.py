@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import requires_standins, requires_wasm
+from conftest import requires_standins, requires_wasm  # requires_standins: the real LiveKit stack
 
 DEMO = Path(__file__).resolve().parent / "demo.py"
 
@@ -38,9 +38,15 @@ def test_demo_walks_through_the_limit(tmp_path):
 
     assert "-> 200" in _line(output, "alice (device A1)", "POST /sfu/get")
     assert "-> 200" in _line(output, "bob   (device B1)", "POST /get_token")
-    carol = _line(output, "carol (device C1)", "POST /sfu/get")
-    assert '-> 403 {"errcode":"M_FORBIDDEN","error":"This voice channel is full."}' in carol
+    _line(output, "carol (device C1)", '-> 403 {"errcode":"M_FORBIDDEN","error":"This voice channel is full."}')
     assert "-> 200 let in: alice is already in the call" in _line(output, "alice (device A2, second device)")
+    # LiveKit itself lists alice's two devices and bob, all connected by real clients.
+    listings = [line for line in output.splitlines() if "LiveKit lists" in line]
+    assert len(listings) == 2, output
+    assert "3 participants" in listings[0] and "@alice:test.local:A2" in listings[0]
+    assert "@carol:test.local:C1" not in listings[0] and "@carol:test.local:C1" in listings[1]
+    _line(output, "bob   (device B1) leaves the call")
+    _line(output, "carol (device C1)", "-> 200 token issued: bob's place is free")
     assert "-> 200" in _line(output, "OPTIONS /sfu/get")
     assert "wasmcustom.voice_limit_guard.blocked: 1" in output
     assert "All steps answered as expected" in output

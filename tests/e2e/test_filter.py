@@ -1,8 +1,8 @@
 """The guard's admission behaviour through the real stack: Envoy with the filter, a real Synapse
-holding the limits, and the lk-jwt-service and LiveKit stand-ins.
+holding the limits, the real LiveKit server and the lk-jwt-service stand-in.
 
-Users "connect" by handing their issued JWT to the LiveKit stand-in, so every limit below is
-reached the way it is in production: by people actually in the call.
+Users connect real LiveKit clients with their issued JWTs, so every limit below is reached the
+way it is in production: by people actually in the call.
 """
 
 from __future__ import annotations

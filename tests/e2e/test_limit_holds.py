@@ -2,8 +2,8 @@
 
 A client gets its LiveKit token before it connects, so LiveKit's participant list lags behind
 the tokens already issued. These tests run the built filter in a real Envoy with two worker
-threads (both share the filter's state), a real Synapse holding the limits, and the
-lk-jwt-service and LiveKit stand-ins, and check what users and operators rely on:
+threads (both share the filter's state), a real Synapse holding the limits, the real LiveKit
+server and the lk-jwt-service stand-in, and check what users and operators rely on:
 
 - a burst of simultaneous joins never gets more tokens than the limit;
 - a place taken by a token whose user never connects comes back after ``reservation_seconds``,
