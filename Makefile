@@ -79,8 +79,9 @@ lint:
 demo: build livekit lkstack venv
 	$(VENV)/bin/python tests/e2e/demo.py
 
-bench: build venv
+bench: build livekit lkstack venv
 	$(VENV)/bin/python bench/bench.py
+	$(VENV)/bin/python bench/join_latency.py
 
 clean:
 	$(CARGO) clean

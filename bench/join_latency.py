@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Join latency as users feel it: from the token request to a participant connected to LiveKit,
+with and without the guard, on the real stack (`make bench` runs it after bench.py).
+
+Real Synapse, the real LiveKit server, the lk-jwt-service stand-in (which checks each OpenID
+token with Synapse, as lk-jwt-service does) and real clients (the LiveKit Go SDK). Two Envoys
+front the same lk-jwt-service: plain Envoy, and Envoy with the filter (the test suite's
+configuration: limit cached 10 s, LiveKit asked for every token). Each join is a new user in a
+room limited to 1,000, so every token is let in; joins alternate between the two Envoys, each
+client leaving before the next join. The first join of each Envoy (a cold limit cache) is
+reported apart. Overrides: ``JOIN_ROUNDS`` (default 40 joins per Envoy).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+import stack  # noqa: E402
+from realstack import LiveKitClients, LiveKitServer, LkJwtService, missing_binaries  # noqa: E402
+from stack import (  # noqa: E402
+    LIVEKIT_SECRET,
+    SERVER_NAME,
+    Envoy,
+    Synapse,
+    default_plugin_config,
+    http,
+    join_body,
+)
+
+ROUNDS = int(os.environ.get("JOIN_ROUNDS", "40"))
+RESULTS = REPO / "bench" / "join-latency.md"
+
+
+def join_once(envoy: Envoy, clients: LiveKitClients, body: dict) -> tuple[float, float]:
+    """One join: (token answered, client connected) in ms from the request's start."""
+    started = time.perf_counter()
+    resp = http().post(f"{envoy.url}/sfu/get", json=body, timeout=30)
+    token_at = time.perf_counter()
+    if resp.status_code != 200:
+        raise RuntimeError(f"join refused: {resp.status_code} {resp.text[:200]}")
+    handle = clients.join(resp)
+    connected_at = time.perf_counter()
+    clients.leave(handle)
+    return (token_at - started) * 1000, (connected_at - started) * 1000
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    missing = missing_binaries()
+    if missing:
+        print(f"join latency: not built: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    synapse = Synapse(name="bench-synapse").start()
+    parts: list = [synapse]
+    try:
+        stack.OPENID_PROVIDER = synapse.openid_token
+        livekit = LiveKitServer(name="bench-livekit").start()
+        parts.append(livekit)
+        lk_jwt = LkJwtService(livekit.ws_url, {SERVER_NAME: synapse.base_url}, name="bench-lk-jwt").start()
+        parts.append(lk_jwt)
+        clients = LiveKitClients(name="bench-clients").start()
+        parts.append(clients)
+        config = default_plugin_config(synapse.admin_token, LIVEKIT_SECRET)
+        envoys = {
+            "plain Envoy": Envoy(lk_jwt=lk_jwt.address, synapse=synapse, livekit=livekit.address,
+                                 with_filter=False, name="bench-envoy-plain").start(),
+            "Envoy + guard": Envoy(lk_jwt=lk_jwt.address, synapse=synapse, livekit=livekit.address,
+                                   plugin_config=config, name="bench-envoy-guard").start(),
+        }
+        parts.extend(envoys.values())
+        room = synapse.create_room("bench")
+        synapse.set_limit(room, 1000)
+        # Every user's OpenID token is fetched before anything is timed.
+        bodies = {name: [join_body(f"@join{i:03d}-{n}:{SERVER_NAME}", "D", room)
+                         for i in range(ROUNDS + 1)] for n, name in enumerate(envoys)}
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in envoys}
+        cold: dict[str, tuple[float, float]] = {}
+        for i in range(ROUNDS + 1):
+            for name, envoy in envoys.items():
+                result = join_once(envoy, clients, bodies[name][i])
+                if i == 0:
+                    cold[name] = result
+                else:
+                    samples[name].append(result)
+        lines = report(samples, cold)
+    finally:
+        for part in reversed(parts):
+            part.stop()
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.write_text(text + "\n")
+    print(f"\n(written to {RESULTS.relative_to(REPO)})")
+    return 0
+
+
+def report(samples: dict[str, list[tuple[float, float]]], cold: dict[str, tuple[float, float]]) -> list[str]:
+    floor = statistics.median(c for _, c in samples["plain Envoy"])
+    floor_token = statistics.median(t for t, _ in samples["plain Envoy"])
+    lines = [
+        f"Join latency on the real stack ({ROUNDS} joins per Envoy, {time.strftime('%Y-%m-%d')}, "
+        f"load {Path('/proc/loadavg').read_text().split()[0]}): request to connected participant.",
+        "",
+        "| subject | token p50 ms | ×plain | connected p50 ms | ×plain | connected p90 ms | first join (cold) ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, values in samples.items():
+        token = statistics.median(t for t, _ in values)
+        connected = statistics.median(c for _, c in values)
+        lines.append(
+            f"| {name} | {token:.1f} | {token / floor_token:.2f} | {connected:.1f} | "
+            f"{connected / floor:.2f} | {percentile([c for _, c in values], 0.9):.1f} | "
+            f"{cold[name][1]:.1f} |")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
