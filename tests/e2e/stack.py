@@ -1022,7 +1022,8 @@ class FaultServer:
 
     ``mode`` can be changed while running:
 
-    - ``ok``: 200 with ``body``;
+    - ``ok``: 200 with ``body``, or, with an ``upstream``, the upstream's own answer (the
+      server is then a fault injector in front of a real service);
     - ``status``: ``status`` with a Matrix-style JSON error body (or ``body`` if set);
     - ``slow``: waits ``delay`` seconds, then answers like ``ok``;
     - ``reset``: sends headers and part of the body, then resets the connection (RST);
@@ -1038,8 +1039,10 @@ class FaultServer:
 
     def __init__(self, mode: str = "ok", body: Any = None, status: int = 500,
                  delay: float = 10.0, huge_size: int = 8 * 1024 * 1024,
-                 name: str = "fault", run_dir: str | os.PathLike | None = None):
+                 name: str = "fault", run_dir: str | os.PathLike | None = None,
+                 upstream: tuple[str, int] | None = None):
         self.dir = run_dir_for(name, run_dir)
+        self.upstream = upstream
         self.name = name
         self.body = body if body is not None else {}
         self.status = status
@@ -1129,7 +1132,12 @@ class FaultServer:
             self.requests.append(request)
             mode = self._mode
             self._log.write(f"{mode}: {request['method']} {request['path']}\n")
-            getattr(self, f"_answer_{mode}", self._answer_ok)(conn)
+            if mode in ("ok", "slow") and self.upstream is not None:
+                if mode == "slow" and self._stopping.wait(self.delay):
+                    return
+                self._forward(conn, request)
+            else:
+                getattr(self, f"_answer_{mode}", self._answer_ok)(conn)
         except OSError as exc:
             self._log.write(f"connection error: {exc}\n")
         finally:
@@ -1180,6 +1188,17 @@ class FaultServer:
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {length}\r\nConnection: close\r\n\r\n")
         conn.sendall(head.encode() + body)
+
+    def _forward(self, conn: socket.socket, request: dict) -> None:
+        """Pass the request to the upstream and its answer back, as it came."""
+        assert self.upstream is not None
+        host, port = self.upstream
+        headers = {k: v for k, v in request["headers"].items()
+                   if k.lower() in ("authorization", "content-type")}
+        resp = http().request(request["method"], f"http://{host}:{port}{request['path']}",
+                              data=request["body"], headers=headers, timeout=30)
+        self._send(conn, resp.status_code, resp.content,
+                   content_type=resp.headers.get("Content-Type", "application/json"))
 
     def _answer_ok(self, conn: socket.socket) -> None:
         self._send(conn, 200, self._body_bytes())

@@ -6,7 +6,8 @@ count it, answer within the configured timeout plus a small margin, and leave En
 
 A :class:`stack.FaultServer` stands where one upstream should be; the other upstream is the
 real one, so the check always gets as far as the faulty call: for LiveKit faults the room is a
-real Synapse room with a limit.
+real Synapse room with a limit. On the LiveKit side the fault server is an injector in front of
+the real LiveKit server: when it behaves, the real server answers.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def limit_state(max_users: int) -> dict:
 
 
 def healthy_answer(upstream: str) -> dict:
-    """What the fault server says when it behaves: a limit of 5, or an empty LiveKit room."""
+    """What the fault server says when it behaves: a limit of 5 (on the LiveKit side the real
+    server answers, and this body is only the start of a truncated or reset answer)."""
     return limit_state(5) if upstream == "synapse" else {"participants": []}
 
 
@@ -84,8 +86,10 @@ class FaultRig:
         self.upstream = upstream
         self.failure_mode = failure_mode
         self.standins = standins
+        # LiveKit's healthy answers come from the real server behind the injector.
+        real = standins.livekit.address if upstream == "livekit" else None
         self.server = FaultServer("ok", body=healthy_answer(upstream),
-                                  name=f"fault-{upstream}-{failure_mode}")
+                                  name=f"fault-{upstream}-{failure_mode}", upstream=real)
         config = {upstream: {"timeout_ms": TIMEOUT_MS}, "failure_mode": failure_mode}
         self.envoy = shared_envoy(
             f"faults-{upstream}-{failure_mode}", synapse, standins, config,
