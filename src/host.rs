@@ -180,6 +180,25 @@ impl GuardRoot {
     }
 }
 
+/// Takes the answer to call `token_id` out of the host and hands it over (see [`hand_over`]).
+fn answer_call(
+    token_id: u32,
+    num_headers: usize,
+    body_size: usize,
+    config: &Config,
+    metrics: &Rc<Metrics>,
+) {
+    if let Some(answer) = take_call_answer(token_id, num_headers, body_size) {
+        let CallAnswer {
+            stream,
+            kind,
+            status,
+            body,
+        } = answer;
+        hand_over(stream, kind, status, &body, config, metrics);
+    }
+}
+
 /// Hands a call's answer to the stream that asked, or, when that stream has ended, settles
 /// it (a limit lookup's answer is cached all the same).
 fn hand_over(
@@ -210,14 +229,8 @@ impl Context for GuardRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some(CallAnswer {
-            stream,
-            kind,
-            status,
-            body,
-        }) = take_call_answer(token_id, num_headers, body_size)
-        {
-            self.answer(stream, kind, status, &body);
+        if let (Some(config), Some(metrics)) = (&self.config, &self.metrics) {
+            answer_call(token_id, num_headers, body_size, config, metrics);
         }
     }
 }
@@ -525,15 +538,13 @@ impl Context for GuardStream {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some(CallAnswer {
-            stream,
-            kind,
-            status,
-            body,
-        }) = take_call_answer(token_id, num_headers, body_size)
-        {
-            hand_over(stream, kind, status, &body, &self.config, &self.metrics);
-        }
+        answer_call(
+            token_id,
+            num_headers,
+            body_size,
+            &self.config,
+            &self.metrics,
+        );
     }
 }
 

@@ -232,6 +232,19 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
 
 
+def serve(handler: type[BaseHTTPRequestHandler]) -> _Server:
+    """A :class:`_Server` on a free loopback port, serving from a daemon thread."""
+    server = _Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def shut(server: _Server | None) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 class LiveKitAPIProxy:
     """What the guard reaches as LiveKit: a pass-through to the real server's HTTP API that
     counts ``ListParticipants`` calls and can hold each answer back (``delay_ms``), for tests
@@ -280,14 +293,11 @@ class LiveKitAPIProxy:
                 self.end_headers()
                 self.wfile.write(content)
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve(Handler)
         return self
 
     def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+        shut(self._server)
 
 
 class RealStandIns:
@@ -451,14 +461,11 @@ class ForeignHomeserver:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve(Handler)
         return self
 
     def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+        shut(self._server)
 
 
 def join_token(key: str, secret: str, alias: str, identity: str, ttl: int = 3600) -> str:
