@@ -106,6 +106,7 @@ def call(envoy, synapse, real_livekit, clients, new_room):
 
 @pytest.mark.parametrize("path, shape", SHAPES)
 def test_connected_users_fill_the_room_and_leaving_frees_a_place(call, path, shape):
+    """Clients connect, stay, leave and reconnect; the guard follows LiveKit's own list."""
     room = call(2, shape)
     with counting(room.envoy) as counts:
         room.join("alice", "A1")
@@ -121,8 +122,13 @@ def test_connected_users_fill_the_room_and_leaving_frees_a_place(call, path, sha
     wait_until(lambda: len(room.identities()) == 2, "LiveKit to drop bob", 10)
     with counting(room.envoy) as counts:
         room.join("carol", "C1")
-    assert counts.guard == {"token_requests": 1, "limit_cache_hits": 1, "livekit_lookups": 1,
-                            "allowed": 1}
+        # bob wants back in: he is a new user again, and the room is full.
+        assert_channel_full(room.ask("bob", "B1"))
+        # alice hangs up and reconnects with a new token: still her place.
+        room.leave("alice", "A1")
+        room.join("alice", "A1")
+    assert counts.guard == {"token_requests": 3, "limit_cache_hits": 3, "livekit_lookups": 3,
+                            "allowed": 2, "blocked": 1}
 
 
 def test_a_participant_still_connecting_holds_a_place(call, envoy):
