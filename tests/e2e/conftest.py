@@ -45,6 +45,45 @@ requires_standins = pytest.mark.skipif(
 FOREIGN_SERVERS = ["example.org", "example.org:8448"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "check_fails: the test makes the guard's check fail (fail_open or fail_closed "
+        "counted); without it, any such failure fails the test")
+
+
+# A guard that fails open lets everyone in while every "allowed" test passes, so no test may
+# make a check fail unless it says so.
+CHECK_FAILURES = ("fail_open", "fail_closed")
+
+
+def _failures(stats: dict[str, int] | None) -> dict[str, int]:
+    return {name: (stats or {}).get(name, 0) for name in CHECK_FAILURES}
+
+
+@pytest.fixture(autouse=True)
+def _no_check_fails_unless_expected(request: pytest.FixtureRequest) -> Any:
+    """Fails a test during which any guard counted fail_open or fail_closed, unless the test is
+    marked ``check_fails``: shared Envoys are compared before and after the test, Envoys
+    started and stopped within it by what they counted when stopped."""
+    expected = request.node.get_closest_marker("check_fails") is not None
+    before = {envoy: _failures(envoy.stats()) for envoy in list(Envoy.running) if envoy.with_filter}
+    Envoy.stopped.clear()
+    yield
+    if expected:
+        return
+    seen = []
+    for envoy in [*Envoy.running, *Envoy.stopped]:
+        if not envoy.with_filter:
+            continue
+        after = _failures(envoy.final_stats if envoy in Envoy.stopped else envoy.stats())
+        start = before.get(envoy, _failures(None))
+        grew = {name: after[name] - start[name] for name in CHECK_FAILURES if after[name] != start[name]}
+        if grew:
+            seen.append(f"{envoy.name}: {grew}")
+    assert not seen, ("the guard's check failed during this test (mark it check_fails if it is "
+                      f"meant to): {'; '.join(seen)}")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Remember each phase's outcome on the test item, so finalizers can print logs of failed tests."""

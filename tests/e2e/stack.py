@@ -129,8 +129,10 @@ def wait_until(
 ) -> Any:
     """Poll ``check`` until it returns a truthy value; return that value.
 
-    Exceptions from ``check`` count as "not yet". Gives up early when
-    ``process`` has exited, since waiting longer cannot help then.
+    Exceptions from ``check`` (a server not answering yet) count as "not yet", but a failed
+    assertion does not: it fails at once, so that an assertion polled through here cannot be
+    retried until it happens to pass. Gives up early when ``process`` has exited, since waiting
+    longer cannot help then.
     """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -139,6 +141,8 @@ def wait_until(
             result = check()
             if result:
                 return result
+        except AssertionError:
+            raise
         except Exception as exc:  # not ready yet
             last_error = exc
         if process is not None and process.exited():
@@ -702,7 +706,13 @@ class Envoy:
     STATIC and point wherever the caller says, so a test can swap in a
     :class:`FaultServer`. Admin and listener bind port 0; the real ports are
     read back from the admin interface instead of being guessed.
+
+    ``Envoy.running`` holds the Envoys started and not stopped; ``Envoy.stopped`` those
+    stopped since it was last cleared, with ``final_stats`` (the guard's counters at stop).
     """
+
+    running: "set[Envoy]" = set()
+    stopped: "list[Envoy]" = []
 
     def __init__(
         self,
@@ -864,6 +874,7 @@ class Envoy:
                     + "\n".join(rejection_lines(log)), log) from None
             raise StackError(f"{self.name} did not become ready: {exc}\n{self.log_excerpt()}") from None
         self.port = self._listener_port()
+        Envoy.running.add(self)
         return self
 
     def start_expecting_rejection(self, timeout: float = 30.0) -> str:
@@ -898,6 +909,13 @@ class Envoy:
         raise StackError(f"{self.name}: listener 'main' not found in /listeners")
 
     def stop(self) -> None:
+        if self in Envoy.running:
+            Envoy.running.discard(self)
+            try:  # what the guard counted over its life, for checks made after it is gone
+                self.final_stats = self.stats()
+            except (requests.RequestException, ValueError):
+                self.final_stats = None
+            Envoy.stopped.append(self)
         if self.process:
             self.process.stop()
 
@@ -958,6 +976,16 @@ class Envoy:
             if "value" in stat and stat.get("name", "").startswith(prefix):
                 values[stat["name"][len(prefix):]] = int(stat["value"])
         return values
+
+    def worker_connections(self) -> dict[str, int]:
+        """Connections each worker thread accepted on the listener (Envoy's per-worker listener
+        stats), to show that requests really were spread over the workers."""
+        resp = http().get(f"{self.admin_url}/stats",
+                         params={"filter": r"^listener\.127\.0\.0\.1_\d+\.worker_\d+\.downstream_cx_total$",
+                                 "format": "json"}, timeout=5)
+        resp.raise_for_status()
+        return {stat["name"].split(".")[-2]: int(stat["value"])
+                for stat in resp.json().get("stats", []) if "value" in stat}
 
     def prometheus(self) -> str:
         return http().get(f"{self.admin_url}/stats/prometheus", timeout=5).text

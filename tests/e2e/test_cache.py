@@ -62,12 +62,18 @@ def test_one_synapse_lookup_per_room_per_ttl(envoy, standins, new_room):
     cached_by = time.monotonic()
     assert first.guard["synapse_lookups"] == 1
 
-    # Enough requests that both worker threads take some: all are served from the cache.
+    # Each request on a new connection, so that both worker threads take some (Envoy's
+    # per-worker listener stats show it): all are served from the one shared cache.
+    workers_before = envoy.worker_connections()
     with counting(envoy) as within:
-        for i in range(6):
-            assert ask(envoy, "/sfu/get", "legacy", "alice", f"A{i + 2}", room).status_code == 200
-    assert within.guard == {"token_requests": 6, "limit_cache_hits": 6, "livekit_lookups": 6,
-                            "allowed": 6}
+        for i in range(8):
+            resp = ask(envoy, "/sfu/get", "legacy", "alice", f"A{i + 2}", room,
+                       headers={"Connection": "close"})
+            assert resp.status_code == 200
+    assert within.guard == {"token_requests": 8, "limit_cache_hits": 8, "livekit_lookups": 8,
+                            "allowed": 8}
+    served = {w: n - workers_before.get(w, 0) for w, n in envoy.worker_connections().items()}
+    assert len([w for w, n in served.items() if n > 0]) > 1, f"one worker served all: {served}"
 
     wait_out_ttl(cached_by)
     lookups = envoy.stats()["synapse_lookups"]

@@ -116,6 +116,7 @@ def envoys_own_dump(line: str, secrets_in: str) -> bool:
     return secrets_in == "configuration" and "][debug][config]" in line and " config: {" in line
 
 
+@pytest.mark.check_fails
 @requires_standins
 @pytest.mark.parametrize("secrets_in", ["environment", "configuration"])
 def test_no_secret_in_the_debug_log(start_envoy, standins, plugin_config, synapse, new_room,

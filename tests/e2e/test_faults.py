@@ -146,6 +146,7 @@ def expected_counts(upstream: str, failure_mode: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.check_fails
 @pytest.mark.parametrize("failure_mode", ["open", "closed"])
 @pytest.mark.parametrize("upstream", ["synapse", "livekit"])
 @pytest.mark.parametrize("fault", list(FAULTS))
@@ -210,6 +211,7 @@ def assert_recovers(rig: FaultRig, room: str) -> None:
     assert counts.guard == {"token_requests": 1, "livekit_lookups": 1, "allowed": 1, **lookup}
 
 
+@pytest.mark.check_fails
 def test_failed_lookup_is_retried_by_the_next_request(rigs):
     """Two failures in a row for the same room are two Synapse lookups, not one cached failure."""
     rig = rigs("synapse", "open")

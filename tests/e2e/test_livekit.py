@@ -188,6 +188,7 @@ def test_a_burst_of_twenty_admits_exactly_the_limit_and_they_all_connect(call):
     assert_channel_full(room.ask("late", "D"))
 
 
+@pytest.mark.check_fails
 def test_a_rejected_admin_token_is_a_counted_failure(synapse, real_lk_jwt, real_livekit, new_room):
     """With a LiveKit secret that the server rejects, every check fails and says so
     (fail_open), instead of looking like an empty room."""
