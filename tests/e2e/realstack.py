@@ -254,6 +254,8 @@ class LiveKitAPIProxy:
         self.target = target
         self.delay_ms = 0
         self.list_participants_calls = 0
+        # Answers sent back (a delayed call counts once its answer has left).
+        self.answered = 0
         self._lock = threading.Lock()
         self._server: _Server | None = None
 
@@ -291,7 +293,11 @@ class LiveKitAPIProxy:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
-                self.wfile.write(content)
+                try:
+                    self.wfile.write(content)
+                finally:
+                    with proxy._lock:
+                        proxy.answered += 1
 
         self._server = serve(Handler)
         return self

@@ -122,7 +122,7 @@ def envoys_own_dump(line: str, secrets_in: str) -> bool:
 def test_no_secret_in_the_debug_log(start_envoy, standins, plugin_config, synapse, new_room,
                                     fault_server, secrets_in):
     """The filter never logs the admin token or the LiveKit secret, at debug level, on any path
-    including failed checks (a LiveKit that answers garbage). The LiveKit secret is never sent
+    including failed checks (a LiveKit that answers garbage, a Synapse that answers 502). The LiveKit secret is never sent
     anywhere, so with secrets from the environment it appears nowhere in Envoy's log."""
     if secrets_in == "environment":
         config, env = config_from_env(plugin_config), secret_env(synapse)
@@ -136,7 +136,13 @@ def test_no_secret_in_the_debug_log(start_envoy, standins, plugin_config, synaps
     assert ask(broken, "/sfu/get", "legacy", "alice", "A1", room).status_code == 200
     assert broken.stats()["fail_open"] == 1
 
-    for proxy in (envoy, broken):
+    # A failing Synapse lookup (the call that carries the admin token) logs no secret either.
+    no_synapse = start_envoy(config, env=env, log_level="debug",
+                             synapse=fault_server("status", status=502))
+    assert ask(no_synapse, "/sfu/get", "legacy", "alice", "A1", "!down:test.local").status_code == 200
+    assert no_synapse.stats()["fail_open"] == 1
+
+    for proxy in (envoy, broken, no_synapse):
         proxy.stop()  # Envoy buffers its log file; stopping flushes it
         lines = proxy.log_text().splitlines()
         filter_lines = [line for line in lines if "wasm log voice_limit_guard" in line]

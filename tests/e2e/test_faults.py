@@ -2,7 +2,7 @@
 
 For each fault the guard must give the documented answer (the upstream 200 under
 ``failure_mode: open``, a 503 ``M_UNKNOWN`` with lk-jwt's CORS headers under ``closed``),
-count it, answer within the configured timeout plus a small margin, and leave Envoy serving.
+count it, give up on a slow upstream before it answers, and leave Envoy serving.
 
 A :class:`stack.FaultServer` stands where one upstream should be; the other upstream is the
 real one, so the check always gets as far as the faulty call: for LiveKit faults the room is a
@@ -12,6 +12,7 @@ the real LiveKit server: when it behaves, the real server answers.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -23,7 +24,7 @@ from guard import (
     assert_check_failed,
     assert_token_issued,
     counting,
-    elapsed,
+    poll,
     shared_envoy,
     still_serving,
     user,
@@ -34,7 +35,6 @@ pytestmark = [requires_wasm, requires_standins]
 
 TIMEOUT_MS = 500
 SLOW_DELAY = 3.0
-MARGIN = 1.5
 PATH, SHAPE = "/sfu/get", "legacy"
 
 # Each fault as FaultServer settings, per upstream. Status faults carry the body that upstream
@@ -157,7 +157,8 @@ def test_fault(rigs, standins, upstream, failure_mode, fault):
     rig.inject(fault)
     try:
         with counting(envoy) as counts:
-            resp, took = elapsed(lambda: ask(envoy, PATH, SHAPE, "carol", "C1", room, timeout=30))
+            resp = ask(envoy, PATH, SHAPE, "carol", "C1", room, timeout=30)
+            answered_at = time.time()
     finally:
         rig.heal()
     try:
@@ -166,9 +167,15 @@ def test_fault(rigs, standins, upstream, failure_mode, fault):
         else:
             assert_check_failed(resp)
         assert counts.guard == expected_counts(upstream, failure_mode)
-        assert took < TIMEOUT_MS / 1000 + MARGIN, f"answer took {took:.2f}s"
+        # One warn line names the room and what the guard did.
+        did = "letting the token through" if failure_mode == "open" else "refusing the token"
+        poll(lambda: any(f"room {room}: " in line and did in line
+                         for line in envoy.log_text().splitlines()), "the failure's log line", 5)
         if fault == "slow":
-            assert took >= TIMEOUT_MS / 1000 * 0.9, "the slow upstream was not waited for"
+            # The guard gave up on the slow upstream (its timeout), not the other way round:
+            # the answer came before the upstream's own.
+            asked = rig.server.requests[-1]["time"]
+            assert answered_at < asked + SLOW_DELAY, "the guard waited for the slow upstream"
         assert_recovers(rig, room)
     except BaseException:
         print(f"\n--- {envoy.name}: {envoy.log_path} (excerpt) ---\n{envoy.log_excerpt()}")

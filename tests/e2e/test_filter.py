@@ -23,6 +23,7 @@ from guard import (
     fill_room,
     identity,
     module_envoy,
+    poll,
     still_serving,
     token_body,
 )
@@ -226,6 +227,21 @@ def test_limit_forms_that_count(envoy, standins, synapse, path, shape, limit, ro
     assert_channel_full(ask(envoy, path, shape, "carol", "C1", room))
 
 
+def test_a_custom_limit_state_type(start_envoy, plugin_config, synapse, standins, new_room):
+    """``limit_state_type`` names another event type: that one limits, the default does not."""
+    envoy = start_envoy(plugin_config(limit_state_type="org.example.call_limit"))
+    custom, default = new_room(), new_room(limit=1)
+    synapse.set_state(custom, "org.example.call_limit", {"max_users": 1})
+    for room in (custom, default):
+        fill_room(standins, room, "legacy", [("alice", "A1")])
+    with counting(envoy, standins) as counts:
+        assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", custom))
+        assert_token_issued(ask(envoy, "/sfu/get", "legacy", "carol", "C1", default), default,
+                            "legacy", "carol", "C1", standins)
+    assert counts.guard == {"token_requests": 2, "synapse_lookups": 2, "livekit_lookups": 1,
+                            "blocked": 1, "allowed": 1}
+
+
 @pytest.mark.parametrize("path, shape", SHAPES)
 def test_limit_of_one(envoy, standins, new_room, path, shape):
     room = new_room(limit=1)
@@ -304,12 +320,15 @@ def test_client_giving_up_during_the_check_leaves_envoy_healthy(envoy, standins,
     """A client that hangs up while the guard waits for LiveKit: the late answer finds no
     stream, and nothing is left hanging or broken for the next requests."""
     room = new_room(limit=2)
+    proxy = standins.proxy
     standins.set_delay(1500)
     try:
         with pytest.raises(requests.exceptions.Timeout):
             ask(envoy, "/sfu/get", "legacy", "alice", "A1", room, timeout=0.3)
     finally:
         standins.set_delay(0)
+    # The late answer has reached Envoy, after its stream was gone.
+    poll(lambda: proxy.answered >= proxy.list_participants_calls, "LiveKit's late answer", 10)
     still_serving(envoy)
     with counting(envoy, standins) as counts:
         resp = ask(envoy, "/sfu/get", "legacy", "bob", "B1", room)

@@ -14,7 +14,7 @@ import time
 
 
 from conftest import requires_standins, requires_wasm
-from guard import ask, assert_channel_full, identity, poll
+from guard import ask, assert_channel_full, counting, identity, poll
 from stack import livekit_alias, stats_delta
 
 pytestmark = [requires_wasm, requires_standins]
@@ -27,10 +27,12 @@ def test_a_late_limit_answer_still_ends_in_a_decision(start_envoy, fault_server,
     """Synapse answering after lk-jwt-service: the held token must still be decided, not hang."""
     slow_synapse = fault_server("slow", body=LIMITED, delay=0.3)
     envoy = start_envoy(plugin_config(participants_cache_ms=CACHE_MS), synapse=slow_synapse)
-    started = time.monotonic()
-    resp = ask(envoy, "/sfu/get", "legacy", "alice", "A1", "!late:test.local", timeout=5)
+    with counting(envoy) as counts:
+        resp = ask(envoy, "/sfu/get", "legacy", "alice", "A1", "!late:test.local", timeout=10)
     assert resp.status_code == 200, resp.text
-    assert time.monotonic() - started < 2.0
+    # Decided on the late limit and a list asked for then, not let through for a failure.
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
+                            "allowed": 1}
 
 
 def test_a_cached_list_serves_a_burst_and_the_limit_holds(start_envoy, plugin_config, new_room, livekit):
@@ -73,8 +75,6 @@ def test_a_leave_is_seen_once_the_cached_list_is_stale(start_envoy, plugin_confi
         assert_channel_full(ask(envoy, "/sfu/get", "legacy", "bob", "B1", room))
         time.sleep(0.1)
     livekit.leave(alias, identity("legacy", "alice", "A1"))
-    left_at = time.monotonic()
     resp = poll(lambda: (r := ask(envoy, "/sfu/get", "legacy", "bob", "B1", room)).status_code == 200 and r,
                 "bob admitted after alice left", timeout=CACHE_MS / 1000 + 3)
     assert resp.status_code == 200
-    assert time.monotonic() - left_at < CACHE_MS / 1000 + 1.5
