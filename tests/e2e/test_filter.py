@@ -8,6 +8,8 @@ way it is in production: by people actually in the call.
 from __future__ import annotations
 
 import json
+import re
+import time
 import uuid
 
 import pytest
@@ -349,3 +351,26 @@ def test_early_alias_matches_lk_jwt_for_escaped_characters(start_envoy, fault_se
         resp = ask(envoy, "/sfu/get", "legacy", "bob", "B1", room)
     assert_token_issued(resp, room, "legacy", "bob", "B1", standins)
     assert counts.guard == {**CACHED_AND_CHECKED, "allowed": 1}
+
+
+def test_refusals_are_logged_at_most_once_a_second_and_none_is_lost(start_envoy, standins, new_room):
+    """A client retrying against a full room must not flood the log: one info line a second
+    (one worker thread here), and the next line counts the refusals not logged, so the lines
+    account for every refusal."""
+    envoy = start_envoy(concurrency=1)
+    room = new_room(limit=1)
+    fill_room(standins, room, "legacy", [("alice", "A1")])
+    for _ in range(6):
+        assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", room))
+    time.sleep(1.05)  # past the one-second window, so the next refusal is logged
+    assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", room))
+
+    def refusal_lines() -> list[str]:
+        return [line for line in envoy.log_text().splitlines()
+                if f"room {room}: refused @carol:test.local" in line]
+
+    lines = poll(lambda: (found := refusal_lines()) and "more refusals" in found[-1] and found,
+                 "the refusal lines", 5)
+    untold = sum(int(re.search(r"and (\d+) more refusals", line).group(1))
+                 for line in lines if "more refusals" in line)
+    assert len(lines) < 7 and len(lines) + untold == 7, lines

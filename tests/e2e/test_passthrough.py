@@ -17,9 +17,12 @@ from guard import (
     counting,
     direct,
     fill_room,
+    identity,
     module_envoy,
     token_body,
 )
+from realstack import join_token
+from stack import LIVEKIT_KEY, LIVEKIT_SECRET, livekit_alias
 
 pytestmark = [requires_wasm, requires_standins]
 
@@ -142,3 +145,19 @@ def test_claimed_user_mismatch_401_passes_byte_identical(envoy, standins, full_r
     assert straight.status_code == 401
     resp = envoy.post("/get_token", body)
     assert_same_answer(resp, straight)
+
+
+def test_an_allowed_token_passes_byte_identical(start_envoy, fault_server, new_room, standins):
+    """The 200 the guard held and let go is lk-jwt-service's own, byte for byte: an
+    lk-jwt-service with a fixed answer (a valid token for the room) shows it."""
+    room = new_room(limit=3)
+    token = join_token(LIVEKIT_KEY, LIVEKIT_SECRET, livekit_alias(room), identity("legacy", "carol", "C1"))
+    answer = (json.dumps({"url": standins.livekit_ws_url, "jwt": token}, separators=(",", ":"))
+              + "\n").encode()
+    upstream = fault_server("ok", body=answer)
+    envoy = start_envoy(lk_jwt=upstream)
+    with counting(envoy, standins) as counts:
+        resp = envoy.post("/sfu/get", token_body("legacy", "carol", "C1", room))
+    assert resp.status_code == 200 and resp.content == answer
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
+                            "allowed": 1}
