@@ -42,7 +42,7 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 
 ## Everything: unit tests (native and on a 32-bit Wasm target), the decoder differential test
 ## against Go, and the end-to-end suite.
-test: test-unit test-wasm test-oracle test-e2e
+test: test-unit test-wasm test-oracle fuzz-smoke test-e2e
 
 test-unit:
 	$(CARGO) test --workspace
@@ -65,6 +65,53 @@ test-oracle:
 	$(PYTHON) tests/oracle/gen_corpus.py target/oracle/corpus.jsonl
 	VLG_ORACLE=$(CURDIR)/target/oracle/vlg-oracle VLG_ORACLE_CORPUS=$(CURDIR)/target/oracle/corpus.jsonl \
 	  VLG_ORACLE_REQUIRED=1 $(CARGO) test --test differential -- --nocapture
+
+## Coverage-guided fuzzing (cargo fuzz: libFuzzer with AddressSanitizer) of every reader of
+## untrusted bytes; see fuzz/README.md. cargo-fuzz is installed in $(TOOLS). The fuzz crate
+## is built by the project's own toolchain: RUSTC_BOOTSTRAP=1 lets it take the -Z flags cargo
+## fuzz passes (FUZZ_TOOLCHAIN=+nightly uses a nightly toolchain instead).
+## fuzz-smoke: each target for FUZZ_SMOKE_SECONDS from the seeds alone (part of `make test`).
+## fuzz: each target in turn for FUZZ_SECONDS, growing fuzz/corpus/<target>; e.g.
+##   nice -n 19 make fuzz FUZZ_TARGETS=jwt FUZZ_SECONDS=3600
+.PHONY: fuzz-smoke fuzz
+FUZZ_TARGETS       ?= token_body synapse_answer livekit_answer jwt shared_records config
+FUZZ_SECONDS       ?= 600
+FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_TOOLCHAIN     ?=
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ         := RUSTC_BOOTSTRAP=1 PATH="$(TOOLS)/bin:$$PATH" $(CARGO) $(FUZZ_TOOLCHAIN) fuzz
+FUZZ_LOGS          := $(CURDIR)/target/fuzz-logs
+INSTALL_CARGO_FUZZ := test -x $(TOOLS)/bin/cargo-fuzz && $(TOOLS)/bin/cargo-fuzz --version | grep -q " $(CARGO_FUZZ_VERSION)$$" \
+  || $(CARGO) install --quiet --locked --root $(TOOLS) cargo-fuzz --version "$(CARGO_FUZZ_VERSION)"
+
+fuzz-smoke:
+	@$(INSTALL_CARGO_FUZZ)
+	$(CARGO_FUZZ) build
+	@rm -rf $(FUZZ_LOGS)/smoke && mkdir -p $(FUZZ_LOGS)/smoke
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_LOGS)/smoke/corpus/$$t; \
+	  $(CARGO_FUZZ) run $$t $(FUZZ_LOGS)/smoke/corpus/$$t fuzz/seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SMOKE_SECONDS) -timeout=10 >$(FUZZ_LOGS)/smoke/$$t.log 2>&1 \
+	    || { tail -n 60 $(FUZZ_LOGS)/smoke/$$t.log; echo "fuzz-smoke: $$t FAILED (log: $(FUZZ_LOGS)/smoke/$$t.log)"; exit 1; }; \
+	  echo "fuzz-smoke: $$t: $$(grep -m1 DONE $(FUZZ_LOGS)/smoke/$$t.log)"; \
+	done
+
+fuzz:
+	@$(INSTALL_CARGO_FUZZ)
+	$(CARGO_FUZZ) build
+	@mkdir -p $(FUZZ_LOGS)
+	@failed=; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s (log: $(FUZZ_LOGS)/$$t.log)"; \
+	  if $(CARGO_FUZZ) run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 >$(FUZZ_LOGS)/$$t.log 2>&1; then \
+	    grep -m1 DONE $(FUZZ_LOGS)/$$t.log; grep '^stat::' $(FUZZ_LOGS)/$$t.log; \
+	  else \
+	    tail -n 60 $(FUZZ_LOGS)/$$t.log; failed="$$failed $$t"; \
+	  fi; \
+	  echo "fuzz: $$t: $$(ls fuzz/corpus/$$t | wc -l) files in fuzz/corpus/$$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: FAILED:$$failed (inputs in fuzz/artifacts/)"; exit 1; fi
 
 test-e2e: build livekit lkstack venv
 	$(VENV)/bin/python -m pytest -q tests/e2e

@@ -134,7 +134,7 @@ pub fn read_or_claim(
             return (Change::Keep, cached);
         }
         let claimed = Entry {
-            pending_until: now_ms + pending_ms,
+            pending_until: now_ms.saturating_add(pending_ms),
             ..old.unwrap_or(Entry {
                 seen: None,
                 fresh_until: 0,
@@ -172,8 +172,10 @@ pub fn store_answer(
 ) -> Result<(), StoreError> {
     let entry = Entry {
         seen: Some(limit),
-        fresh_until: now_ms + life.ttl_ms,
-        stale_until: now_ms + life.ttl_ms + life.stale_ms,
+        fresh_until: now_ms.saturating_add(life.ttl_ms),
+        stale_until: now_ms
+            .saturating_add(life.ttl_ms)
+            .saturating_add(life.stale_ms),
         pending_until: 0,
     };
     BUCKETS.update(store, room, now_ms, |_: Option<(&Entry, u64)>| {
@@ -208,7 +210,7 @@ pub fn release_claim(
             ..entry
         };
         if stale.is_some() {
-            next.fresh_until = (now_ms + life.ttl_ms).min(entry.stale_until);
+            next.fresh_until = now_ms.saturating_add(life.ttl_ms).min(entry.stale_until);
         }
         if next.expires_at() <= now_ms {
             (Change::Remove, stale)

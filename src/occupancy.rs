@@ -41,6 +41,8 @@ pub const BUCKETS: Buckets = Buckets {
 const IDENTITY_KEEP_MS: u64 = 3600 * 1000;
 /// Expiries are pushed back only when they gain more than this, to spare rewrites.
 const REFRESH_SLACK_MS: u64 = 60 * 1000;
+/// The longest a pairing is kept from a token's expiry alone.
+const MAX_PAIRING_MS: u64 = 24 * 3600 * 1000;
 /// Users admitted and not yet connected, per room. Beyond it an admission cannot be
 /// recorded, which fails that request (never drops another reservation).
 pub const MAX_RESERVATIONS: usize = 256;
@@ -196,7 +198,7 @@ impl RoomRecord {
         }
         let identity = digest(identity);
         if let Some(entry) = self.i.iter_mut().find(|(known, _, _)| *known == identity) {
-            if entry.2 + REFRESH_SLACK_MS < until {
+            if entry.2.saturating_add(REFRESH_SLACK_MS) < until {
                 entry.2 = until;
             }
             entry.1 = user;
@@ -327,7 +329,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
                 .collect();
             if q.list_cache_ms > 0 && digests.len() <= MAX_CACHED_LIST {
                 let cached = digests.iter().map(|(d, _)| d.clone()).collect();
-                record.p = Some((q.now_ms + q.list_cache_ms, cached));
+                record.p = Some((q.now_ms.saturating_add(q.list_cache_ms), cached));
             }
             digests
         }
@@ -340,9 +342,9 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
 
     // Identities still in the room stay known while they are there (refreshed at most once a
     // minute, so repeated decisions need not rewrite the record).
-    let keep_until = q.now_ms + IDENTITY_KEEP_MS;
+    let keep_until = q.now_ms.saturating_add(IDENTITY_KEEP_MS);
     for (identity, _, until) in record.i.iter_mut() {
-        if connected.contains(identity) && *until + REFRESH_SLACK_MS < keep_until {
+        if connected.contains(identity) && until.saturating_add(REFRESH_SLACK_MS) < keep_until {
             *until = keep_until;
         }
     }
@@ -378,7 +380,12 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
         reserved,
     };
     if admitted {
-        let token_until = q.token_expires_ms.max(q.now_ms + q.reservation_ms);
+        // A pairing lives while its token does, but never longer than a day: the token's
+        // `exp` is lk-jwt-service's (an hour), not a reason to keep state for ever.
+        let token_until = q
+            .token_expires_ms
+            .min(q.now_ms.saturating_add(MAX_PAIRING_MS))
+            .max(q.now_ms.saturating_add(q.reservation_ms));
         if record
             .remember(q.identity, q.requester, token_until, &connected)
             .is_err()
@@ -388,11 +395,13 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
             return Ok(Some(verdict));
         }
         if !present.contains(&requester) {
-            let until = q.now_ms + q.reservation_ms;
+            let until = q.now_ms.saturating_add(q.reservation_ms);
             let full = record.r.len() >= MAX_RESERVATIONS;
             match record.r.iter_mut().find(|(user, _)| *user == requester) {
                 // A repeated request renews the reservation once half of it has passed.
-                Some(entry) if entry.1 < q.now_ms + q.reservation_ms / 2 => entry.1 = until,
+                Some(entry) if entry.1 < q.now_ms.saturating_add(q.reservation_ms / 2) => {
+                    entry.1 = until
+                }
                 Some(_) => {}
                 None if full => return Err(StoreError::Full),
                 None => record.r.push((requester, until)),
@@ -657,5 +666,23 @@ mod tests {
         // Another user still gets the place the room has.
         let q = question(2, Participants::Fresh(&participants), "@b:x", "hashB", 101);
         assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
+    }
+
+    #[test]
+    fn a_token_that_never_expires_is_kept_a_day_and_admits_again() {
+        let store = MemoryStore::default();
+        let list: Vec<String> = vec![];
+        let mut q = question(1, Participants::Fresh(&list), "@a:x", "hashA", 0);
+        q.token_expires_ms = u64::MAX;
+        assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
+        let connected = vec!["hashA".to_owned()];
+        let mut q = question(1, Participants::Fresh(&connected), "@a:x", "hashA", 10);
+        q.token_expires_ms = u64::MAX;
+        assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
+        let record: RoomRecord = BUCKETS.get(&store, ROOM, 20).unwrap();
+        assert!(record
+            .i
+            .iter()
+            .all(|(_, _, until)| *until <= 10 + MAX_PAIRING_MS));
     }
 }

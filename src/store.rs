@@ -120,21 +120,26 @@ struct Entry<T> {
     v: T,
 }
 
+/// The entries of a bucket. A bucket the guard wrote holds each id once; should one hold an id
+/// twice (written by something else), only the last entry for it counts, for reads and writes
+/// alike, so that a write is always what the next read sees.
 fn decode<T: Record>(bytes: &[u8]) -> Vec<Entry<T>> {
     let Ok(Value::Array(items)) = gojson::parse_document(bytes) else {
         return Vec::new();
     };
-    items
-        .iter()
-        .filter_map(|item| match item.as_array()? {
-            [Value::String(k), e, v] => Some(Entry {
-                k: k.clone(),
-                e: e.as_u64()?,
-                v: T::read(v)?,
-            }),
-            _ => None,
-        })
-        .collect()
+    let mut entries: Vec<Entry<T>> = Vec::with_capacity(items.len());
+    for item in &items {
+        let entry = match item.as_array() {
+            Some([Value::String(k), e, v]) => match (e.as_u64(), T::read(v)) {
+                (Some(e), Some(v)) => Entry { k: k.clone(), e, v },
+                _ => continue,
+            },
+            _ => continue,
+        };
+        entries.retain(|earlier| earlier.k != entry.k);
+        entries.push(entry);
+    }
+    entries
 }
 
 fn encode_entry<T: Record>(entry: &Entry<T>) -> String {
@@ -232,11 +237,13 @@ impl Buckets {
             let (change, result) = change(position.map(|i| (&entries[i].v, entries[i].e)));
             match change {
                 Change::Keep => return Ok(result),
-                Change::Remove => {
-                    if let Some(i) = position {
+                Change::Remove => match position {
+                    Some(i) => {
                         entries.remove(i);
                     }
-                }
+                    // Nothing to remove: no write, and no CAS change for the bucket's others.
+                    None => return Ok(result),
+                },
                 Change::Put(v, e) => {
                     if let Some(i) = position {
                         entries.remove(i);
@@ -576,5 +583,35 @@ mod tests {
             .unwrap();
         assert_eq!(BUCKETS.get::<i64>(&store, &huge, 0), Some(1));
         assert!(store.byte_count() < 100);
+    }
+
+    #[test]
+    fn an_id_held_twice_reads_as_its_last_entry_and_a_write_is_what_is_read() {
+        let store = MemoryStore::default();
+        let k = digest("!r");
+        let twice = format!(r#"[["{k}",9999,3],["{k}",9999,7]]"#);
+        store
+            .set(&BUCKETS.key_for("!r"), twice.as_bytes(), None)
+            .unwrap();
+        assert_eq!(BUCKETS.get::<i64>(&store, "!r", 0), Some(7));
+        BUCKETS
+            .update(&store, "!r", 0, |_: Option<(&i64, u64)>| {
+                (Change::Put(2, 9999), ())
+            })
+            .unwrap();
+        assert_eq!(BUCKETS.get::<i64>(&store, "!r", 0), Some(2));
+    }
+
+    #[test]
+    fn removing_what_is_not_there_writes_nothing() {
+        let store = MemoryStore::default();
+        BUCKETS.create_all(&store);
+        let before = store.get(&BUCKETS.key_for("!a"));
+        BUCKETS
+            .update(&store, "!a", 0, |_: Option<(&i64, u64)>| {
+                (Change::Remove, ())
+            })
+            .unwrap();
+        assert_eq!(store.get(&BUCKETS.key_for("!a")), before);
     }
 }

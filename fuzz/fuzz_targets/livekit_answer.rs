@@ -1,0 +1,24 @@
+//! LiveKit's answers to `RoomService/ListParticipants`.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use voice_limit_guard::livekit::{parse_list_response, ListError};
+
+fuzz_target!(|data: &[u8]| {
+    match parse_list_response(Some(200), data) {
+        Ok(identities) => {
+            // Every identity listed comes from the answer's own bytes.
+            assert!(
+                identities.iter().map(String::len).sum::<usize>() <= data.len(),
+                "more identity bytes than the answer holds"
+            );
+        }
+        Err(error) => assert_eq!(error, ListError::BadBody),
+    }
+    assert_eq!(
+        parse_list_response(Some(503), data),
+        Err(ListError::Status(503))
+    );
+    assert_eq!(parse_list_response(None, data), Err(ListError::NoResponse));
+});

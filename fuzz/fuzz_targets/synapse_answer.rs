@@ -1,0 +1,25 @@
+//! Synapse's answers to the room state lookup (`/_synapse/admin/v1/rooms/{room}/state`).
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use voice_limit_guard::synapse::{parse_state_response, Limit, LookupError};
+
+const STATE_TYPE: &str = "io.lotus.voice_limit";
+
+fuzz_target!(|data: &[u8]| {
+    match parse_state_response(Some(200), data, STATE_TYPE) {
+        Ok(Limit::MaxUsers(n)) => assert!(n >= 1, "a limit of zero users"),
+        Ok(Limit::None) | Err(LookupError::BadBody) => {}
+        Err(other) => panic!("a 200 answer gave {other:?}"),
+    }
+    // A 404 means "no such room" only when Synapse says so; otherwise it is a failure.
+    match parse_state_response(Some(404), data, STATE_TYPE) {
+        Ok(Limit::None) | Err(LookupError::Status(404)) => {}
+        other => panic!("a 404 answer gave {other:?}"),
+    }
+    assert_eq!(
+        parse_state_response(None, data, STATE_TYPE),
+        Err(LookupError::NoResponse)
+    );
+});
