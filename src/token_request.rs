@@ -80,8 +80,6 @@ pub enum BodyError {
     NoRoom,
     /// Both `room` and `room_id` are present.
     AmbiguousRoom,
-    /// The body had not been read (yet) when it was needed.
-    NotRead,
     /// A key that names no field of the body shape (Go: `json: unknown field`); the key as
     /// read, cut to [`MAX_KEY_IN_ERROR`] characters.
     UnknownField(String),
@@ -104,7 +102,6 @@ impl std::fmt::Display for BodyError {
             BodyError::AmbiguousRoom => {
                 f.write_str("request body names the room both as `room` and `room_id`")
             }
-            BodyError::NotRead => f.write_str("the request body was not complete yet"),
             BodyError::UnknownField(key) => write!(f, "request body has an unknown field {key:?}"),
             BodyError::MissingField(field) => {
                 write!(f, "request field `{field}` is missing or empty")
