@@ -356,25 +356,24 @@ impl Admission {
         effects: &mut Vec<Effect>,
     ) {
         let room = self.room().to_owned();
-        match settle_lookup(&room, status, body, env) {
-            Ok(limit) => {
-                self.limit = LimitState::Known(limit);
-                if matches!(self.response, ResponseState::NotYet) {
-                    self.ask_livekit_early(env, effects);
-                }
-            }
+        let limit = match settle_lookup(&room, status, body, env) {
+            Ok(limit) => limit,
             Err(Settled::Stale(limit, reason)) => {
                 log::warn!(
                     "room {}: limit lookup failed: {reason}; enforcing the last limit seen",
                     clip(&room)
                 );
                 effects.push(Effect::Count(Counter::StaleLimits));
-                self.limit = LimitState::Known(limit);
-                if matches!(self.response, ResponseState::NotYet) {
-                    self.ask_livekit_early(env, effects);
-                }
+                limit
             }
-            Err(Settled::Failed(reason)) => self.limit = LimitState::Failed(reason),
+            Err(Settled::Failed(reason)) => {
+                self.limit = LimitState::Failed(reason);
+                return;
+            }
+        };
+        self.limit = LimitState::Known(limit);
+        if matches!(self.response, ResponseState::NotYet) {
+            self.ask_livekit_early(env, effects);
         }
     }
 
@@ -491,35 +490,31 @@ impl Admission {
         }
         if verdict.admitted {
             effects.extend([Effect::Count(Counter::Allowed), Effect::PassResponse]);
-        } else if verdict.too_many_devices {
-            log_refusal(env.now_ms(), || {
-                format!(
-                    "room {}: refused {}: every device place of this user (or of the room) is \
-                     taken by a connected device",
-                    clip(&request.room),
-                    clip(requester)
-                )
-            });
-            effects.extend([
-                Effect::Count(Counter::Blocked),
-                Effect::Reply(reply::too_many_devices()),
-            ]);
-        } else {
-            log_refusal(env.now_ms(), || {
-                format!(
-                    "room {}: refused {}: {} users present and {} admitted but not \
-                     yet connected, limit {max_users}",
-                    clip(&request.room),
-                    clip(requester),
-                    verdict.present,
-                    verdict.reserved
-                )
-            });
-            effects.extend([
-                Effect::Count(Counter::Blocked),
-                Effect::Reply(reply::channel_full()),
-            ]);
+            return effects;
         }
+        let answer = if verdict.too_many_devices {
+            reply::too_many_devices()
+        } else {
+            reply::channel_full()
+        };
+        log_refusal(env.now_ms(), || {
+            let why = if verdict.too_many_devices {
+                "every device place of this user (or of the room) is taken by a connected \
+                 device"
+                    .to_owned()
+            } else {
+                format!(
+                    "{} users present and {} admitted but not yet connected, limit {max_users}",
+                    verdict.present, verdict.reserved
+                )
+            };
+            format!(
+                "room {}: refused {}: {why}",
+                clip(&request.room),
+                clip(requester)
+            )
+        });
+        effects.extend([Effect::Count(Counter::Blocked), Effect::Reply(answer)]);
         effects
     }
 

@@ -105,8 +105,8 @@ fn bucket_seed() -> u64 {
     use std::hash::BuildHasher;
     // std draws RandomState's keys from the host's random source (WASI `random_get`).
     let drawn = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    // Written only if the key is still new (cas 0 is unconditional in proxy-wasm hosts, so
-    // read back whatever won).
+    // Shared data has no create-if-absent: should two copies start at once, both write, and
+    // each reads back the value that stayed.
     let _ = hostcalls::set_shared_data(store::SEED_KEY, Some(&drawn.to_le_bytes()), None);
     read().unwrap_or(drawn)
 }
@@ -157,11 +157,7 @@ impl GuardRoot {
         let lookups = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().lookups));
         for (stream, call) in lookups {
             let _ = hostcalls::set_effective_context(self.context_id);
-            if let Err(status) = dispatch(&call, &stream) {
-                log::warn!(
-                    "call to cluster {} could not be made: {status:?}",
-                    call.cluster
-                );
+            if dispatch(&call, &stream).is_err() {
                 self.answer(stream, call.kind, None, &[]);
             }
         }
@@ -409,11 +405,7 @@ impl Stream {
             let _ = hostcalls::set_tick_period(LOOKUP_DELAY);
             return;
         }
-        if let Err(status) = dispatch(&call, &Rc::downgrade(this)) {
-            log::warn!(
-                "call to cluster {} could not be made: {status:?}",
-                call.cluster
-            );
+        if dispatch(&call, &Rc::downgrade(this)).is_err() {
             let kind = call.kind;
             let phase = if phase == Phase::ResponseCallback {
                 Phase::CallAnswer
@@ -427,7 +419,8 @@ impl Stream {
     }
 }
 
-/// Makes a call for `stream`, remembering which stream its answer belongs to.
+/// Makes a call for `stream`, remembering which stream its answer belongs to. A call the host
+/// refuses is logged here; the caller answers it as failed.
 fn dispatch(call: &HttpCall, stream: &Weak<RefCell<Stream>>) -> Result<(), Status> {
     let headers: Vec<(&str, &str)> = call
         .headers
@@ -436,7 +429,13 @@ fn dispatch(call: &HttpCall, stream: &Weak<RefCell<Stream>>) -> Result<(), Statu
         .collect();
     let body = Some(call.body.as_slice()).filter(|b| !b.is_empty());
     let token =
-        hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)?;
+        hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)
+            .inspect_err(|status| {
+                log::warn!(
+                    "call to cluster {} could not be made: {status:?}",
+                    call.cluster
+                );
+            })?;
     PENDING.with(|p| {
         let calls = &mut p.borrow_mut().calls;
         // Envoy cancels the calls of a stream that ends, so their answers never come: forget

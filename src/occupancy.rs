@@ -159,12 +159,13 @@ fn user_named_by(identity: &str) -> String {
 
 impl RoomRecord {
     /// The user behind a participant (by the digest of its identity): a learnt pairing
-    /// first, the user-id grammar otherwise.
-    fn user_of(&self, identity_digest: &str, identity: &str) -> String {
-        self.i
-            .iter()
-            .find(|(known, _, _)| known == identity_digest)
-            .map_or_else(|| user_named_by(identity), |(_, user, _)| user.clone())
+    /// first, the user-id grammar otherwise. Without the identity itself (a cached list holds
+    /// digests only), an identity never learnt counts as a user of its own.
+    fn user_of(&self, identity_digest: &str, identity: Option<&str>) -> String {
+        match self.i.iter().find(|(known, _, _)| known == identity_digest) {
+            Some((_, user, _)) => user.clone(),
+            None => identity.map_or_else(|| identity_digest.to_owned(), user_named_by),
+        }
     }
 
     fn expires_at(&self) -> u64 {
@@ -350,15 +351,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
     }
     let present: BTreeSet<String> = participants
         .iter()
-        .map(|(d, identity)| match identity {
-            Some(identity) => record.user_of(d, identity),
-            // A cached list holds digests only: those never learnt count one user each.
-            None => record
-                .i
-                .iter()
-                .find(|(known, _, _)| known == d)
-                .map_or_else(|| d.clone(), |(_, user, _)| user.clone()),
-        })
+        .map(|(d, identity)| record.user_of(d, *identity))
         .collect();
     // A reservation ends once its user is in LiveKit.
     record.r.retain(|(user, _)| !present.contains(user));

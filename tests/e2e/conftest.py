@@ -13,6 +13,7 @@ from typing import Any, Callable
 import pytest
 
 import stack
+from guard import fill_room
 from realstack import ForeignHomeserver, RealStandIns, missing_binaries
 from stack import (
     LIVEKIT_SECRET,
@@ -173,6 +174,16 @@ def new_room(synapse: Synapse) -> Callable[..., str]:
             synapse.set_limit(room_id, limit)
         return room_id
     return make
+
+
+@pytest.fixture
+def full_room(new_room: Callable[..., str], standins: Any) -> str:
+    """A room limited to 1 with alice in the call (the LiveKit room both body shapes name):
+    a guard that checks a new user's request answers 403."""
+    room = new_room(limit=1)
+    for shape in ("legacy", "new"):
+        fill_room(standins, room, shape, [("alice", "A1")])
+    return room
 
 
 @pytest.fixture

@@ -49,15 +49,6 @@ def limit_state(max_users: int) -> dict:
     return {"state": [{"type": LIMIT_STATE_TYPE, "state_key": "", "content": {"max_users": max_users}}]}
 
 
-@pytest.fixture
-def full_room(new_room, standins):
-    """A room limited to 1 with alice in the call, under both shapes' LiveKit rooms."""
-    room = new_room(limit=1)
-    for shape in ("legacy", "new"):
-        fill_room(standins, room, shape, [("alice", "A1")])
-    return room
-
-
 # --------------------------------------------------------------------------- every body is read
 
 

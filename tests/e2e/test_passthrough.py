@@ -16,7 +16,6 @@ from guard import (
     comparable_headers,
     counting,
     direct,
-    fill_room,
     identity,
     module_envoy,
     token_body,
@@ -28,15 +27,6 @@ pytestmark = [requires_wasm, requires_standins]
 
 
 envoy, _log_on_failure = module_envoy("passthrough")
-
-
-@pytest.fixture
-def full_room(new_room, standins):
-    """A room whose one place is taken: a guard that acted on these requests would say 403."""
-    room = new_room(limit=1)
-    for shape in ("legacy", "new"):
-        fill_room(standins, room, shape, [("alice", "A1")])
-    return room
 
 
 def assert_same_answer(through_envoy, straight) -> None:
