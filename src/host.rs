@@ -14,7 +14,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::config::Config;
 use crate::flow::{settle_orphaned_lookup, Admission, CallKind, Counter, Effect, Env, HttpCall};
-use crate::store::{self, SharedStore, StoreError};
+use crate::store::{self, Held, SharedStore, StoreError};
 use crate::{limit_cache, occupancy};
 
 proxy_wasm::main! {{
@@ -31,6 +31,7 @@ struct Metrics {
     counters: Vec<(Counter, u32)>,
     shared_keys: Option<u32>,
     shared_bytes: Option<u32>,
+    shared_entries: Option<u32>,
 }
 
 impl Metrics {
@@ -48,6 +49,7 @@ impl Metrics {
             counters,
             shared_keys: gauge("voice_limit_guard.shared_data_keys"),
             shared_bytes: gauge("voice_limit_guard.shared_data_bytes"),
+            shared_entries: gauge("voice_limit_guard.shared_data_entries"),
         }
     }
 
@@ -79,12 +81,16 @@ impl SharedStore for HostStore {
         }
     }
 
-    fn account(&self, keys_delta: i64, bytes_delta: i64) {
-        if let Some(id) = self.metrics.shared_keys {
-            let _ = hostcalls::increment_metric(id, keys_delta);
-        }
-        if let Some(id) = self.metrics.shared_bytes {
-            let _ = hostcalls::increment_metric(id, bytes_delta);
+    fn account(&self, held: Held) {
+        let gauges = [
+            (self.metrics.shared_keys, held.keys),
+            (self.metrics.shared_bytes, held.bytes),
+            (self.metrics.shared_entries, held.entries),
+        ];
+        for (gauge, delta) in gauges {
+            if let (Some(id), true) = (gauge, delta != 0) {
+                let _ = hostcalls::increment_metric(id, delta);
+            }
         }
     }
 }

@@ -31,8 +31,18 @@ pub trait SharedStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Writes `value` if `cas` is still current (`None`: unconditionally).
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
-    /// Told about every change in the number of keys and bytes the guard holds.
-    fn account(&self, _keys_delta: i64, _bytes_delta: i64) {}
+    /// Told about every change in what the guard holds: keys, bytes and entries, each counted
+    /// from the buckets as written, so the gauges show the state itself.
+    fn account(&self, _held: Held) {}
+}
+
+/// A change in the shared data the guard holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub keys: i64,
+    pub bytes: i64,
+    /// Stored ids (rooms), live or expired but not yet dropped by a write to their bucket.
+    pub entries: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +205,11 @@ impl Buckets {
         for index in 0..self.count {
             let key = self.key_of(index);
             if store.get(&key).is_none() && store.set(&key, EMPTY_BUCKET, None).is_ok() {
-                store.account(1, EMPTY_BUCKET.len() as i64);
+                store.account(Held {
+                    keys: 1,
+                    bytes: EMPTY_BUCKET.len() as i64,
+                    entries: 0,
+                });
             }
         }
     }
@@ -232,6 +246,7 @@ impl Buckets {
             };
             // A bucket that does not parse (another version of the guard) is started afresh.
             let mut entries: Vec<Entry<T>> = decode(&old_bytes);
+            let old_entries = entries.len();
             entries.retain(|entry| entry.e > now_ms);
             let position = entries.iter().position(|entry| entry.k == k);
             let (change, result) = change(position.map(|i| (&entries[i].v, entries[i].e)));
@@ -251,11 +266,14 @@ impl Buckets {
                     entries.push(Entry { k: k.clone(), e, v });
                 }
             }
-            let bytes = self.encode_within_cap(entries, &k, old_bytes.len())?;
+            let (bytes, new_entries) = self.encode_within_cap(entries, &k, old_bytes.len())?;
             match store.set(&key, &bytes, cas) {
                 Ok(()) => {
-                    let new_key = i64::from(cas.is_none());
-                    store.account(new_key, bytes.len() as i64 - old_bytes.len() as i64);
+                    store.account(Held {
+                        keys: i64::from(cas.is_none()),
+                        bytes: bytes.len() as i64 - old_bytes.len() as i64,
+                        entries: new_entries as i64 - old_entries as i64,
+                    });
                     return Ok(result);
                 }
                 Err(StoreError::CasMismatch) => continue,
@@ -269,13 +287,13 @@ impl Buckets {
     /// [`Record::eviction`] allows to go are dropped, lowest rank and soonest expiry first;
     /// the entry being written (`keep`) and entries that must never go stay. If the bucket
     /// still does not fit and the write would make it larger, nothing is written:
-    /// [`StoreError::Full`].
+    /// [`StoreError::Full`]. Returns the bucket's bytes and how many entries they hold.
     fn encode_within_cap<T: Record>(
         &self,
         entries: Vec<Entry<T>>,
         keep: &str,
         old_size: usize,
-    ) -> Result<Vec<u8>, StoreError> {
+    ) -> Result<(Vec<u8>, usize), StoreError> {
         let mut encoded: Vec<(Eviction, u64, String)> = entries
             .into_iter()
             .map(|entry| {
@@ -311,7 +329,7 @@ impl Buckets {
             out.push_str(entry);
         }
         out.push(']');
-        Ok(out.into_bytes())
+        Ok((out.into_bytes(), encoded.len()))
     }
 }
 
@@ -333,6 +351,7 @@ pub struct MemoryStore {
     /// Mirrors the host's accounting gauges.
     pub keys: std::cell::Cell<i64>,
     pub bytes: std::cell::Cell<i64>,
+    pub entries: std::cell::Cell<i64>,
 }
 
 impl SharedStore for MemoryStore {
@@ -353,9 +372,10 @@ impl SharedStore for MemoryStore {
         Ok(())
     }
 
-    fn account(&self, keys_delta: i64, bytes_delta: i64) {
-        self.keys.set(self.keys.get() + keys_delta);
-        self.bytes.set(self.bytes.get() + bytes_delta);
+    fn account(&self, held: Held) {
+        self.keys.set(self.keys.get() + held.keys);
+        self.bytes.set(self.bytes.get() + held.bytes);
+        self.entries.set(self.entries.get() + held.entries);
     }
 }
 
@@ -454,6 +474,12 @@ mod tests {
         assert!(store.byte_count() <= 4 * 400);
         assert_eq!(store.keys.get() as usize, store.key_count());
         assert_eq!(store.bytes.get() as usize, store.byte_count());
+        let entries: usize = (0..BUCKETS.count)
+            .filter_map(|i| store.get(&BUCKETS.key_of(i)))
+            .map(|(bytes, _)| decode::<i64>(&bytes).len())
+            .sum();
+        assert!(entries > 0);
+        assert_eq!(store.entries.get() as usize, entries);
         // The newest entries survive eviction.
         assert_eq!(
             BUCKETS.get::<i64>(&store, "!room9999:example.com", 0),

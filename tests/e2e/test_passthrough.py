@@ -6,6 +6,8 @@ stand-in, so "untouched" means byte-identical, not merely "the same status".
 from __future__ import annotations
 
 import json
+import socket
+import threading
 
 import pytest
 
@@ -151,3 +153,82 @@ def test_an_allowed_token_passes_byte_identical(start_envoy, fault_server, new_r
     assert resp.status_code == 200 and resp.content == answer
     assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
                             "allowed": 1}
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class StreamingUpstream:
+    """An upstream that answers one request in two chunks, the second only when told to, and
+    records each request chunk as it arrives, so a test can see what Envoy forwards before a
+    body or an answer is complete."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.received = bytearray()
+        self.got_bytes = threading.Condition()
+        self.finish_answer = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.getsockname()
+
+    def wait_for(self, data: bytes, timeout: float = 10.0) -> bool:
+        with self.got_bytes:
+            return self.got_bytes.wait_for(lambda: data in self.received, timeout)
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while b"LAST-CHUNK" not in self.received:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                with self.got_bytes:
+                    self.received += data
+                    self.got_bytes.notify_all()
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n"
+                         b"c\r\nFIRST-ANSWER\r\n")
+            self.finish_answer.wait(timeout=30)
+            conn.sendall(b"b\r\nLAST-ANSWER\r\n0\r\n\r\n")
+
+    def close(self) -> None:
+        self.finish_answer.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("path", ["/delegate_delayed_leave", "/sfu/get/extra"])
+def test_other_requests_stream_both_ways(start_envoy, path):
+    """A request that is not a token request is not buffered in either direction: the upstream
+    gets the first part of its body before the client sends the rest, and the client gets the
+    first part of the answer before the upstream sends the rest. Each step waits for the one
+    before it, so a filter that buffered either body would stall the exchange."""
+    upstream = StreamingUpstream()
+    try:
+        envoy = start_envoy(lk_jwt=upstream.address)
+        with socket.create_connection(envoy.address, timeout=10) as client:
+            client.sendall(f"POST {path} HTTP/1.1\r\nhost: lk-jwt\r\n"
+                           "transfer-encoding: chunked\r\n\r\n"
+                           "b\r\nFIRST-CHUNK\r\n".encode())
+            assert upstream.wait_for(b"FIRST-CHUNK"), (
+                f"the upstream did not get the first chunk before the body ended: {bytes(upstream.received)!r}")
+            client.sendall(b"a\r\nLAST-CHUNK\r\n0\r\n\r\n")
+            answer = bytearray()
+            while b"FIRST-ANSWER" not in answer:
+                data = client.recv(65536)
+                assert data, f"connection closed before the first answer chunk: {bytes(answer)!r}"
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 200"), bytes(answer)
+            assert b"LAST-ANSWER" not in answer
+            upstream.finish_answer.set()
+            while not answer.endswith(b"0\r\n\r\n"):
+                data = client.recv(65536)
+                assert data, f"connection closed before the answer ended: {bytes(answer)!r}"
+                answer += data
+            assert b"LAST-ANSWER" in answer
+        assert envoy.stats().get("token_requests", 0) == 0
+    finally:
+        upstream.close()
