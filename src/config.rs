@@ -73,6 +73,45 @@ pub struct Config {
     pub participants_cache: Duration,
 }
 
+/// The routing-only configuration: an edge Envoy in front of several guard replicas names
+/// each token request's room in a header, so that consistent hashing on it sends all token
+/// requests of a room to one replica (whose guard then sees the whole room).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeConfig {
+    /// The request header that carries the room key (set or overwritten; removed from
+    /// every other request, so a client can never choose its replica).
+    pub room_header: String,
+    pub token_paths: Vec<String>,
+}
+
+impl EdgeConfig {
+    /// Whether a request path is a token endpoint (see [`Config::is_token_path`]).
+    pub fn is_token_path(&self, path: &str) -> bool {
+        is_token_path(&self.token_paths, path)
+    }
+}
+
+/// What a copy of the module does, chosen by the configuration's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// `synapse` and `livekit` given: enforce limits.
+    Guard(Box<Config>),
+    /// `room_header` given instead: route token requests by room, call nothing.
+    Edge(EdgeConfig),
+}
+
+impl Role {
+    /// Parses the plugin configuration (`env` as for [`Config::parse`]).
+    pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Role, ConfigError> {
+        let root = parse_root(json)?;
+        if root.has("room_header") {
+            EdgeConfig::from_object(root).map(Role::Edge)
+        } else {
+            Config::from_object(root, env).map(|c| Role::Guard(Box::new(c)))
+        }
+    }
+}
+
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_LIMIT_CACHE_TTL_SECONDS: u64 = 10;
 pub const DEFAULT_STALE_LIMIT_SECONDS: u64 = 3600;
@@ -99,10 +138,13 @@ impl Config {
     /// Parses the plugin configuration. `env` looks up the environment variables named by
     /// `*_env` keys (the process environment inside Envoy, a map in tests).
     pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let root = gojson::parse_document(json)
-            .map_err(|e| ConfigError(format!("configuration is not valid JSON: {e}")))?;
-        let mut root = Object::new(root, "configuration")?;
+        Config::from_object(parse_root(json)?, env)
+    }
 
+    fn from_object(
+        mut root: Object,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut synapse = root.object("synapse")?;
         let synapse_config = SynapseConfig {
             upstream: upstream(&mut synapse)?,
@@ -118,10 +160,7 @@ impl Config {
         };
         livekit.finish()?;
 
-        let token_paths = match root.take("token_paths") {
-            None => DEFAULT_TOKEN_PATHS.iter().map(|p| p.to_string()).collect(),
-            Some(value) => token_paths(value)?,
-        };
+        let token_paths = token_paths(&mut root)?;
         let limit_state_type = root
             .optional_string("limit_state_type")?
             .unwrap_or_else(|| DEFAULT_LIMIT_STATE_TYPE.to_owned());
@@ -174,12 +213,69 @@ impl Config {
     /// the token handler; the decoded path is compared too, or such a request would pass
     /// unguarded. Matching a few paths that the router then refuses costs nothing.
     pub fn is_token_path(&self, path: &str) -> bool {
-        let path = path.split(['?', '#']).next().unwrap_or(path);
-        let decoded = percent_decode(path);
-        self.token_paths
-            .iter()
-            .any(|p| p == path || decoded.as_deref() == Some(p.as_str()))
+        is_token_path(&self.token_paths, path)
     }
+}
+
+impl EdgeConfig {
+    fn from_object(mut root: Object) -> Result<EdgeConfig, ConfigError> {
+        for upstream in ["synapse", "livekit"] {
+            if root.has(upstream) {
+                return err(format!(
+                    "room_header and {upstream}: an edge (room_header) only routes and a guard \
+                     (synapse, livekit) only enforces; configure them in separate filters"
+                ));
+            }
+        }
+        let room_header = root.required_string("room_header")?;
+        check_header_name(&room_header)?;
+        let token_paths = token_paths(&mut root)?;
+        root.finish()?;
+        Ok(EdgeConfig {
+            room_header,
+            token_paths,
+        })
+    }
+}
+
+fn parse_root(json: &[u8]) -> Result<Object, ConfigError> {
+    let root = gojson::parse_document(json)
+        .map_err(|e| ConfigError(format!("configuration is not valid JSON: {e}")))?;
+    Object::new(root, "configuration")
+}
+
+fn is_token_path(token_paths: &[String], path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let decoded = percent_decode(path);
+    token_paths
+        .iter()
+        .any(|p| p == path || decoded.as_deref() == Some(p.as_str()))
+}
+
+/// A header a route's hash policy can use and Envoy lets a filter set: lowercase token
+/// characters, and none of the headers that frame or address the request.
+fn check_header_name(name: &str) -> Result<(), ConfigError> {
+    const RESERVED: [&str; 8] = [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "proxy-connection",
+    ];
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !token || RESERVED.contains(&name) {
+        return err(format!(
+            "room_header: expected a lowercase header name (a-z, 0-9, '-', '_') that does not \
+             frame or address the request, got {name:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes `%XX` escapes; `None` when there are none or they do not decode to UTF-8.
@@ -267,7 +363,11 @@ fn secret(
     Ok(Secret(value))
 }
 
-fn token_paths(value: Value) -> Result<Vec<String>, ConfigError> {
+/// `token_paths`, or the default paths when it is absent.
+fn token_paths(root: &mut Object) -> Result<Vec<String>, ConfigError> {
+    let Some(value) = root.take("token_paths") else {
+        return Ok(DEFAULT_TOKEN_PATHS.iter().map(|p| p.to_string()).collect());
+    };
     let Value::Array(items) = value else {
         return err("token_paths: expected an array of paths");
     };
@@ -326,6 +426,10 @@ impl Object {
         } else {
             format!("{}.{key}", self.name)
         }
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.members.iter().any(|(k, _)| k == key)
     }
 
     fn take(&mut self, key: &str) -> Option<Value> {
@@ -570,5 +674,53 @@ mod tests {
             .unwrap_err()
             .0
             .starts_with("stale_limit_seconds"));
+    }
+
+    fn role(json: &str) -> Result<Role, ConfigError> {
+        Role::parse(json.as_bytes(), &no_env)
+    }
+
+    #[test]
+    fn the_shape_chooses_the_role() {
+        assert_eq!(
+            role(MINIMAL),
+            Ok(Role::Guard(Box::new(parse(MINIMAL).unwrap())))
+        );
+        let Ok(Role::Edge(edge)) = role(r#"{"room_header": "x-matrix-room"}"#) else {
+            panic!("not an edge configuration");
+        };
+        assert_eq!(edge.room_header, "x-matrix-room");
+        assert!(edge.is_token_path("/sfu/get") && edge.is_token_path("/get%5Ftoken"));
+        let Ok(Role::Edge(edge)) = role(r#"{"room_header": "x-room", "token_paths": ["/only"]}"#)
+        else {
+            panic!("not an edge configuration");
+        };
+        assert!(edge.is_token_path("/only") && !edge.is_token_path("/sfu/get"));
+    }
+
+    #[test]
+    fn an_edge_configuration_is_checked_as_strictly() {
+        let error = |json: &str| role(json).unwrap_err().0;
+        assert!(
+            error(r#"{"room_header": "x-room", "failure_mode": "open"}"#)
+                .starts_with("failure_mode: unknown key")
+        );
+        assert!(error(r#"{"room_header": 1}"#).starts_with("room_header: expected a string"));
+        for bad in [
+            "",
+            "X-Room",
+            "x room",
+            ":authority",
+            "host",
+            "content-length",
+            "x-rööm",
+        ] {
+            let json = format!(r#"{{"room_header": {bad:?}}}"#);
+            assert!(error(&json).starts_with("room_header: expected a lowercase header name"));
+        }
+        let both = MINIMAL.replacen('{', r#"{"room_header": "x-room", "#, 1);
+        assert!(error(&both).starts_with("room_header and synapse"));
+        // Without room_header the guard's own rules apply.
+        assert_eq!(error("{}"), "synapse is required");
     }
 }

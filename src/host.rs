@@ -12,7 +12,8 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
-use crate::config::Config;
+use crate::config::{Config, EdgeConfig, Role};
+use crate::edge::{EdgeMetrics, EdgeStream};
 use crate::flow::{settle_orphaned_lookup, Admission, CallKind, Counter, Effect, Env, HttpCall};
 use crate::store::{self, Held, SharedStore, StoreError};
 use crate::{limit_cache, occupancy};
@@ -23,6 +24,7 @@ proxy_wasm::main! {{
         context_id,
         config: None,
         metrics: None,
+        edge: None,
     }));
 }}
 
@@ -155,6 +157,8 @@ struct GuardRoot {
     context_id: u32,
     config: Option<Rc<Config>>,
     metrics: Option<Rc<Metrics>>,
+    /// Set instead of `config` when the configuration is an edge's.
+    edge: Option<(Rc<EdgeConfig>, Rc<EdgeMetrics>)>,
 }
 
 impl GuardRoot {
@@ -243,15 +247,28 @@ impl RootContext for GuardRoot {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match Config::parse(&bytes, &|name| std::env::var(name).ok()) {
-            Ok(config) => {
+        match Role::parse(&bytes, &|name| std::env::var(name).ok()) {
+            Ok(Role::Edge(edge)) => {
+                log::debug!(
+                    "configured as an edge: room header {}, token paths {:?}",
+                    edge.room_header,
+                    edge.token_paths
+                );
+                let metrics = match self.edge.take() {
+                    Some((_, metrics)) => metrics,
+                    None => Rc::new(EdgeMetrics::define()),
+                };
+                self.edge = Some((Rc::new(edge), metrics));
+                true
+            }
+            Ok(Role::Guard(config)) => {
                 store::set_bucket_seed(bucket_seed());
                 log::debug!(
                     "configured: token paths {:?}, failure mode {:?}",
                     config.token_paths,
                     config.failure_mode
                 );
-                self.config = Some(Rc::new(config));
+                self.config = Some(Rc::new(*config));
                 let metrics = match &self.metrics {
                     Some(metrics) => Rc::clone(metrics),
                     None => Rc::new(Metrics::define()),
@@ -279,6 +296,12 @@ impl RootContext for GuardRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let Some((edge, metrics)) = &self.edge {
+            return Some(Box::new(EdgeStream::new(
+                Rc::clone(edge),
+                Rc::clone(metrics),
+            )));
+        }
         let (Some(config), Some(metrics)) = (&self.config, &self.metrics) else {
             return None;
         };

@@ -7,8 +7,12 @@
 //! - [`token_request`] (on [`gojson`]), [`jwt`], [`livekit_names`], [`synapse`], [`livekit`],
 //!   [`decision`], [`occupancy`] and [`limit_cache`] (both on [`store`]), [`reply`] and
 //!   [`config`] each hold one concern.
-//! - `host` (compiled for the proxy-wasm target only) turns effects into host calls.
+//! - [`affinity`] is the edge role: it names a token request's room in a header, so that
+//!   Envoy's consistent hashing sends each room to one guard replica.
+//! - `host` (compiled for the proxy-wasm target only) turns effects into host calls; `edge`
+//!   does the same for the edge role.
 
+pub mod affinity;
 pub mod config;
 pub mod decision;
 pub mod flow;
@@ -23,5 +27,7 @@ pub mod store;
 pub mod synapse;
 pub mod token_request;
 
+#[cfg(target_os = "wasi")]
+mod edge;
 #[cfg(target_os = "wasi")]
 mod host;
