@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::config::Config;
+use voice_limit_guard::config::{Config, EdgeConfig, Role};
 
 const MARKER: &str = "ENV-SECRET-VALUE";
 
@@ -24,13 +24,30 @@ fn check(config: &Config) {
     assert!(!config.livekit.api_secret.expose().is_empty());
 }
 
+fn check_edge(edge: &EdgeConfig) {
+    assert!(!edge.room_header.is_empty() && !edge.room_header.starts_with(':'));
+    for path in &edge.token_paths {
+        assert!(edge.is_token_path(path), "{path:?} is not a token path");
+    }
+}
+
+fn check_role(role: &Role) {
+    match role {
+        Role::Guard(config) => check(config),
+        Role::Edge(edge) => check_edge(edge),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     if let Ok(config) = Config::parse(data, &|_| None) {
         check(&config);
     }
-    let parsed = Config::parse(data, &|name| Some(format!("{MARKER}:{name}")));
-    if let Ok(config) = &parsed {
-        check(config);
+    if let Ok(role) = Role::parse(data, &|_| None) {
+        check_role(&role);
+    }
+    let parsed = Role::parse(data, &|name| Some(format!("{MARKER}:{name}")));
+    if let Ok(role) = &parsed {
+        check_role(role);
     }
     // Unless the input itself spells the marker (directly or through escapes), no text
     // derived from the configuration may show a secret taken from the environment.
@@ -38,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         data.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()) || data.contains(&b'\\');
     if !spells_marker {
         let shown = match &parsed {
-            Ok(config) => format!("{config:?}"),
+            Ok(role) => format!("{role:?}"),
             Err(error) => format!("{error} {error:?}"),
         };
         assert!(!shown.contains(MARKER), "a secret shows: {shown}");
