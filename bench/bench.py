@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What voice-limit-guard costs: Envoy with the filter against plain Envoy, an empty Wasm
-filter and the reference Python guard, in one run (`make bench`).
+filter, the reference Python guard and an edge Envoy with room affinity in front of the guard
+(the extra hop of several replicas), in one run (`make bench`).
 
 Every subject sits in front of the same upstreams, one extra Envoy answering for
 lk-jwt-service, Synapse and LiveKit with ``direct_response`` (fixed bodies, a fixed JWT),
@@ -390,6 +391,30 @@ def guard_configuration() -> str:
     return json.dumps(config)
 
 
+def edge_bootstrap(guard_port: int) -> dict:
+    """An edge Envoy as envoy/edge.yaml has it (the module in its edge role, the room header
+    hashed onto a RING_HASH cluster), its one guard replica being the guard subject: the extra
+    hop that room affinity across replicas costs."""
+    import yaml
+
+    example = yaml.safe_load((REPO / "envoy" / "edge.yaml").read_text())
+    hcm = example["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    wasm = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm")
+    configuration = wasm["typed_config"]["config"]["configuration"]["value"]
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "guards", "timeout": "15s",
+                                                   "hash_policy": route["hash_policy"]}}]
+    cluster = {"name": "guards", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "RING_HASH",
+               "load_assignment": {"cluster_name": "guards", "endpoints": [{"lb_endpoints": [
+                   {"endpoint": {"address": socket_address(guard_port)}}]}]}}
+    filters = [wasm_filter("voice_limit_guard_edge", GUARD_WASM, configuration)]
+    return {"admin": {"address": socket_address(0)},
+            "static_resources": {"listeners": [listener("main", routes, filters,
+                                                        hcm_extra={"normalize_path": True,
+                                                                   "merge_slashes": True})],
+                                 "clusters": [cluster]}}
+
+
 def subject_bootstrap(upstream_ports: dict[str, int], http_filters: list[dict]) -> dict:
     """The front Envoy: one listener as in envoy/envoy.yaml, the filter under test (if any)."""
     routes = [{"match": {"prefix": "/"}, "route": {"cluster": "lk_jwt", "timeout": "15s"}}]
@@ -670,6 +695,10 @@ def start_subjects(upstream: EnvoyServer, run: Run) -> list[Subject]:
         envoy = EnvoyServer(f"subject-{key}", subject_bootstrap(ports, http_filters), env=secrets_env)
         subjects.append(Subject(key, title, envoy.ports["main"], envoy.process, envoy,
                                 enforces=key == "guard"))
+    guard_port = next(s.port for s in subjects if s.key == "guard")
+    edge = EnvoyServer("subject-edge", edge_bootstrap(guard_port))
+    subjects.append(Subject("edge", "edge Envoy (room affinity) + guard", edge.ports["main"],
+                            edge.process, edge))
     if REFERENCE_GUARD.exists():
         guard = ReferenceGuard(REFERENCE_GUARD, ports)
         subjects.append(Subject("reference", "reference Python guard", guard.port, guard.process))
@@ -844,6 +873,12 @@ def goals(run: Run, wasm_size: int) -> list[str]:
         p = rel(key, 1, "guard", "empty", "p50_ms")
         lines.append(f"| non-token {key}: p50 at 1 conn ≤ 1.03 × empty Wasm filter | "
                      f"{fmt(p)} × | {verdict(None if p is None else p <= 1.03)} |")
+    hop = rel("allowed", 1, "edge", "guard", "p50_ms")
+    lines.append(f"| room affinity: edge + guard p50 at 1 conn, × the guard alone (the extra hop; "
+                 f"reported) | {fmt(hop)} × | – |")
+    hop_rps = rel("allowed", 64, "edge", "guard", "rps")
+    lines.append(f"| room affinity: edge + guard req/s at 64 conns, × the guard alone (reported) | "
+                 f"{fmt(hop_rps)} × | – |")
     guard_burst = run.burst.get("guard")
     if guard_burst:
         n = guard_burst["synapse_requests"]
