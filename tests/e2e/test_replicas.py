@@ -327,3 +327,30 @@ def test_a_body_without_a_readable_room_goes_to_any_replica(tiers, new_room):
     after = edges[0].edge_stats()
     assert after.get("unroutable_requests", 0) - before.get("unroutable_requests", 0) == 1
     assert after.get("routed_requests", 0) == before.get("routed_requests", 0)
+
+
+def test_the_istio_form_matches_the_edge_example():
+    """``deploy/istio/replicas.yaml`` cannot run here (no Istio): its gateway filter must carry
+    the validated edge configuration, and its DestinationRule must hash the header that
+    configuration sets."""
+    example = yaml.safe_load(EDGE_EXAMPLE.read_text())
+    hcm = example["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    edge_wasm = hcm["http_filters"][0]["typed_config"]["config"]
+    edge_config = json.loads(edge_wasm["configuration"]["value"])
+    hashed = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["hash_policy"]
+    assert hashed == [{"header": {"header_name": edge_config["room_header"]}}]
+
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(
+        (REPO / "deploy" / "istio" / "replicas.yaml").read_text())}
+    assert set(documents) == {"DestinationRule", "EnvoyFilter"}
+    lb = documents["DestinationRule"]["spec"]["trafficPolicy"]["loadBalancer"]
+    assert lb["consistentHash"]["httpHeaderName"] == edge_config["room_header"]
+    (patch,) = documents["EnvoyFilter"]["spec"]["configPatches"]
+    assert patch["match"]["context"] == "GATEWAY"
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
+    istio_wasm = patch["patch"]["value"]["typed_config"]["config"]
+    assert istio_wasm["allow_on_headers_stop_iteration"] is True
+    assert json.loads(istio_wasm["configuration"]["value"]) == edge_config
+    for key in ("root_id", "failure_policy"):
+        assert istio_wasm[key] == edge_wasm[key]
