@@ -133,3 +133,24 @@ bench: build livekit lkstack venv
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV) .stack
+
+## The module as OCI images for Istio (`oci://`), built without a container engine by oras
+## (from the Go module registry, installed in $(TOOLS)): an OCI image layout in
+## $(OCI_DIR)/layout and the same as $(OCI_DIR)/voice-limit-guard-<tag>.oci.tar, tags
+## $(OCI_TAG) ("compat" variant) and $(OCI_TAG)-artifact. See deploy/README.md.
+.PHONY: oras oci oci-image
+ORAS_VERSION := v1.3.6
+ORAS         := $(TOOLS)/oras/$(ORAS_VERSION)/oras
+OCI_DIR      ?= target/oci
+OCI_TAG      ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+
+oras: $(ORAS)
+$(ORAS):
+	GOBIN=$(dir $(ORAS)) GOTOOLCHAIN=local go install oras.land/oras/cmd/oras@$(ORAS_VERSION)
+
+oci: build
+	@$(MAKE) --no-print-directory oci-image
+
+## Packages $(WASM) as it is, without building it first (the tests package the module they run).
+oci-image: $(ORAS)
+	ORAS=$(ORAS) deploy/oci/build-image.sh $(WASM) $(OCI_DIR) $(OCI_TAG)

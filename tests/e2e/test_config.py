@@ -194,7 +194,7 @@ def _wasm_filter(document: dict) -> dict:
 
 
 def test_istio_example_matches_the_validated_envoy_example(tmp_path):
-    """envoy/istio-envoyfilter.yaml cannot be run here (no Istio); it must set the same Wasm
+    """deploy/istio/envoyfilter-file.yaml cannot be run here (no Istio); it must set the same Wasm
     filter as envoy/envoy.yaml, and its plugin configuration must pass the filter's checks."""
     import json
 
@@ -203,7 +203,7 @@ def test_istio_example_matches_the_validated_envoy_example(tmp_path):
     from stack import REPO, Envoy
 
     envoy_example = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
-    istio_example = yaml.safe_load((REPO / "envoy" / "istio-envoyfilter.yaml").read_text())
+    istio_example = yaml.safe_load((REPO / "deploy" / "istio" / "envoyfilter-file.yaml").read_text())
     plain, istio = _wasm_filter(envoy_example), _wasm_filter(istio_example)
     assert istio["allow_on_headers_stop_iteration"] is True
     for key in ("name", "root_id", "failure_policy"):
