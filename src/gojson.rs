@@ -98,15 +98,6 @@ impl Value {
         }
     }
 
-    /// A number with an integral value (`3`, `3.0`, `3e0`, `0.3e1`), saturating at `u64::MAX`;
-    /// `None` for fractions and negatives. Works on the digits, so no float is rounded.
-    pub fn as_integral(&self) -> Option<u64> {
-        match self {
-            Value::Number(text) => integral_value(text),
-            _ => None,
-        }
-    }
-
     /// What kind of value this is, for error messages.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -118,52 +109,6 @@ impl Value {
             Value::Object(_) => "an object",
         }
     }
-}
-
-/// See [`Value::as_integral`]; `text` is a number in JSON's grammar (or a numeric string).
-pub fn integral_value(text: &str) -> Option<u64> {
-    let text = text.strip_prefix('+').unwrap_or(text);
-    let negative = text.starts_with('-');
-    let (mantissa, exponent) = match text.trim_start_matches('-').split_once(['e', 'E']) {
-        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e).parse::<i64>().ok()?),
-        None => (text.trim_start_matches('-'), 0),
-    };
-    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if int_part.is_empty()
-        || !(int_part.bytes().chain(frac_part.bytes())).all(|b| b.is_ascii_digit())
-    {
-        return None;
-    }
-    // value = digits × 10^shift
-    let digits = format!("{int_part}{frac_part}");
-    let digits = digits.trim_start_matches('0');
-    let shift = exponent.checked_sub(frac_part.len() as i64)?;
-    let (kept, dropped) = if shift >= 0 {
-        (digits, "")
-    } else {
-        let cut = digits.len().saturating_sub(shift.unsigned_abs() as usize);
-        digits.split_at(cut)
-    };
-    if dropped.bytes().any(|b| b != b'0') {
-        return None; // a fraction
-    }
-    if kept.is_empty() {
-        return Some(0);
-    }
-    if negative {
-        return None;
-    }
-    let mut value: u64 = 0;
-    for b in kept.bytes() {
-        value = value.saturating_mul(10).saturating_add(u64::from(b - b'0'));
-    }
-    for _ in 0..shift.max(0) {
-        if value == u64::MAX {
-            break;
-        }
-        value = value.saturating_mul(10);
-    }
-    Some(value)
 }
 
 /// Appends `s` as a JSON string, escaped as Go's `json.Marshal` (Go 1.22+) does: quotes,
@@ -600,35 +545,6 @@ mod tests {
     }
 
     #[test]
-    fn integral_values_are_read_exactly() {
-        for (text, expected) in [
-            ("3", Some(3)),
-            ("3.0", Some(3)),
-            ("3.000", Some(3)),
-            ("3e0", Some(3)),
-            ("0.3e1", Some(3)),
-            ("30e-1", Some(3)),
-            ("1E2", Some(100)),
-            ("2.5e1", Some(25)),
-            ("0", Some(0)),
-            ("-0", Some(0)),
-            ("0.0", Some(0)),
-            ("1e400", Some(u64::MAX)),
-            ("99999999999999999999999", Some(u64::MAX)),
-            ("2.5", None),
-            ("25e-1", None),
-            ("-2", None),
-            ("1e-400", None),
-            ("abc", None),
-            ("", None),
-            (".5", None),
-            ("1.", Some(1)),
-        ] {
-            assert_eq!(integral_value(text), expected, "{text}");
-        }
-    }
-
-    #[test]
     fn documents_must_hold_one_value() {
         assert!(parse_document(b" {\"a\":1} ").is_ok());
         assert!(parse_document(b"{\"a\":1} x").is_err());
@@ -641,8 +557,6 @@ mod tests {
         assert_eq!(v.get("s").and_then(Value::as_str), Some("y"));
         assert_eq!(v.get("n").and_then(Value::as_u64), Some(12));
         assert_eq!(v.get("f").and_then(Value::as_u64), None);
-        assert_eq!(v.get("f").and_then(Value::as_integral), None);
-        assert_eq!(v.get("n").and_then(Value::as_integral), Some(12));
         assert_eq!(
             v.get("a").and_then(Value::as_array).map(<[_]>::len),
             Some(1)

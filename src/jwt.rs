@@ -7,7 +7,11 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::gojson::{self, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::json;
+use crate::synapse::integral_number;
 
 /// The claims of an issued join token that the guard uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +47,18 @@ impl std::fmt::Display for ClaimsError {
     }
 }
 
+/// The claims read; any JSON is accepted in each (a claim of an unexpected type reads as
+/// absent), other claims are skipped.
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    video: Value,
+    #[serde(default)]
+    sub: Value,
+    #[serde(default)]
+    exp: Value,
+}
+
 /// Reads the claims of a join token without checking its signature.
 pub fn join_claims(token: &str) -> Result<JoinClaims, ClaimsError> {
     let mut parts = token.split('.');
@@ -55,23 +71,20 @@ pub fn join_claims(token: &str) -> Result<JoinClaims, ClaimsError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .map_err(|_| ClaimsError::BadEncoding)?;
-    let claims = gojson::parse_document(&bytes).map_err(|_| ClaimsError::BadPayload)?;
-    if !matches!(claims, Value::Object(_)) {
-        return Err(ClaimsError::BadPayload);
-    }
+    let claims: Claims = json::object(&bytes).ok_or(ClaimsError::BadPayload)?;
     let room = claims
-        .get("video")
-        .and_then(|video| video.get("room"))
+        .video
+        .get("room")
         .and_then(Value::as_str)
         .unwrap_or_default();
     if room.is_empty() {
         return Err(ClaimsError::NoRoom);
     }
-    let expires_at = claims.get("exp").and_then(Value::as_integral).unwrap_or(0);
-    let identity = claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let expires_at = match &claims.exp {
+        Value::Number(n) => integral_number(n).unwrap_or(0),
+        _ => 0,
+    };
+    let identity = claims.sub.as_str().unwrap_or_default();
     Ok(JoinClaims {
         room: room.to_owned(),
         identity: identity.to_owned(),
@@ -88,15 +101,29 @@ pub const ADMIN_TOKEN_CLOCK_SKEW_SECONDS: u64 = 10;
 /// `iss` = API key, `video.roomAdmin` for exactly that `room`, valid for a minute.
 pub fn admin_token(api_key: &str, api_secret: &str, room: &str, now: u64) -> String {
     const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
-    let mut payload = String::from("{\"iss\":");
-    gojson::write_string(&mut payload, api_key);
-    let nbf = now.saturating_sub(ADMIN_TOKEN_CLOCK_SKEW_SECONDS);
-    let exp = now + ADMIN_TOKEN_TTL_SECONDS;
-    payload.push_str(&format!(
-        ",\"nbf\":{nbf},\"exp\":{exp},\"video\":{{\"roomAdmin\":true,\"room\":"
-    ));
-    gojson::write_string(&mut payload, room);
-    payload.push_str("}}");
+    #[derive(Serialize)]
+    struct AdminClaims<'a> {
+        iss: &'a str,
+        nbf: u64,
+        exp: u64,
+        video: AdminGrant<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct AdminGrant<'a> {
+        room_admin: bool,
+        room: &'a str,
+    }
+    let payload = serde_json::to_string(&AdminClaims {
+        iss: api_key,
+        nbf: now.saturating_sub(ADMIN_TOKEN_CLOCK_SKEW_SECONDS),
+        exp: now.saturating_add(ADMIN_TOKEN_TTL_SECONDS),
+        video: AdminGrant {
+            room_admin: true,
+            room,
+        },
+    })
+    .unwrap_or_default();
     let mut token = URL_SAFE_NO_PAD.encode(HEADER);
     token.push('.');
     token.push_str(&URL_SAFE_NO_PAD.encode(payload));

@@ -17,6 +17,7 @@ pub mod config;
 pub mod decision;
 pub mod flow;
 pub mod gojson;
+pub mod json;
 pub mod jwt;
 pub mod limit_cache;
 pub mod livekit;

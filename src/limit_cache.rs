@@ -12,7 +12,8 @@
 //! most the Synapse timeout, so concurrent requests for the same room wait for that answer
 //! instead of each asking Synapse.
 
-use crate::gojson::Value;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
 use crate::store::{Buckets, Change, Eviction, Record, SharedStore, StoreError};
 use crate::synapse::Limit;
 
@@ -56,40 +57,46 @@ impl Entry {
     }
 }
 
-/// Stored as `[limit, fresh until, stale until, pending until]`, limit `-1` for none seen.
-impl Record for Entry {
-    fn write(&self, out: &mut String) {
+/// Stored as `[limit, fresh until, stale until, pending until]`, limit `-1` for none seen,
+/// `0` for no limit.
+impl Serialize for Entry {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let limit = match self.seen {
             None => -1,
             Some(Limit::None) => 0,
             Some(Limit::MaxUsers(n)) => i64::from(n),
         };
-        out.push_str(&format!(
-            "[{limit},{},{},{}]",
-            self.fresh_until, self.stale_until, self.pending_until
-        ));
+        (
+            limit,
+            self.fresh_until,
+            self.stale_until,
+            self.pending_until,
+        )
+            .serialize(serializer)
     }
+}
 
-    fn read(value: &Value) -> Option<Self> {
-        let [limit, fresh, stale, pending] = value.as_array()? else {
-            return None;
-        };
+impl<'de> Deserialize<'de> for Entry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (limit, fresh_until, stale_until, pending_until): (i64, u64, u64, u64) =
+            Deserialize::deserialize(deserializer)?;
         let seen = match limit {
-            Value::Number(text) => match text.parse::<i64>().ok()? {
-                -1 => None,
-                0 => Some(Limit::None),
-                n => Some(Limit::MaxUsers(u32::try_from(n).ok()?)),
-            },
-            _ => return None,
+            -1 => None,
+            0 => Some(Limit::None),
+            n => Some(Limit::MaxUsers(
+                u32::try_from(n).map_err(|_| de::Error::custom("limit out of range"))?,
+            )),
         };
-        Some(Entry {
+        Ok(Entry {
             seen,
-            fresh_until: fresh.as_u64()?,
-            stale_until: stale.as_u64()?,
-            pending_until: pending.as_u64()?,
+            fresh_until,
+            stale_until,
+            pending_until,
         })
     }
+}
 
+impl Record for Entry {
     /// Unlimited rooms and bare pending marks go first; a limit only when nothing else can.
     fn eviction(&self) -> Eviction {
         match self.seen {

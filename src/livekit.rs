@@ -2,16 +2,13 @@
 
 use serde::Deserialize;
 
-use crate::gojson;
+use crate::json;
 
 pub const LIST_PARTICIPANTS_PATH: &str = "/twirp/livekit.RoomService/ListParticipants";
 
 /// The JSON body of a `ListParticipants` call for `room`.
 pub fn list_participants_body(room: &str) -> Vec<u8> {
-    let mut body = String::from("{\"room\":");
-    gojson::write_string(&mut body, room);
-    body.push('}');
-    body.into_bytes()
+    serde_json::json!({ "room": room }).to_string().into_bytes()
 }
 
 /// Why a participant list could not be read.
@@ -74,11 +71,7 @@ pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<Strin
         Some(200) => {}
         Some(other) => return Err(ListError::Status(other)),
     }
-    // serde would also read a struct from a JSON array; LiveKit answers with an object.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ListError::BadBody);
-    }
-    let answer: ListAnswer = serde_json::from_slice(body).map_err(|_| ListError::BadBody)?;
+    let answer: ListAnswer = json::object(body).ok_or(ListError::BadBody)?;
     Ok(answer
         .participants
         .into_iter()

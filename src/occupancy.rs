@@ -23,9 +23,11 @@
 use std::collections::BTreeSet;
 
 use crate::decision::should_block;
-use crate::gojson::{write_string, Value};
 use crate::livekit_names::matrix_user_of_identity;
 use crate::store::{digest, Buckets, Change, Eviction, Record, SharedStore, StoreError};
+use serde::de::{self, SeqAccess, Visitor};
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Where this state lives in shared data (created when the VM starts). A record at its caps
 /// is about 28 KiB, so one always fits a bucket on its own; typical records are a few hundred
@@ -69,79 +71,42 @@ struct RoomRecord {
     p: Option<(u64, Vec<String>)>,
 }
 
+impl Serialize for RoomRecord {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut tuple = serializer.serialize_tuple(2 + usize::from(self.p.is_some()))?;
+        tuple.serialize_element(&self.r)?;
+        tuple.serialize_element(&self.i)?;
+        if let Some(p) = &self.p {
+            tuple.serialize_element(p)?;
+        }
+        tuple.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RoomRecord {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RecordVisitor;
+        impl<'de> Visitor<'de> for RecordVisitor {
+            type Value = RoomRecord;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("[reservations, identities] or [reservations, identities, list]")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RoomRecord, A::Error> {
+                let missing = || de::Error::custom("a room record has at least two parts");
+                let r = seq.next_element()?.ok_or_else(missing)?;
+                let i = seq.next_element()?.ok_or_else(missing)?;
+                let p = seq.next_element()?;
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom("a room record has at most three parts"));
+                }
+                Ok(RoomRecord { r, i, p })
+            }
+        }
+        deserializer.deserialize_seq(RecordVisitor)
+    }
+}
+
 impl Record for RoomRecord {
-    fn write(&self, out: &mut String) {
-        out.push_str("[[");
-        for (n, (user, until)) in self.r.iter().enumerate() {
-            if n > 0 {
-                out.push(',');
-            }
-            out.push('[');
-            write_string(out, user);
-            out.push_str(&format!(",{until}]"));
-        }
-        out.push_str("],[");
-        for (n, (identity, user, until)) in self.i.iter().enumerate() {
-            if n > 0 {
-                out.push(',');
-            }
-            out.push('[');
-            write_string(out, identity);
-            out.push(',');
-            write_string(out, user);
-            out.push_str(&format!(",{until}]"));
-        }
-        out.push(']');
-        if let Some((until, identities)) = &self.p {
-            out.push_str(&format!(",[{until},["));
-            for (n, identity) in identities.iter().enumerate() {
-                if n > 0 {
-                    out.push(',');
-                }
-                write_string(out, identity);
-            }
-            out.push_str("]]");
-        }
-        out.push(']');
-    }
-
-    fn read(value: &Value) -> Option<Self> {
-        let (reservations, identities, participants) = match value.as_array()? {
-            [r, i] => (r, i, None),
-            [r, i, p] => (r, i, Some(p)),
-            _ => return None,
-        };
-        let r = reservations
-            .as_array()?
-            .iter()
-            .map(|item| match item.as_array()? {
-                [Value::String(user), until] => Some((user.clone(), until.as_u64()?)),
-                _ => None,
-            })
-            .collect::<Option<_>>()?;
-        let i = identities
-            .as_array()?
-            .iter()
-            .map(|item| match item.as_array()? {
-                [Value::String(identity), Value::String(user), until] => {
-                    Some((identity.clone(), user.clone(), until.as_u64()?))
-                }
-                _ => None,
-            })
-            .collect::<Option<_>>()?;
-        let p = match participants.map(|p| p.as_array()) {
-            None => None,
-            Some(Some([until, Value::Array(list)])) => Some((
-                until.as_u64()?,
-                list.iter()
-                    .map(|id| id.as_str().map(str::to_owned))
-                    .collect::<Option<_>>()?,
-            )),
-            Some(_) => return None,
-        };
-        Some(RoomRecord { r, i, p })
-    }
-
     /// Reservations and learnt identities hold the limit: never evicted for another room.
     fn eviction(&self) -> Eviction {
         if self.r.is_empty() && self.i.is_empty() {
@@ -561,12 +526,9 @@ mod tests {
             i: vec![("hash/+=".into(), "@a:x".into(), 7)],
             p: Some((9, vec!["@a:x:D".into(), "hash/+=".into()])),
         };
-        let mut out = String::new();
-        record.write(&mut out);
-        let value = crate::gojson::parse_document(out.as_bytes()).unwrap();
-        assert_eq!(RoomRecord::read(&value), Some(record));
-        let mut empty = String::new();
-        RoomRecord::default().write(&mut empty);
+        let out = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<RoomRecord>(&out).ok(), Some(record));
+        let empty = serde_json::to_string(&RoomRecord::default()).unwrap();
         assert_eq!(empty, "[[],[]]");
     }
 

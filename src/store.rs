@@ -23,7 +23,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::gojson::{self, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The host's shared data, as the core sees it.
 pub trait SharedStore {
@@ -98,28 +99,15 @@ pub enum Eviction {
     Never,
 }
 
-/// A value kept in a bucket, written as JSON.
-pub trait Record: Sized {
-    fn write(&self, out: &mut String);
-    fn read(value: &Value) -> Option<Self>;
+/// A value kept in a bucket, written as JSON (serde_json).
+pub trait Record: Serialize + DeserializeOwned {
     /// Whether this live entry may be evicted for another room's entry.
     fn eviction(&self) -> Eviction {
         Eviction::Rank(0)
     }
 }
 
-impl Record for i64 {
-    fn write(&self, out: &mut String) {
-        out.push_str(&self.to_string());
-    }
-
-    fn read(value: &Value) -> Option<Self> {
-        match value {
-            Value::Number(text) => text.parse().ok(),
-            _ => None,
-        }
-    }
-}
+impl Record for i64 {}
 
 /// One stored entry: its id (a room), when it expires (ms since the epoch), its value.
 /// A bucket is the JSON array of its entries, each `[id, expiry, value]`.
@@ -130,43 +118,41 @@ struct Entry<T> {
     v: T,
 }
 
-/// The entries of a bucket. A bucket the guard wrote holds each id once; should one hold an id
-/// twice (written by something else), only the last entry for it counts, for reads and writes
-/// alike, so that a write is always what the next read sees.
+impl<T: Serialize> Serialize for Entry<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (&self.k, self.e, &self.v).serialize(serializer)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Entry<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (k, e, v) = Deserialize::deserialize(deserializer)?;
+        Ok(Entry { k, e, v })
+    }
+}
+
+/// The entries of a bucket; a bucket that does not read as this version's entries (another
+/// version of the guard wrote it) reads as empty. A bucket the guard wrote holds each id once;
+/// should one hold an id twice (written by something else), only the last entry for it
+/// counts, for reads and writes alike, so that a write is always what the next read sees.
 fn decode<T: Record>(bytes: &[u8]) -> Vec<Entry<T>> {
-    let Ok(Value::Array(items)) = gojson::parse_document(bytes) else {
-        return Vec::new();
-    };
+    let items: Vec<Entry<T>> = serde_json::from_slice(bytes).unwrap_or_default();
     let mut entries: Vec<Entry<T>> = Vec::with_capacity(items.len());
-    for item in &items {
-        let entry = match item.as_array() {
-            Some([Value::String(k), e, v]) => match (e.as_u64(), T::read(v)) {
-                (Some(e), Some(v)) => Entry { k: k.clone(), e, v },
-                _ => continue,
-            },
-            _ => continue,
-        };
+    for entry in items {
         entries.retain(|earlier| earlier.k != entry.k);
         entries.push(entry);
     }
     entries
 }
 
-fn encode_entry<T: Record>(entry: &Entry<T>) -> String {
-    let mut out = String::from("[");
-    gojson::write_string(&mut out, &entry.k);
-    out.push(',');
-    out.push_str(&entry.e.to_string());
-    out.push(',');
-    entry.v.write(&mut out);
-    out.push(']');
-    out
+/// One entry's JSON; `None` only if its value cannot be written as JSON (no record can fail).
+fn encode_entry<T: Record>(entry: &Entry<T>) -> Option<String> {
+    serde_json::to_string(entry).ok()
 }
 
 #[cfg(test)]
 fn encode<T: Record>(entries: &[Entry<T>]) -> Vec<u8> {
-    let parts: Vec<String> = entries.iter().map(encode_entry).collect();
-    format!("[{}]", parts.join(",")).into_bytes()
+    serde_json::to_vec(entries).unwrap()
 }
 
 /// What an update does to an entry.
@@ -296,13 +282,13 @@ impl Buckets {
     ) -> Result<(Vec<u8>, usize), StoreError> {
         let mut encoded: Vec<(Eviction, u64, String)> = entries
             .into_iter()
-            .map(|entry| {
+            .filter_map(|entry| {
                 let eviction = if entry.k == keep {
                     Eviction::Never
                 } else {
                     entry.v.eviction()
                 };
-                (eviction, entry.e, encode_entry(&entry))
+                Some((eviction, entry.e, encode_entry(&entry)?))
             })
             .collect();
         // "[" + entries joined by "," + "]"
@@ -549,16 +535,10 @@ mod tests {
     }
 
     /// A record that must never be evicted while it lives.
-    #[derive(Debug, Clone, PartialEq)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Held(i64);
 
     impl Record for Held {
-        fn write(&self, out: &mut String) {
-            self.0.write(out)
-        }
-        fn read(value: &Value) -> Option<Self> {
-            i64::read(value).map(Held)
-        }
         fn eviction(&self) -> Eviction {
             Eviction::Never
         }

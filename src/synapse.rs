@@ -4,7 +4,11 @@
 //! limit is the event of that type with an empty state key. An older Synapse ignores `type`
 //! and returns every state event, so the list is always scanned.
 
-use crate::gojson::{self, Value};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::json;
 
 /// The path of the state lookup for `room`, the room id percent-encoded as one segment.
 pub fn state_path(room: &str, state_type: &str) -> String {
@@ -15,18 +19,17 @@ pub fn state_path(room: &str, state_type: &str) -> String {
     )
 }
 
+/// Everything but RFC 3986 unreserved characters is escaped.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes everything but RFC 3986 unreserved characters, so a hostile room id such
 /// as `!a/../b?c#d` stays inside its path segment.
 pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// What a state lookup says about a room's limit.
@@ -69,36 +72,112 @@ pub fn parse_state_response(
         Some(404) if is_not_found(body) => return Ok(Limit::None),
         Some(other) => return Err(LookupError::Status(other)),
     }
-    let document = gojson::parse_document(body).map_err(|_| LookupError::BadBody)?;
-    let events = document
-        .get("state")
-        .and_then(Value::as_array)
-        .ok_or(LookupError::BadBody)?;
-    let event = events.iter().find(|e| {
-        e.get("type").and_then(Value::as_str) == Some(state_type)
-            && e.get("state_key").and_then(Value::as_str) == Some("")
-    });
+    let answer: StateAnswer = json::object(body).ok_or(LookupError::BadBody)?;
+    let event = answer
+        .state
+        .iter()
+        .find(|e| e.kind.as_str() == Some(state_type) && e.state_key.as_str() == Some(""));
     Ok(event
-        .and_then(|e| e.get("content"))
+        .and_then(|e| e.content.get("max_users"))
         .and_then(max_users)
         .map_or(Limit::None, Limit::MaxUsers))
 }
 
+/// The admin API's state list; of each event only what identifies the limit event is typed,
+/// so events of any shape are read (and skipped).
+#[derive(Deserialize)]
+struct StateAnswer {
+    state: Vec<StateEvent>,
+}
+
+#[derive(Deserialize)]
+struct StateEvent {
+    #[serde(rename = "type", default)]
+    kind: Value,
+    #[serde(default)]
+    state_key: Value,
+    #[serde(default)]
+    content: Value,
+}
+
 /// Only Synapse's own "room not found" means no room; a 404 from a misrouted proxy is a failure.
 fn is_not_found(body: &[u8]) -> bool {
-    gojson::parse_document(body)
-        .ok()
-        .is_some_and(|v| v.get("errcode").and_then(Value::as_str) == Some("M_NOT_FOUND"))
+    #[derive(Deserialize)]
+    struct ErrorAnswer {
+        errcode: Option<String>,
+    }
+    json::object::<ErrorAnswer>(body)
+        .is_some_and(|answer| answer.errcode.as_deref() == Some("M_NOT_FOUND"))
 }
 
 /// `max_users` as an integer, an integral float or an integral numeric string above zero.
-fn max_users(content: &Value) -> Option<u32> {
-    let number = match content.get("max_users")? {
-        number @ Value::Number(_) => number.as_integral()?,
-        Value::String(s) => gojson::integral_value(s.trim())?,
+fn max_users(value: &Value) -> Option<u32> {
+    let number = match value {
+        Value::Number(number) => integral_number(number)?,
+        Value::String(s) => integral_value(s.trim())?,
         _ => return None,
     };
     (number >= 1).then(|| u32::try_from(number).unwrap_or(u32::MAX))
+}
+
+/// A JSON number's value when it is a whole number, not negative (an integer or an integral
+/// float such as `3.0` or `1e12`; floats past `u64` saturate).
+pub fn integral_number(number: &serde_json::Number) -> Option<u64> {
+    if let Some(n) = number.as_u64() {
+        return Some(n);
+    }
+    if number.is_i64() {
+        return None; // negative
+    }
+    let float = number.as_f64()?;
+    (float >= 0.0 && float.fract() == 0.0).then_some(float as u64)
+}
+
+/// The value of a number written in JSON's grammar (here: a numeric string), when it is a
+/// whole number that is not negative; read exactly, saturating at `u64::MAX`.
+pub fn integral_value(text: &str) -> Option<u64> {
+    let text = text.strip_prefix('+').unwrap_or(text);
+    let negative = text.starts_with('-');
+    let (mantissa, exponent) = match text.trim_start_matches('-').split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e).parse::<i64>().ok()?),
+        None => (text.trim_start_matches('-'), 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int_part.is_empty()
+        || !(int_part.bytes().chain(frac_part.bytes())).all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // value = digits × 10^shift
+    let digits = format!("{int_part}{frac_part}");
+    let digits = digits.trim_start_matches('0');
+    let shift = exponent.checked_sub(frac_part.len() as i64)?;
+    let (kept, dropped) = if shift >= 0 {
+        (digits, "")
+    } else {
+        let cut = digits.len().saturating_sub(shift.unsigned_abs() as usize);
+        digits.split_at(cut)
+    };
+    if dropped.bytes().any(|b| b != b'0') {
+        return None; // a fraction
+    }
+    if kept.is_empty() {
+        return Some(0);
+    }
+    if negative {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for b in kept.bytes() {
+        value = value.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+    }
+    for _ in 0..shift.max(0) {
+        if value == u64::MAX {
+            break;
+        }
+        value = value.saturating_mul(10);
+    }
+    Some(value)
 }
 
 #[cfg(test)]
@@ -192,5 +271,34 @@ mod tests {
             parse_state_response(Some(200), b"garbage", TYPE),
             Err(LookupError::BadBody)
         );
+    }
+
+    #[test]
+    fn integral_values_are_read_exactly() {
+        for (text, expected) in [
+            ("3", Some(3)),
+            ("3.0", Some(3)),
+            ("3.000", Some(3)),
+            ("3e0", Some(3)),
+            ("0.3e1", Some(3)),
+            ("30e-1", Some(3)),
+            ("1E2", Some(100)),
+            ("2.5e1", Some(25)),
+            ("0", Some(0)),
+            ("-0", Some(0)),
+            ("0.0", Some(0)),
+            ("1e400", Some(u64::MAX)),
+            ("99999999999999999999999", Some(u64::MAX)),
+            ("2.5", None),
+            ("25e-1", None),
+            ("-2", None),
+            ("1e-400", None),
+            ("abc", None),
+            ("", None),
+            (".5", None),
+            ("1.", Some(1)),
+        ] {
+            assert_eq!(integral_value(text), expected, "{text}");
+        }
     }
 }
