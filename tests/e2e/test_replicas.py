@@ -314,7 +314,7 @@ def test_the_edge_example_validates_as_written(tmp_path):
     broken.write_text(EDGE_EXAMPLE.read_text().replace(
         '{"room_header": "x-vlg-room",', '{"room_header": "x-vlg-room", "failure_mode": "open",'))
     ok, output = Envoy.validate(broken, cwd=REPO)
-    assert not ok and "failure_mode: unknown key" in output, output
+    assert not ok and "failure_mode: unknown field `failure_mode`" in output, output
 
 
 def test_a_body_without_a_readable_room_goes_to_any_replica(tiers, new_room):
