@@ -23,7 +23,7 @@
 use std::time::Duration;
 
 use crate::config::{Config, FailureMode, Upstream};
-use crate::gojson::{self, Value};
+use crate::json;
 use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
@@ -721,9 +721,12 @@ pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn issued_token(body: &[u8]) -> Result<String, String> {
-    gojson::parse_document(body)
-        .ok()
-        .and_then(|v| v.get("jwt").and_then(Value::as_str).map(str::to_owned))
+    #[derive(serde::Deserialize)]
+    struct Issued {
+        jwt: String,
+    }
+    json::object::<Issued>(body)
+        .map(|issued| issued.jwt)
         .ok_or_else(|| "lk-jwt-service's 200 carries no {\"jwt\": ...} body".to_owned())
 }
 

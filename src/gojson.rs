@@ -13,9 +13,11 @@
 //!
 //! Values are kept as a small tree; bodies are tiny (a few hundred bytes) and nesting is capped.
 //!
-//! The same reader serves every other JSON the filter reads (its configuration, Synapse's and
-//! LiveKit's answers, token claims, its shared state) and [`write_string`] every JSON it writes:
-//! one small parser instead of a general serialisation framework keeps the Wasm module small.
+//! serde_json reads everything else (see [`crate::json`]). It cannot read this part: it
+//! rejects invalid UTF-8 and lone surrogates, errors on duplicate struct fields, reads a whole
+//! document rather than the first value, and matches keys exactly. [`write_string`] is kept
+//! for the same reason on the writing side: the LiveKit alias is a hash of bytes written with
+//! Go's `json.Marshal` escaping (`<`, `>`, `&`, U+2028, U+2029), which serde_json does not do.
 
 /// Deepest nesting accepted. lk-jwt-service's request structs are at most two levels deep,
 /// so anything deeper fails Go's type checks too (and the token request is refused).
@@ -52,63 +54,6 @@ pub fn parse_first_value(input: &[u8]) -> Result<Value, SyntaxError> {
     let mut reader = Reader { input, pos: 0 };
     reader.skip_whitespace();
     reader.value(0)
-}
-
-/// Reads a document that must be exactly one JSON value (whitespace around it allowed).
-pub fn parse_document(input: &[u8]) -> Result<Value, SyntaxError> {
-    let mut reader = Reader { input, pos: 0 };
-    reader.skip_whitespace();
-    let value = reader.value(0)?;
-    reader.skip_whitespace();
-    if reader.pos < input.len() {
-        return Err(reader.error("unexpected data after the JSON value"));
-    }
-    Ok(value)
-}
-
-impl Value {
-    /// The member `key` of an object (exact match; the last of duplicates, as Go and most
-    /// decoders keep it).
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        match self {
-            Value::Object(members) => members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::String(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_array(&self) -> Option<&[Value]> {
-        match self {
-            Value::Array(items) => Some(items),
-            _ => None,
-        }
-    }
-
-    /// A non-negative integer written without fraction or exponent.
-    pub fn as_u64(&self) -> Option<u64> {
-        match self {
-            Value::Number(text) => text.parse().ok(),
-            _ => None,
-        }
-    }
-
-    /// What kind of value this is, for error messages.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Value::Null => "null",
-            Value::Bool(_) => "a boolean",
-            Value::Number(_) => "a number",
-            Value::String(_) => "a string",
-            Value::Array(_) => "an array",
-            Value::Object(_) => "an object",
-        }
-    }
 }
 
 /// Appends `s` as a JSON string, escaped as Go's `json.Marshal` (Go 1.22+) does: quotes,
@@ -542,27 +487,6 @@ mod tests {
     fn numbers_follow_go_grammar() {
         assert_eq!(parse(b"-0.5e+3"), Value::Number("-0.5e+3".into()));
         assert_eq!(parse(b"12 "), Value::Number("12".into()));
-    }
-
-    #[test]
-    fn documents_must_hold_one_value() {
-        assert!(parse_document(b" {\"a\":1} ").is_ok());
-        assert!(parse_document(b"{\"a\":1} x").is_err());
-        assert!(parse_document(b"{}{}").is_err());
-    }
-
-    #[test]
-    fn accessors() {
-        let v = parse(br#"{"s":"x","n":12,"f":2.5,"a":[1],"s":"y"}"#);
-        assert_eq!(v.get("s").and_then(Value::as_str), Some("y"));
-        assert_eq!(v.get("n").and_then(Value::as_u64), Some(12));
-        assert_eq!(v.get("f").and_then(Value::as_u64), None);
-        assert_eq!(
-            v.get("a").and_then(Value::as_array).map(<[_]>::len),
-            Some(1)
-        );
-        assert_eq!(v.get("missing"), None);
-        assert_eq!(Value::Null.get("x"), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use voice_limit_guard::gojson::{self, Value};
+use serde_json::Value;
 use voice_limit_guard::livekit_names::{hashed_identity, room_alias};
 use voice_limit_guard::token_request::{self, Endpoint, Shape};
 
@@ -84,8 +84,8 @@ fn read_corpus(path: &Path) -> Vec<Case> {
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            let value = gojson::parse_document(line.as_bytes())
-                .unwrap_or_else(|e| panic!("corpus line {}: {e}", i + 1));
+            let value: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("corpus line {}: {e}", i + 1));
             let endpoint = match string_member(&value, "endpoint").as_str() {
                 "/sfu/get" => Endpoint::SfuGet,
                 "/get_token" => Endpoint::GetToken,
@@ -119,8 +119,8 @@ fn run_oracle(oracle: &Path, corpus: &Path) -> Vec<(Outcome, String)> {
     stdout
         .lines()
         .map(|line| {
-            let value = gojson::parse_document(line.as_bytes())
-                .unwrap_or_else(|e| panic!("oracle line {line:?}: {e}"));
+            let value: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("oracle line {line:?}: {e}"));
             let outcome = Outcome {
                 accepted: value.get("ok") == Some(&Value::Bool(true)),
                 shape: string_member(&value, "shape"),
