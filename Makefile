@@ -154,3 +154,17 @@ oci: build
 ## Packages $(WASM) as it is, without building it first (the tests package the module they run).
 oci-image: $(ORAS)
 	ORAS=$(ORAS) deploy/oci/build-image.sh $(WASM) $(OCI_DIR) $(OCI_TAG)
+
+## The drop-in for the reference Python guard: Envoy with the filter, in the foreground, configured
+## from the reference's variables (GUARD_BIND_HOST, GUARD_BIND_PORT, GUARD_UPSTREAM, LIVEKIT_API,
+## LIVEKIT_KEY, LIVEKIT_SECRET, SYNAPSE_API, MATRIX_TOKEN) with its defaults; see
+## envoy/run_from_env.py. Options go in RUN_ARGS, e.g. RUN_ARGS="-- --concurrency 2".
+.PHONY: run
+run: build venv
+	@$(VENV)/bin/python envoy/run_from_env.py $(RUN_ARGS)
+
+## Hot swap: publish the module just built to an Envoy running envoy/envoy-ecds.yaml, checked by
+## `envoy --mode validate` first (envoy/HOT-SWAP.md). Settings too: PUBLISH_ARGS="--set KEY=VALUE".
+.PHONY: hot-swap
+hot-swap: build venv
+	$(VENV)/bin/python envoy/ecds_publish.py --wasm $(WASM) --validate $(PUBLISH_ARGS)
