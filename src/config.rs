@@ -125,7 +125,7 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_LIMIT_CACHE_TTL_SECONDS: u64 = 10;
 pub const DEFAULT_STALE_LIMIT_SECONDS: u64 = 3600;
 pub const DEFAULT_RESERVATION_SECONDS: u64 = 30;
-pub const DEFAULT_PARTICIPANTS_CACHE_MS: u64 = 0;
+pub const DEFAULT_PARTICIPANTS_CACHE_MS: u64 = 1000;
 pub const DEFAULT_LIMIT_STATE_TYPE: &str = "io.lotus.voice_limit";
 pub const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/sfu/get", "/get_token"];
 
@@ -497,7 +497,7 @@ mod tests {
         assert_eq!(c.limit_cache_ttl, Duration::from_secs(10));
         assert_eq!(c.failure_mode, FailureMode::Open);
         assert_eq!(c.reservation, Duration::from_secs(30));
-        assert_eq!(c.participants_cache, Duration::ZERO);
+        assert_eq!(c.participants_cache, Duration::from_millis(1000));
     }
 
     #[test]

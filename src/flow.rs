@@ -33,6 +33,7 @@ use crate::reply::{self, LocalReply};
 use crate::store::SharedStore;
 use crate::synapse::{self, Limit};
 use crate::token_request::{self, Shape, TokenRequest};
+use crate::upstream::Request;
 
 /// What the admission needs from its surroundings at each step.
 pub struct Env<'a> {
@@ -393,63 +394,59 @@ impl Admission {
             Some(Err(e)) => return self.unreadable(&e.to_string()),
             None => return self.unreadable("the request body never arrived complete"),
         };
-        let max_users = match &self.limit {
-            LimitState::Unknown | LimitState::Asking => return Vec::new(),
-            LimitState::AskedByOther => {
-                // The other request's answer may be cached by now; if not, ask ourselves.
-                match limit_cache::peek(env.store, &request.room, env.now_ms()) {
-                    Some(Cached::Known(limit)) => {
-                        self.limit = LimitState::Known(limit);
-                        return self.advance(env);
-                    }
-                    Some(Cached::Pending) => return vec![Effect::AwaitSharedLimit],
-                    None | Some(Cached::Claimed) => {
-                        let mut effects = Vec::new();
-                        self.ask_synapse(env, &mut effects);
-                        return effects;
-                    }
+        let max_users = match self.limit_to_enforce(&request.room, env) {
+            Ok(max_users) => max_users,
+            Err(effects) => return effects,
+        };
+        let mut effects = Vec::new();
+        if !matches!(&self.participants, Some((room, _)) if *room == claims.room) {
+            // None yet, or asked under another alias: ask (or take the cached list) for the
+            // room the token admits to.
+            self.ask_livekit(&claims.room, env, &mut effects);
+        }
+        let list = match &self.participants {
+            Some((_, ParticipantState::Known(identities))) => Some(identities.clone()),
+            Some((_, ParticipantState::Cached)) => None,
+            Some((_, ParticipantState::Failed(reason))) => {
+                let reason = format!("participant lookup failed: {reason}");
+                return self.fail(reason, env);
+            }
+            Some((_, ParticipantState::Asking)) | None => return effects,
+        };
+        let participants = match &list {
+            Some(identities) => occupancy::Participants::Fresh(identities),
+            None => occupancy::Participants::Cached,
+        };
+        effects.extend(self.decide(&request, &claims, max_users, participants, env));
+        effects
+    }
+
+    /// The limit to enforce, once known. Otherwise the effects that get it, or that end the
+    /// request when there is nothing to enforce (no limit) or it cannot be known (a failure).
+    fn limit_to_enforce(&mut self, room: &str, env: &Env) -> Result<u32, Vec<Effect>> {
+        if matches!(self.limit, LimitState::AskedByOther) {
+            // The other request's answer may be cached by now; if not, ask ourselves.
+            match limit_cache::peek(env.store, room, env.now_ms()) {
+                Some(Cached::Known(limit)) => self.limit = LimitState::Known(limit),
+                Some(Cached::Pending) => return Err(vec![Effect::AwaitSharedLimit]),
+                None | Some(Cached::Claimed) => {
+                    let mut effects = Vec::new();
+                    self.ask_synapse(env, &mut effects);
+                    return Err(effects);
                 }
             }
+        }
+        match &self.limit {
+            LimitState::Unknown | LimitState::Asking | LimitState::AskedByOther => Err(Vec::new()),
             LimitState::Failed(reason) => {
                 let reason = format!("limit lookup failed: {reason}");
-                return self.fail(reason, env);
+                Err(self.fail(reason, env))
             }
             LimitState::Known(Limit::None) => {
                 self.response = ResponseState::Done;
-                return vec![Effect::Count(Counter::Allowed), Effect::PassResponse];
+                Err(vec![Effect::Count(Counter::Allowed), Effect::PassResponse])
             }
-            LimitState::Known(Limit::MaxUsers(n)) => *n,
-        };
-        let participants = match &self.participants {
-            Some((room, state)) if *room == claims.room => state,
-            _ => {
-                let mut effects = Vec::new();
-                self.ask_livekit(&claims.room, env, &mut effects);
-                if matches!(self.participants, Some((_, ParticipantState::Cached))) {
-                    // Nothing to wait for: decide on the cached list right away.
-                    effects.extend(self.advance(env));
-                }
-                return effects;
-            }
-        };
-        match participants {
-            ParticipantState::Asking => Vec::new(),
-            ParticipantState::Failed(reason) => {
-                let reason = format!("participant lookup failed: {reason}");
-                self.fail(reason, env)
-            }
-            ParticipantState::Known(identities) => {
-                let identities = identities.clone();
-                let list = occupancy::Participants::Fresh(&identities);
-                self.decide(&request, &claims, max_users, list, env)
-            }
-            ParticipantState::Cached => self.decide(
-                &request,
-                &claims,
-                max_users,
-                occupancy::Participants::Cached,
-                env,
-            ),
+            LimitState::Known(Limit::MaxUsers(n)) => Ok(*n),
         }
     }
 
@@ -555,16 +552,16 @@ impl Admission {
     fn ask_synapse(&mut self, env: &Env, effects: &mut Vec<Effect>) {
         let cfg = env.config;
         let room = self.room().to_owned();
-        let path = synapse::state_path(&room, &cfg.limit_state_type);
-        let bearer = format!("Bearer {}", cfg.synapse.admin_token.expose());
+        let request = synapse::state_request(
+            &room,
+            &cfg.limit_state_type,
+            cfg.synapse.admin_token.expose(),
+        );
         effects.push(Effect::Count(Counter::SynapseLookups));
         effects.push(Effect::Dispatch(call(
             CallKind::LimitLookup(room),
             &cfg.synapse.upstream,
-            "GET",
-            path,
-            vec![("authorization".into(), bearer)],
-            Vec::new(),
+            request,
         )));
         self.limit = LimitState::Asking;
     }
@@ -593,23 +590,17 @@ impl Admission {
 
     fn ask_livekit_now(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
         let cfg = &env.config.livekit;
-        let token = jwt::admin_token(
+        let request = livekit::list_request(
+            room,
             cfg.api_key.expose(),
             cfg.api_secret.expose(),
-            room,
             env.now_ms() / 1000,
         );
         effects.push(Effect::Count(Counter::LivekitLookups));
         effects.push(Effect::Dispatch(call(
             CallKind::ListParticipants(room.to_owned()),
             &cfg.upstream,
-            "POST",
-            livekit::LIST_PARTICIPANTS_PATH.to_owned(),
-            vec![
-                ("authorization".into(), format!("Bearer {token}")),
-                ("content-type".into(), "application/json".into()),
-            ],
-            livekit::list_participants_body(room),
+            request,
         )));
         self.participants = Some((room.to_owned(), ParticipantState::Asking));
     }
@@ -730,25 +721,20 @@ fn issued_token(body: &[u8]) -> Result<String, String> {
         .ok_or_else(|| "lk-jwt-service's 200 carries no {\"jwt\": ...} body".to_owned())
 }
 
-fn call(
-    kind: CallKind,
-    upstream: &Upstream,
-    method: &str,
-    path: String,
-    mut extra: Vec<(String, String)>,
-    body: Vec<u8>,
-) -> HttpCall {
+/// A service's request as the host makes it: to the upstream's cluster, with its authority
+/// and timeout.
+fn call(kind: CallKind, upstream: &Upstream, request: Request) -> HttpCall {
     let mut headers = vec![
-        (":method".to_owned(), method.to_owned()),
-        (":path".to_owned(), path),
+        (":method".to_owned(), request.method.to_owned()),
+        (":path".to_owned(), request.path),
         (":authority".to_owned(), upstream.authority.clone()),
     ];
-    headers.append(&mut extra);
+    headers.extend(request.headers);
     HttpCall {
         kind,
         cluster: upstream.cluster.clone(),
         headers,
-        body,
+        body: request.body,
         timeout: upstream.timeout,
     }
 }
@@ -954,7 +940,8 @@ mod tests {
 
     #[test]
     fn the_livekit_query_runs_early_under_the_predicted_alias() {
-        let cfg = config("");
+        // Without the list cache; with it, the cached list is read when deciding instead.
+        let cfg = config(r#", "participants_cache_ms": 0"#);
         let store = MemoryStore::default();
         let env = env(&cfg, &store, 0);
         let mut a = Admission::new();

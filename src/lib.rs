@@ -27,6 +27,7 @@ pub mod reply;
 pub mod store;
 pub mod synapse;
 pub mod token_request;
+pub mod upstream;
 
 #[cfg(target_os = "wasi")]
 mod edge;

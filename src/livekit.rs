@@ -3,30 +3,29 @@
 use serde::Deserialize;
 
 use crate::json;
+use crate::jwt;
+use crate::upstream::{CallError, Request, Service};
 
 pub const LIST_PARTICIPANTS_PATH: &str = "/twirp/livekit.RoomService/ListParticipants";
+
+/// The `ListParticipants` call for `room`, with an admin token for exactly that room minted
+/// from the API key and secret (`now_s`: seconds since the epoch).
+pub fn list_request(room: &str, api_key: &str, api_secret: &str, now_s: u64) -> Request {
+    let token = jwt::admin_token(api_key, api_secret, room, now_s);
+    Request {
+        method: "POST",
+        path: LIST_PARTICIPANTS_PATH.to_owned(),
+        headers: vec![
+            ("authorization".into(), format!("Bearer {token}")),
+            ("content-type".into(), "application/json".into()),
+        ],
+        body: list_participants_body(room),
+    }
+}
 
 /// The JSON body of a `ListParticipants` call for `room`.
 pub fn list_participants_body(room: &str) -> Vec<u8> {
     serde_json::json!({ "room": room }).to_string().into_bytes()
-}
-
-/// Why a participant list could not be read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListError {
-    NoResponse,
-    Status(u32),
-    BadBody,
-}
-
-impl std::fmt::Display for ListError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListError::NoResponse => f.write_str("LiveKit gave no response"),
-            ListError::Status(s) => write!(f, "LiveKit answered HTTP {s}"),
-            ListError::BadBody => f.write_str("LiveKit's answer is not a participant list"),
-        }
-    }
 }
 
 /// The part of a `ListParticipants` answer the guard reads. Every other field (metadata,
@@ -65,13 +64,13 @@ impl Participant {
 }
 
 /// The identities of the participants that still hold a place in the room.
-pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<String>, ListError> {
+pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<String>, CallError> {
     match status {
-        None => return Err(ListError::NoResponse),
+        None => return Err(CallError::NoResponse(Service::LiveKit)),
         Some(200) => {}
-        Some(other) => return Err(ListError::Status(other)),
+        Some(other) => return Err(CallError::Status(Service::LiveKit, other)),
     }
-    let answer: ListAnswer = json::object(body).ok_or(ListError::BadBody)?;
+    let answer: ListAnswer = json::object(body).ok_or(CallError::BadBody(Service::LiveKit))?;
     Ok(answer
         .participants
         .into_iter()
@@ -113,11 +112,11 @@ mod tests {
     fn empty_room_and_failures() {
         assert_eq!(
             parse_list_response(Some(200), b"{}"),
-            Err(ListError::BadBody)
+            Err(CallError::BadBody(Service::LiveKit))
         );
         assert_eq!(
             parse_list_response(Some(200), br#"{"participants":null}"#),
-            Err(ListError::BadBody)
+            Err(CallError::BadBody(Service::LiveKit))
         );
         assert_eq!(
             parse_list_response(Some(200), br#"{"participants":[]}"#),
@@ -125,16 +124,19 @@ mod tests {
         );
         assert_eq!(
             parse_list_response(Some(401), br#"{"code":"unauthenticated"}"#),
-            Err(ListError::Status(401))
+            Err(CallError::Status(Service::LiveKit, 401))
         );
-        assert_eq!(parse_list_response(None, b""), Err(ListError::NoResponse));
+        assert_eq!(
+            parse_list_response(None, b""),
+            Err(CallError::NoResponse(Service::LiveKit))
+        );
         assert_eq!(
             parse_list_response(Some(200), b"{\"participants\":[{"),
-            Err(ListError::BadBody)
+            Err(CallError::BadBody(Service::LiveKit))
         );
         assert_eq!(
             parse_list_response(Some(200), b"<html>"),
-            Err(ListError::BadBody)
+            Err(CallError::BadBody(Service::LiveKit))
         );
         for not_a_list in [
             &br#"{"participants":{}}"#[..],
@@ -143,7 +145,7 @@ mod tests {
         ] {
             assert_eq!(
                 parse_list_response(Some(200), not_a_list),
-                Err(ListError::BadBody)
+                Err(CallError::BadBody(Service::LiveKit))
             );
         }
     }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::json;
+use crate::upstream::{CallError, Request, Service};
 
 /// The path of the state lookup for `room`, the room id percent-encoded as one segment.
 pub fn state_path(room: &str, state_type: &str) -> String {
@@ -26,6 +27,16 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// The state lookup of `room`'s limit event, with the admin token.
+pub fn state_request(room: &str, state_type: &str, admin_token: &str) -> Request {
+    Request {
+        method: "GET",
+        path: state_path(room, state_type),
+        headers: vec![("authorization".into(), format!("Bearer {admin_token}"))],
+        body: Vec::new(),
+    }
+}
+
 /// Percent-encodes everything but RFC 3986 unreserved characters, so a hostile room id such
 /// as `!a/../b?c#d` stays inside its path segment.
 pub fn percent_encode(s: &str) -> String {
@@ -41,38 +52,19 @@ pub enum Limit {
     MaxUsers(u32),
 }
 
-/// Why a state lookup gave no answer the guard can use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LookupError {
-    /// No `:status` at all: the call was reset or overflowed.
-    NoResponse,
-    Status(u32),
-    BadBody,
-}
-
-impl std::fmt::Display for LookupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LookupError::NoResponse => f.write_str("Synapse gave no response"),
-            LookupError::Status(s) => write!(f, "Synapse answered HTTP {s}"),
-            LookupError::BadBody => f.write_str("Synapse's answer is not a state list"),
-        }
-    }
-}
-
 /// Interprets the answer to [`state_path`]. A room Synapse does not know (404) has no limit.
 pub fn parse_state_response(
     status: Option<u32>,
     body: &[u8],
     state_type: &str,
-) -> Result<Limit, LookupError> {
+) -> Result<Limit, CallError> {
     match status {
-        None => return Err(LookupError::NoResponse),
+        None => return Err(CallError::NoResponse(Service::Synapse)),
         Some(200) => {}
         Some(404) if is_not_found(body) => return Ok(Limit::None),
-        Some(other) => return Err(LookupError::Status(other)),
+        Some(other) => return Err(CallError::Status(Service::Synapse, other)),
     }
-    let answer: StateAnswer = json::object(body).ok_or(LookupError::BadBody)?;
+    let answer: StateAnswer = json::object(body).ok_or(CallError::BadBody(Service::Synapse))?;
     let event = answer
         .state
         .iter()
@@ -188,7 +180,7 @@ mod tests {
 
     const TYPE: &str = "io.lotus.voice_limit";
 
-    fn answer(content: &str) -> Result<Limit, LookupError> {
+    fn answer(content: &str) -> Result<Limit, CallError> {
         let body = format!(
             r#"{{"state":[{{"type":"m.room.create","state_key":"","content":{{}}}},{{"type":"io.lotus.voice_limit","state_key":"","content":{content}}}]}}"#
         );
@@ -253,23 +245,23 @@ mod tests {
         );
         assert_eq!(
             parse_state_response(Some(404), b"<html>", TYPE),
-            Err(LookupError::Status(404))
+            Err(CallError::Status(Service::Synapse, 404))
         );
         assert_eq!(
             parse_state_response(Some(401), b"{}", TYPE),
-            Err(LookupError::Status(401))
+            Err(CallError::Status(Service::Synapse, 401))
         );
         assert_eq!(
             parse_state_response(None, b"", TYPE),
-            Err(LookupError::NoResponse)
+            Err(CallError::NoResponse(Service::Synapse))
         );
         assert_eq!(
             parse_state_response(Some(200), br#"{"state":[{"#, TYPE),
-            Err(LookupError::BadBody)
+            Err(CallError::BadBody(Service::Synapse))
         );
         assert_eq!(
             parse_state_response(Some(200), b"garbage", TYPE),
-            Err(LookupError::BadBody)
+            Err(CallError::BadBody(Service::Synapse))
         );
     }
 

@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::livekit::{parse_list_response, ListError};
+use voice_limit_guard::livekit::parse_list_response;
+use voice_limit_guard::upstream::{CallError, Service};
 
 fuzz_target!(|data: &[u8]| {
     match parse_list_response(Some(200), data) {
@@ -14,11 +15,11 @@ fuzz_target!(|data: &[u8]| {
                 "more identity bytes than the answer holds"
             );
         }
-        Err(error) => assert_eq!(error, ListError::BadBody),
+        Err(error) => assert_eq!(error, CallError::BadBody(Service::LiveKit)),
     }
     assert_eq!(
         parse_list_response(Some(503), data),
-        Err(ListError::Status(503))
+        Err(CallError::Status(Service::LiveKit, 503))
     );
-    assert_eq!(parse_list_response(None, data), Err(ListError::NoResponse));
+    assert_eq!(parse_list_response(None, data), Err(CallError::NoResponse(Service::LiveKit)));
 });

@@ -3,23 +3,24 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::synapse::{parse_state_response, Limit, LookupError};
+use voice_limit_guard::synapse::{parse_state_response, Limit};
+use voice_limit_guard::upstream::{CallError, Service};
 
 const STATE_TYPE: &str = "io.lotus.voice_limit";
 
 fuzz_target!(|data: &[u8]| {
     match parse_state_response(Some(200), data, STATE_TYPE) {
         Ok(Limit::MaxUsers(n)) => assert!(n >= 1, "a limit of zero users"),
-        Ok(Limit::None) | Err(LookupError::BadBody) => {}
+        Ok(Limit::None) | Err(CallError::BadBody(Service::Synapse)) => {}
         Err(other) => panic!("a 200 answer gave {other:?}"),
     }
     // A 404 means "no such room" only when Synapse says so; otherwise it is a failure.
     match parse_state_response(Some(404), data, STATE_TYPE) {
-        Ok(Limit::None) | Err(LookupError::Status(404)) => {}
+        Ok(Limit::None) | Err(CallError::Status(Service::Synapse, 404)) => {}
         other => panic!("a 404 answer gave {other:?}"),
     }
     assert_eq!(
         parse_state_response(None, data, STATE_TYPE),
-        Err(LookupError::NoResponse)
+        Err(CallError::NoResponse(Service::Synapse))
     );
 });

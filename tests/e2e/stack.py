@@ -695,6 +695,10 @@ def default_plugin_config(admin_token: str, secret: str = LIVEKIT_SECRET, **over
         "limit_cache_ttl_seconds": 10,
         "failure_mode": "open",
         "reservation_seconds": 30,
+        # Most tests check one decision against LiveKit's list as it is at that moment, so they
+        # run without the participant-list cache (on by default); test_participants_cache.py
+        # and the examples' tests run it.
+        "participants_cache_ms": 0,
     }
     return merge(config, overrides)
 

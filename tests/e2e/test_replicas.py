@@ -257,7 +257,10 @@ def test_a_replica_killed_mid_burst(tiers, new_room):
     it held fail (the edge answers 503; a client retries); new requests for its rooms go to the
     next replica on the ring at once (connect failures are retried there). That replica never
     saw the places the dead one reserved for users not yet in LiveKit, so those rooms can
-    admit up to one more limit's worth of users; the other rooms stay exact."""
+    admit up to one more limit's worth of users. Envoy rebuilds its ring with more points per
+    replica left, so some rooms of the live replicas move between them too, each move another
+    guard that has not seen the room's reservations: a room admits at most one limit per
+    replica it meets, and rooms that do not move stay exact."""
     guards, edges = tiers(affinity=True)
     rooms = limited_rooms(new_room)
     calls = requests_for(rooms, "fail")
@@ -296,8 +299,8 @@ def test_a_replica_killed_mid_burst(tiers, new_room):
           f"{sum(max(0, n - LIMIT) for n in admitted)} users over the limit in total")
     assert ejected(), "the edges never took the dead replica out of the ring"
     assert sorted(set(statuses)) == [200, 403], statuses
-    assert all(LIMIT <= n <= 2 * LIMIT for n in admitted), admitted
-    # Rooms on the replicas that stayed up never overshoot.
+    assert all(LIMIT <= n <= REPLICAS * LIMIT for n in admitted), admitted
+    # Rooms that stayed on their replica never overshoot.
     assert admitted.count(LIMIT) >= 1, admitted
     guards[killed["index"]].stop()
 
