@@ -17,10 +17,17 @@ TOOLS    := $(CURDIR)/target/tools
 
 all: build
 
-## The filter module.
+## The filter module. When binaryen's wasm-opt is installed (Debian: binaryen), the module cargo
+## just built is shrunk with -Oz (about 420 KB -> 350 KB); without it the module is used as built.
+WASM_OPT ?= $(shell command -v wasm-opt 2>/dev/null)
+WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
 build:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	$(CARGO) build --release --target wasm32-wasip1 --lib
+	@if [ -z "$(WASM_OPT)" ]; then echo "wasm-opt not found: the module is left as cargo built it"; \
+	elif cmp -s $(WASM) $(dir $(WASM))deps/$(notdir $(WASM)); then \
+	  $(WASM_OPT) $(WASM_OPT_FLAGS) $(WASM) -o $(WASM).opt && mv $(WASM).opt $(WASM); \
+	fi
 	@ls -l $(WASM)
 
 ## The real LiveKit server (built once per version, about 2 minutes).
