@@ -81,7 +81,7 @@ impl<'a> Env<'a> {
     }
 }
 
-/// The guard's counters (exported as `voice_limit_guard.<name>`).
+/// The guard's counters (the host exports them as `voice_limit_guard.<name>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Counter {
     TokenRequests,
@@ -113,22 +113,6 @@ impl Counter {
         Counter::Unreadable,
         Counter::StaleLimits,
     ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Counter::TokenRequests => "voice_limit_guard.token_requests",
-            Counter::Allowed => "voice_limit_guard.allowed",
-            Counter::Blocked => "voice_limit_guard.blocked",
-            Counter::FailOpen => "voice_limit_guard.fail_open",
-            Counter::FailClosed => "voice_limit_guard.fail_closed",
-            Counter::SynapseLookups => "voice_limit_guard.synapse_lookups",
-            Counter::LimitCacheHits => "voice_limit_guard.limit_cache_hits",
-            Counter::LivekitLookups => "voice_limit_guard.livekit_lookups",
-            Counter::LivekitCacheHits => "voice_limit_guard.livekit_cache_hits",
-            Counter::Unreadable => "voice_limit_guard.unreadable_requests",
-            Counter::StaleLimits => "voice_limit_guard.stale_limits",
-        }
-    }
 }
 
 /// Which question an outgoing call asks; the host hands it back with the answer.
@@ -164,6 +148,9 @@ pub enum Effect {
     /// Another request of this process is asking Synapse for the same room: call
     /// [`Admission::retry`] again shortly, until that answer is in the shared cache.
     AwaitSharedLimit,
+    /// The `info` line of a refusal (room, user, counts). The host rate-limits these: a client
+    /// retrying against a full room must not flood the proxy's log.
+    LogRefusal(String),
 }
 
 #[derive(Debug)]
@@ -494,23 +481,20 @@ impl Admission {
         } else {
             reply::channel_full()
         };
-        log_refusal(env.now_ms(), || {
-            let why = if verdict.too_many_devices {
-                "every device place of this user (or of the room) is taken by a connected \
-                 device"
-                    .to_owned()
-            } else {
-                format!(
-                    "{} users present and {} admitted but not yet connected, limit {max_users}",
-                    verdict.present, verdict.reserved
-                )
-            };
+        let why = if verdict.too_many_devices {
+            "every device place of this user (or of the room) is taken by a connected device"
+                .to_owned()
+        } else {
             format!(
-                "room {}: refused {}: {why}",
-                clip(&request.room),
-                clip(requester)
+                "{} users present and {} admitted but not yet connected, limit {max_users}",
+                verdict.present, verdict.reserved
             )
-        });
+        };
+        effects.push(Effect::LogRefusal(format!(
+            "room {}: refused {}: {why}",
+            clip(&request.room),
+            clip(requester)
+        )));
         effects.extend([Effect::Count(Counter::Blocked), Effect::Reply(answer)]);
         effects
     }
@@ -604,30 +588,6 @@ impl Admission {
         )));
         self.participants = Some((room.to_owned(), ParticipantState::Asking));
     }
-}
-
-/// Refusals are logged at most once a second per worker, with a count of those not logged:
-/// a client retrying against a full room must not flood the proxy's log.
-fn log_refusal(now_ms: u64, line: impl FnOnce() -> String) {
-    thread_local! {
-        static LAST: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
-    }
-    LAST.with(|last| {
-        let (logged_at, suppressed) = last.get();
-        if now_ms.saturating_sub(logged_at) < 1000 && logged_at != 0 {
-            last.set((logged_at, suppressed + 1));
-            return;
-        }
-        if suppressed > 0 {
-            log::info!(
-                "{} (and {suppressed} more refusals in the last seconds)",
-                line()
-            );
-        } else {
-            log::info!("{}", line());
-        }
-        last.set((now_ms, 0));
-    });
 }
 
 /// The Matrix user asking, as lk-jwt-service verified it: the OpenID-verified claim of a

@@ -41,7 +41,7 @@ impl Metrics {
         let counters = Counter::ALL
             .iter()
             .filter_map(|&c| {
-                hostcalls::define_metric(MetricType::Counter, c.name())
+                hostcalls::define_metric(MetricType::Counter, counter_name(c))
                     .ok()
                     .map(|id| (c, id))
             })
@@ -60,6 +60,44 @@ impl Metrics {
             let _ = hostcalls::increment_metric(*id, 1);
         }
     }
+}
+
+/// The exported name of a counter.
+fn counter_name(counter: Counter) -> &'static str {
+    match counter {
+        Counter::TokenRequests => "voice_limit_guard.token_requests",
+        Counter::Allowed => "voice_limit_guard.allowed",
+        Counter::Blocked => "voice_limit_guard.blocked",
+        Counter::FailOpen => "voice_limit_guard.fail_open",
+        Counter::FailClosed => "voice_limit_guard.fail_closed",
+        Counter::SynapseLookups => "voice_limit_guard.synapse_lookups",
+        Counter::LimitCacheHits => "voice_limit_guard.limit_cache_hits",
+        Counter::LivekitLookups => "voice_limit_guard.livekit_lookups",
+        Counter::LivekitCacheHits => "voice_limit_guard.livekit_cache_hits",
+        Counter::Unreadable => "voice_limit_guard.unreadable_requests",
+        Counter::StaleLimits => "voice_limit_guard.stale_limits",
+    }
+}
+
+/// Refusals are logged at most once a second per worker, with a count of those not logged:
+/// a client retrying against a full room must not flood the proxy's log.
+fn log_refusal(now_ms: u64, line: &str) {
+    thread_local! {
+        static LAST: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    LAST.with(|last| {
+        let (logged_at, suppressed) = last.get();
+        if now_ms.saturating_sub(logged_at) < 1000 && logged_at != 0 {
+            last.set((logged_at, suppressed + 1));
+            return;
+        }
+        if suppressed > 0 {
+            log::info!("{line} (and {suppressed} more refusals in the last seconds)");
+        } else {
+            log::info!("{line}");
+        }
+        last.set((now_ms, 0));
+    });
 }
 
 /// The host's shared data, plus the gauges that account for what the guard keeps there.
@@ -276,13 +314,11 @@ impl RootContext for GuardRoot {
                 let store = HostStore {
                     metrics: Rc::clone(&metrics),
                 };
-                let all_buckets = [&limit_cache::BUCKETS, &occupancy::BUCKETS];
-                for buckets in all_buckets {
-                    buckets.create_all(&store);
-                }
+                limit_cache::BUCKETS.create_all(&store);
+                occupancy::BUCKETS.create_all(&store);
                 if let Some(id) = metrics.shared_keys {
                     // Absolute: every VM copy creates the same buckets at start.
-                    let keys: u32 = all_buckets.iter().map(|b| b.count).sum();
+                    let keys = limit_cache::BUCKETS.count + occupancy::BUCKETS.count;
                     let _ = hostcalls::record_metric(id, u64::from(keys));
                 }
                 self.metrics = Some(metrics);
@@ -395,6 +431,7 @@ impl Stream {
         for effect in effects {
             match effect {
                 Effect::Count(counter) => this.borrow().store.metrics.count(counter),
+                Effect::LogRefusal(line) => log_refusal(now_ms(), &line),
                 Effect::Dispatch(call) => Stream::dispatch(this, call, phase),
                 Effect::AwaitSharedLimit => {
                     PENDING.with(|p| p.borrow_mut().waiting.push(Rc::downgrade(this)));

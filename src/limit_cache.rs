@@ -19,17 +19,13 @@ use crate::synapse::Limit;
 
 /// Where this state lives in shared data (created when the VM starts). Entries are about 70
 /// bytes (ids are stored as digests), so this holds some 28,000 rooms; entries without a limit
-/// are evicted first, limits last.
-pub const BUCKETS: Buckets = Buckets {
-    prefix: "voice_limit_guard.limits",
-    // Many small buckets: a lookup decodes one bucket, so its size is the per-request cost.
-    count: 512,
-    max_bytes: 4 * 1024,
-};
+/// are evicted first, limits last. Many small buckets: a lookup decodes one bucket, so its
+/// size is the per-request cost.
+pub const BUCKETS: Buckets<Entry> = Buckets::new("voice_limit_guard.limits", 512, 4 * 1024);
 
 /// What the shared cache holds for one room. Times are ms since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Entry {
+pub struct Entry {
     /// The last answer Synapse gave, if any.
     seen: Option<Limit>,
     /// Until when `seen` is served without asking Synapse.
@@ -156,7 +152,7 @@ pub fn read_or_claim(
 /// Reads the room's entry without claiming anything: a fresh limit or a pending lookup.
 pub fn peek(store: &dyn SharedStore, room: &str, now_ms: u64) -> Option<Cached> {
     BUCKETS
-        .get::<Entry>(store, room, now_ms)
+        .get(store, room, now_ms)
         .and_then(|entry| classify(&entry, now_ms))
 }
 

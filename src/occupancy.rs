@@ -32,11 +32,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Where this state lives in shared data (created when the VM starts). A record at its caps
 /// is about 28 KiB, so one always fits a bucket on its own; typical records are a few hundred
 /// bytes.
-pub const BUCKETS: Buckets = Buckets {
-    prefix: "voice_limit_guard.rooms",
-    count: 1024,
-    max_bytes: 32 * 1024,
-};
+pub const BUCKETS: Buckets<RoomRecord> = Buckets::new("voice_limit_guard.rooms", 1024, 32 * 1024);
 
 /// How long a learnt identity is kept past the moment it was last seen in the room: a
 /// participant stays connected after its join token expires.
@@ -62,7 +58,7 @@ const MAX_CACHED_LIST: usize = 256;
 /// Users and identities are kept as [`digest`]s: the record's size does not depend on what
 /// ids clients choose.
 #[derive(Clone, Debug, Default, PartialEq)]
-struct RoomRecord {
+pub struct RoomRecord {
     /// Users admitted and not yet seen in LiveKit: (user, reserved until).
     r: Vec<(String, u64)>,
     /// Identities of tokens let through: (identity, user, remembered until).
@@ -551,7 +547,7 @@ mod tests {
         let store = MemoryStore::default();
         assert!(ask(&store, 1, &[], "@a:x", "@a:x:D", 0).admitted);
         assert!(ask(&store, 1, &["@a:x:D"], "@a:x", "@a:x:D2", 1).admitted);
-        assert_eq!(BUCKETS.get::<RoomRecord>(&store, ROOM, 2), None);
+        assert_eq!(BUCKETS.get(&store, ROOM, 2), None);
     }
 
     #[test]

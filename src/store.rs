@@ -17,6 +17,7 @@
 //!   and learnt identities never do. A write that cannot fit fails with
 //!   [`StoreError::Full`], which the caller treats as a failure of its request.
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -165,14 +166,24 @@ pub enum Change<T> {
 }
 
 /// A family of buckets holding entries of type `T`.
-pub struct Buckets {
+pub struct Buckets<T> {
     pub prefix: &'static str,
     pub count: u32,
     /// Bytes a bucket may hold before entries are evicted.
     pub max_bytes: usize,
+    record: PhantomData<fn() -> T>,
 }
 
-impl Buckets {
+impl<T> Buckets<T> {
+    pub const fn new(prefix: &'static str, count: u32, max_bytes: usize) -> Buckets<T> {
+        Buckets {
+            prefix,
+            count,
+            max_bytes,
+            record: PhantomData,
+        }
+    }
+
     /// The bucket that holds `id`'s entry.
     pub fn key_for(&self, id: &str) -> String {
         self.key_of(bucket_index(&digest(id), self.count))
@@ -199,9 +210,11 @@ impl Buckets {
             }
         }
     }
+}
 
+impl<T: Record> Buckets<T> {
     /// The live entry for `id`, if any.
-    pub fn get<T: Record>(&self, store: &dyn SharedStore, id: &str, now_ms: u64) -> Option<T> {
+    pub fn get(&self, store: &dyn SharedStore, id: &str, now_ms: u64) -> Option<T> {
         let k = digest(id);
         let (bytes, _) = store.get(&self.key_of(bucket_index(&k, self.count)))?;
         decode::<T>(&bytes)
@@ -213,16 +226,13 @@ impl Buckets {
     /// Atomically applies `change` to the live entry for `id` (its value and expiry).
     /// `change` may run several times under contention and must depend only on its input;
     /// the second half of its last result is returned.
-    pub fn update<T, R>(
+    pub fn update<R>(
         &self,
         store: &dyn SharedStore,
         id: &str,
         now_ms: u64,
         mut change: impl FnMut(Option<(&T, u64)>) -> (Change<T>, R),
-    ) -> Result<R, StoreError>
-    where
-        T: Record,
-    {
+    ) -> Result<R, StoreError> {
         let k = digest(id);
         let key = self.key_of(bucket_index(&k, self.count));
         for _ in 0..MAX_ATTEMPTS {
@@ -274,7 +284,7 @@ impl Buckets {
     /// the entry being written (`keep`) and entries that must never go stay. If the bucket
     /// still does not fit and the write would make it larger, nothing is written:
     /// [`StoreError::Full`]. Returns the bucket's bytes and how many entries they hold.
-    fn encode_within_cap<T: Record>(
+    fn encode_within_cap(
         &self,
         entries: Vec<Entry<T>>,
         keep: &str,
@@ -381,11 +391,7 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const BUCKETS: Buckets = Buckets {
-        prefix: "t",
-        count: 4,
-        max_bytes: 400,
-    };
+    const BUCKETS: Buckets<i64> = Buckets::new("t", 4, 400);
 
     #[test]
     fn stores_reads_and_expires_entries() {
@@ -396,9 +402,9 @@ mod tests {
                 (Change::Put(7, 2000), ())
             })
             .unwrap();
-        assert_eq!(BUCKETS.get::<i64>(&store, "!a", 1999), Some(7));
-        assert_eq!(BUCKETS.get::<i64>(&store, "!a", 2000), None);
-        assert_eq!(BUCKETS.get::<i64>(&store, "!b", 1000), None);
+        assert_eq!(BUCKETS.get(&store, "!a", 1999), Some(7));
+        assert_eq!(BUCKETS.get(&store, "!a", 2000), None);
+        assert_eq!(BUCKETS.get(&store, "!b", 1000), None);
     }
 
     #[test]
@@ -442,7 +448,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seen, [None, Some(1)]);
-        assert_eq!(BUCKETS.get::<i64>(&store.inner, "!a", 0), Some(2));
+        assert_eq!(BUCKETS.get(&store.inner, "!a", 0), Some(2));
     }
 
     #[test]
@@ -467,10 +473,7 @@ mod tests {
         assert!(entries > 0);
         assert_eq!(store.entries.get() as usize, entries);
         // The newest entries survive eviction.
-        assert_eq!(
-            BUCKETS.get::<i64>(&store, "!room9999:example.com", 0),
-            Some(1)
-        );
+        assert_eq!(BUCKETS.get(&store, "!room9999:example.com", 0), Some(1));
     }
 
     #[test]
@@ -493,11 +496,7 @@ mod tests {
     #[test]
     fn the_entry_being_written_survives_a_full_bucket() {
         let store = MemoryStore::default();
-        let one_bucket = Buckets {
-            prefix: "t",
-            count: 1,
-            max_bytes: 200,
-        };
+        let one_bucket: Buckets<i64> = Buckets::new("t", 1, 200);
         for i in 0..20 {
             one_bucket
                 .update(
@@ -514,7 +513,7 @@ mod tests {
                 (Change::Put(-1, 10), ())
             })
             .unwrap();
-        assert_eq!(one_bucket.get::<i64>(&store, "!short", 0), Some(-1));
+        assert_eq!(one_bucket.get(&store, "!short", 0), Some(-1));
         assert!(store.byte_count() <= 200);
     }
 
@@ -531,7 +530,7 @@ mod tests {
                 (Change::Remove, ())
             })
             .unwrap();
-        assert_eq!(BUCKETS.get::<i64>(&store, "!a", 0), None);
+        assert_eq!(BUCKETS.get(&store, "!a", 0), None);
     }
 
     /// A record that must never be evicted while it lives.
@@ -547,11 +546,7 @@ mod tests {
     #[test]
     fn live_entries_that_must_stay_are_never_evicted() {
         let store = MemoryStore::default();
-        let one_bucket = Buckets {
-            prefix: "t",
-            count: 1,
-            max_bytes: 200,
-        };
+        let one_bucket: Buckets<Held> = Buckets::new("t", 1, 200);
         let mut kept = Vec::new();
         let mut full = 0;
         for i in 0..20 {
@@ -567,7 +562,7 @@ mod tests {
         assert!(full > 0 && !kept.is_empty());
         // Every write that succeeded is still there; the ones that did not fit said so.
         for id in &kept {
-            assert_eq!(one_bucket.get::<Held>(&store, id, 0), Some(Held(1)));
+            assert_eq!(one_bucket.get(&store, id, 0), Some(Held(1)));
         }
         assert!(store.byte_count() <= 200);
         // Once they expire, their place is free again.
@@ -587,7 +582,7 @@ mod tests {
                 (Change::Put(1, 10), ())
             })
             .unwrap();
-        assert_eq!(BUCKETS.get::<i64>(&store, &huge, 0), Some(1));
+        assert_eq!(BUCKETS.get(&store, &huge, 0), Some(1));
         assert!(store.byte_count() < 100);
     }
 
@@ -599,13 +594,13 @@ mod tests {
         store
             .set(&BUCKETS.key_for("!r"), twice.as_bytes(), None)
             .unwrap();
-        assert_eq!(BUCKETS.get::<i64>(&store, "!r", 0), Some(7));
+        assert_eq!(BUCKETS.get(&store, "!r", 0), Some(7));
         BUCKETS
             .update(&store, "!r", 0, |_: Option<(&i64, u64)>| {
                 (Change::Put(2, 9999), ())
             })
             .unwrap();
-        assert_eq!(BUCKETS.get::<i64>(&store, "!r", 0), Some(2));
+        assert_eq!(BUCKETS.get(&store, "!r", 0), Some(2));
     }
 
     #[test]
