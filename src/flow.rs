@@ -722,10 +722,6 @@ mod tests {
         CallKind::LimitLookup(ROOM.to_owned())
     }
 
-    fn env<'a>(config: &'a Config, store: &'a MemoryStore, now_ms: u64) -> Env<'a> {
-        Env::at(config, store, now_ms)
-    }
-
     fn legacy_body(user: &str, device: &str) -> Vec<u8> {
         format!(
             r#"{{"room":"{ROOM}","openid_token":{{"access_token":"openid:{user}","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"device_id":"{device}"}}"#
@@ -746,6 +742,10 @@ mod tests {
 
     fn legacy_alias() -> String {
         room_alias(ROOM, "m.call#ROOM")
+    }
+
+    fn legacy_token(user: &str, device: &str) -> Vec<u8> {
+        issued(&legacy_alias(), &format!("{user}:{device}"))
     }
 
     fn limit_answer(n: u32) -> Vec<u8> {
@@ -789,8 +789,89 @@ mod tests {
         })
     }
 
-    /// Runs a whole legacy admission for `identity` into a room limited to `limit` whose
-    /// LiveKit room holds `present`; returns every effect in order.
+    /// One admission driven event by event as the host drives it. Each step returns the
+    /// effects it caused; `all` keeps every effect in order.
+    struct Drive<'a> {
+        env: Env<'a>,
+        admission: Admission,
+        all: Vec<Effect>,
+    }
+
+    impl<'a> Drive<'a> {
+        fn new(config: &'a Config, store: &'a MemoryStore, now_ms: u64) -> Drive<'a> {
+            Drive {
+                env: Env::at(config, store, now_ms),
+                admission: Admission::new(),
+                all: Vec::new(),
+            }
+        }
+
+        fn keep(&mut self, effects: Vec<Effect>) -> Vec<Effect> {
+            self.all.extend(effects.iter().cloned());
+            effects
+        }
+
+        /// The request body, read whole.
+        fn request(&mut self, body: &[u8]) -> Vec<Effect> {
+            let effects = self.admission.on_request_body(body, &self.env);
+            self.keep(effects)
+        }
+
+        /// Synapse's answer to the limit lookup.
+        fn synapse(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
+            let effects = self
+                .admission
+                .on_call_response(lookup(), status, body, &self.env);
+            self.keep(effects)
+        }
+
+        fn response_headers(&mut self, status: Option<u32>, end_of_stream: bool) -> Vec<Effect> {
+            let effects = self
+                .admission
+                .on_response_headers(status, end_of_stream, &self.env);
+            self.keep(effects)
+        }
+
+        fn response_body(&mut self, body: &[u8]) -> Vec<Effect> {
+            let effects = self.admission.on_response_body(body, &self.env);
+            self.keep(effects)
+        }
+
+        /// lk-jwt-service's 200 with this body: its headers, then its body.
+        fn token(&mut self, body: &[u8]) -> Vec<Effect> {
+            let mut effects = self.response_headers(Some(200), false);
+            effects.extend(self.response_body(body));
+            effects
+        }
+
+        /// The last `ListParticipants` call made, if any.
+        fn livekit_call(&self) -> Option<CallKind> {
+            dispatched(&self.all)
+                .into_iter()
+                .rev()
+                .find(|c| matches!(c.kind, CallKind::ListParticipants(_)))
+                .map(|c| c.kind.clone())
+        }
+
+        /// LiveKit's answer to the last `ListParticipants` call.
+        fn livekit(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
+            let Some(kind) = self.livekit_call() else {
+                panic!("LiveKit was not asked: {:?}", self.all)
+            };
+            let effects = self
+                .admission
+                .on_call_response(kind, status, body, &self.env);
+            self.keep(effects)
+        }
+
+        fn retry(&mut self) -> Vec<Effect> {
+            let effects = self.admission.retry(&self.env);
+            self.keep(effects)
+        }
+    }
+
+    /// A whole legacy admission of `user` (device `DEV`) into a room limited to `limit` whose
+    /// LiveKit room holds `present`, each service asked only if the guard asks; every effect.
     fn admit(
         cfg: &Config,
         store: &MemoryStore,
@@ -798,31 +879,23 @@ mod tests {
         present: &[&str],
         user: &str,
     ) -> Vec<Effect> {
-        let env = env(cfg, store, 1_000);
-        let mut a = Admission::new();
-        let mut all = a.on_request_body(&legacy_body(user, "DEV"), &env);
-        if dispatched(&all).iter().any(|c| c.kind == lookup()) {
-            let e = a.on_call_response(lookup(), Some(200), &limit_answer(limit), &env);
-            all.extend(e);
+        let mut d = Drive::new(cfg, store, 1_000);
+        let effects = d.request(&legacy_body(user, "DEV"));
+        if dispatched(&effects).iter().any(|c| c.kind == lookup()) {
+            d.synapse(Some(200), &limit_answer(limit));
         }
-        all.extend(a.on_response_headers(Some(200), false, &env));
-        all.extend(a.on_response_body(&issued(&legacy_alias(), &format!("{user}:DEV")), &env));
-        if let Some(call) = dispatched(&all)
-            .into_iter()
-            .find(|c| matches!(c.kind, CallKind::ListParticipants(_)))
-            .cloned()
-        {
-            all.extend(a.on_call_response(call.kind, Some(200), &participants(present), &env));
+        d.token(&legacy_token(user, "DEV"));
+        if d.livekit_call().is_some() && outcome(&d.all).is_none() {
+            d.livekit(Some(200), &participants(present));
         }
-        all
+        d.all
     }
 
     #[test]
     fn limit_lookup_is_a_bearer_get_on_the_admin_state_api() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let effects = Admission::new().on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        let effects = Drive::new(&cfg, &store, 0).request(&legacy_body("@a:example.com", "D"));
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].cluster, "synapse");
@@ -883,6 +956,8 @@ mod tests {
         assert!(reply
             .headers
             .contains(&("access-control-allow-origin", "*")));
+        assert!(effects.iter().any(|e| matches!(e, Effect::LogRefusal(line)
+            if line.starts_with("room !room:example.com: refused @c:example.com: 2 users present"))));
     }
 
     #[test]
@@ -903,11 +978,10 @@ mod tests {
         // Without the list cache; with it, the cached list is read when deciding instead.
         let cfg = config(r#", "participants_cache_ms": 0"#);
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut a = Admission::new();
-        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        let mut d = Drive::new(&cfg, &store, 0);
+        d.request(&legacy_body("@a:example.com", "D"));
         // The Synapse answer arrives while lk-jwt-service still works: LiveKit is asked now.
-        let effects = a.on_call_response(lookup(), Some(200), &limit_answer(2), &env);
+        let effects = d.synapse(Some(200), &limit_answer(2));
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].kind, CallKind::ListParticipants(legacy_alias()));
@@ -923,42 +997,28 @@ mod tests {
             .1;
         assert!(auth.starts_with("Bearer ey"));
         // Its answer is ready before the token: the decision needs no further call.
-        assert!(a
-            .on_call_response(calls[0].kind.clone(), Some(200), &participants(&[]), &env)
-            .is_empty());
-        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
-        let effects = a.on_response_body(&issued(&legacy_alias(), "@a:example.com:D"), &env);
+        assert!(d.livekit(Some(200), &participants(&[])).is_empty());
+        assert!(d.response_headers(Some(200), false).is_empty());
+        let effects = d.response_body(&legacy_token("@a:example.com", "D"));
         assert_eq!(dispatched(&effects).len(), 0);
         assert_eq!(outcome(&effects), Some(200));
     }
 
     #[test]
     fn a_token_for_another_alias_is_checked_again() {
-        let cfg = config("");
+        let cfg = config(r#", "participants_cache_ms": 0"#);
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut a = Admission::new();
-        a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
-        a.on_call_response(lookup(), Some(200), &limit_answer(1), &env);
-        a.on_call_response(
-            CallKind::ListParticipants(legacy_alias()),
-            Some(200),
-            &participants(&[]),
-            &env,
-        );
-        a.on_response_headers(Some(200), false, &env);
+        let mut d = Drive::new(&cfg, &store, 0);
+        d.request(&legacy_body("@c:example.com", "D"));
+        d.synapse(Some(200), &limit_answer(1));
+        d.livekit(Some(200), &participants(&[]));
         // An lk-jwt-service older than 0.4.3 names the LiveKit room differently.
-        let effects = a.on_response_body(&issued(ROOM, "@c:example.com:D"), &env);
+        let effects = d.token(&issued(ROOM, "@c:example.com:D"));
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].kind, CallKind::ListParticipants(ROOM.into()));
         assert_eq!(outcome(&effects), None);
-        let effects = a.on_call_response(
-            calls[0].kind.clone(),
-            Some(200),
-            &participants(&["@a:example.com:X"]),
-            &env,
-        );
+        let effects = d.livekit(Some(200), &participants(&["@a:example.com:X"]));
         assert_eq!(outcome(&effects), Some(403));
     }
 
@@ -970,25 +1030,20 @@ mod tests {
         assert_eq!(outcome(&first), Some(200));
         // The next admission into the same room within a second asks LiveKit nothing;
         // bob's reservation and alice's cached presence fill two of three places.
-        let env = env(&cfg, &store, 1_500);
-        let mut a = Admission::new();
-        let mut effects = a.on_request_body(&legacy_body("@c:example.com", "DEV"), &env);
-        effects.extend(a.on_response_headers(Some(200), false, &env));
-        effects.extend(a.on_response_body(&issued(&legacy_alias(), "@c:example.com:DEV"), &env));
-        assert!(dispatched(&effects).is_empty(), "{effects:?}");
-        assert!(counters(&effects).contains(&Counter::LivekitCacheHits));
-        assert_eq!(outcome(&effects), Some(200));
+        let mut c = Drive::new(&cfg, &store, 1_500);
+        c.request(&legacy_body("@c:example.com", "DEV"));
+        c.token(&legacy_token("@c:example.com", "DEV"));
+        assert!(dispatched(&c.all).is_empty(), "{:?}", c.all);
+        assert!(counters(&c.all).contains(&Counter::LivekitCacheHits));
+        assert_eq!(outcome(&c.all), Some(200));
         // A third new user finds the room full on the cache, but a refusal is decided on a
         // fresh list: LiveKit is asked, and still lists alice.
-        let mut d = Admission::new();
-        let mut effects = d.on_request_body(&legacy_body("@d:example.com", "DEV"), &env);
-        effects.extend(d.on_response_headers(Some(200), false, &env));
-        effects.extend(d.on_response_body(&issued(&legacy_alias(), "@d:example.com:DEV"), &env));
-        assert_eq!(outcome(&effects), None);
-        let calls = dispatched(&effects);
-        assert_eq!(calls.len(), 1);
-        let list = participants(&["@a:example.com:D1"]);
-        let effects = d.on_call_response(calls[0].kind.clone(), Some(200), &list, &env);
+        let mut d = Drive::new(&cfg, &store, 1_500);
+        d.request(&legacy_body("@d:example.com", "DEV"));
+        d.token(&legacy_token("@d:example.com", "DEV"));
+        assert_eq!(outcome(&d.all), None);
+        assert_eq!(dispatched(&d.all).len(), 1);
+        let effects = d.livekit(Some(200), &participants(&["@a:example.com:D1"]));
         assert_eq!(outcome(&effects), Some(403));
     }
 
@@ -996,20 +1051,18 @@ mod tests {
     fn with_the_list_cache_a_late_limit_answer_still_decides() {
         let cfg = config(r#", "participants_cache_ms": 1000"#);
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut a = Admission::new();
-        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        let mut d = Drive::new(&cfg, &store, 0);
+        d.request(&legacy_body("@a:example.com", "D"));
         // The token is held before Synapse answers.
-        assert!(a.on_response_headers(Some(200), false, &env).is_empty());
-        let token = issued(&legacy_alias(), "@a:example.com:D");
-        assert!(a.on_response_body(&token, &env).is_empty());
+        assert!(d.response_headers(Some(200), false).is_empty());
+        assert!(d
+            .response_body(&legacy_token("@a:example.com", "D"))
+            .is_empty());
         // No list is cached yet, so the limit answer leads to a LiveKit call...
-        let effects = a.on_call_response(lookup(), Some(200), &limit_answer(2), &env);
-        let calls = dispatched(&effects);
-        assert_eq!(calls.len(), 1, "{effects:?}");
+        let effects = d.synapse(Some(200), &limit_answer(2));
+        assert_eq!(dispatched(&effects).len(), 1, "{effects:?}");
         // ...and its answer to the decision.
-        let kind = calls[0].kind.clone();
-        let effects = a.on_call_response(kind, Some(200), &participants(&[]), &env);
+        let effects = d.livekit(Some(200), &participants(&[]));
         assert_eq!(outcome(&effects), Some(200));
     }
 
@@ -1022,10 +1075,9 @@ mod tests {
         ] {
             let cfg = config(mode);
             let store = MemoryStore::default();
-            let env = env(&cfg, &store, 0);
-            let mut a = Admission::new();
-            assert!(a.on_response_headers(Some(200), false, &env).is_empty());
-            let effects = a.on_response_body(&issued("x", "y"), &env);
+            let mut d = Drive::new(&cfg, &store, 0);
+            assert!(d.response_headers(Some(200), false).is_empty());
+            let effects = d.response_body(&issued("x", "y"));
             assert_eq!(outcome(&effects), Some(503), "{mode}");
             assert_eq!(counters(&effects), [Counter::Unreadable]);
         }
@@ -1035,19 +1087,15 @@ mod tests {
     fn no_limit_passes_at_the_headers_and_is_cached() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut a = Admission::new();
-        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
-        let no_limit = br#"{"state":[]}"#;
-        assert!(dispatched(&a.on_call_response(lookup(), Some(200), no_limit, &env)).is_empty());
-        let effects = a.on_response_headers(Some(200), false, &env);
+        let mut a = Drive::new(&cfg, &store, 0);
+        a.request(&legacy_body("@a:example.com", "D"));
+        assert!(dispatched(&a.synapse(Some(200), br#"{"state":[]}"#)).is_empty());
         assert_eq!(
-            effects,
+            a.response_headers(Some(200), false),
             [Effect::Count(Counter::Allowed), Effect::PassResponse]
         );
         // The next request within the TTL uses the cache.
-        let mut b = Admission::new();
-        let effects = b.on_request_body(&legacy_body("@b:example.com", "D"), &env);
+        let effects = Drive::new(&cfg, &store, 0).request(&legacy_body("@b:example.com", "D"));
         assert_eq!(
             counters(&effects),
             [Counter::TokenRequests, Counter::LimitCacheHits]
@@ -1059,42 +1107,38 @@ mod tests {
     fn concurrent_cold_requests_share_one_lookup() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut first = Admission::new();
-        let mut second = Admission::new();
+        let mut first = Drive::new(&cfg, &store, 0);
+        let mut second = Drive::new(&cfg, &store, 0);
         let body = legacy_body("@a:example.com", "D");
-        assert_eq!(dispatched(&first.on_request_body(&body, &env)).len(), 1);
-        assert!(dispatched(&second.on_request_body(&body, &env)).is_empty());
+        assert_eq!(dispatched(&first.request(&body)).len(), 1);
+        assert!(dispatched(&second.request(&body)).is_empty());
         // The second token arrives before the first lookup's answer: it waits for it.
-        second.on_response_headers(Some(200), false, &env);
-        let token = issued(&legacy_alias(), "@b:example.com:D");
         assert_eq!(
-            second.on_response_body(&token, &env),
+            second.token(&legacy_token("@b:example.com", "D")),
             [Effect::AwaitSharedLimit]
         );
-        assert_eq!(second.retry(&env), [Effect::AwaitSharedLimit]);
-        first.on_call_response(lookup(), Some(200), &limit_answer(5), &env);
-        // The answer is shared: the second request goes straight to LiveKit.
-        let effects = second.retry(&env);
+        assert_eq!(second.retry(), [Effect::AwaitSharedLimit]);
+        first.synapse(Some(200), &limit_answer(5));
+        // The answer is shared: the second request goes straight to LiveKit (or its list).
+        let effects = second.retry();
+        assert!(!counters(&effects).contains(&Counter::SynapseLookups));
+        assert!(!counters(&effects).contains(&Counter::LimitCacheHits));
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert!(matches!(calls[0].kind, CallKind::ListParticipants(_)));
-        assert!(!counters(&effects).contains(&Counter::SynapseLookups));
     }
 
     #[test]
     fn a_lapsed_or_failed_shared_lookup_is_redone() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut first = Admission::new();
-        let mut second = Admission::new();
+        let mut first = Drive::new(&cfg, &store, 0);
+        let mut second = Drive::new(&cfg, &store, 0);
         let body = legacy_body("@a:example.com", "D");
-        first.on_request_body(&body, &env);
-        second.on_request_body(&body, &env);
-        first.on_call_response(lookup(), Some(502), b"", &env);
-        second.on_response_headers(Some(200), false, &env);
-        let effects = second.on_response_body(&issued(&legacy_alias(), "@b:example.com:D"), &env);
+        first.request(&body);
+        second.request(&body);
+        first.synapse(Some(502), b"");
+        let effects = second.token(&legacy_token("@b:example.com", "D"));
         assert_eq!(dispatched(&effects)[0].kind, lookup());
     }
 
@@ -1102,17 +1146,11 @@ mod tests {
     fn other_upstream_answers_pass_untouched() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
         for status in [Some(400), Some(401), Some(500), None] {
-            let mut a = Admission::new();
-            a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
-            assert_eq!(
-                a.on_response_headers(status, false, &env),
-                [Effect::PassResponse]
-            );
-            assert!(a
-                .on_call_response(lookup(), Some(200), &limit_answer(1), &env)
-                .is_empty());
+            let mut d = Drive::new(&cfg, &store, 0);
+            d.request(&legacy_body("@a:example.com", "D"));
+            assert_eq!(d.response_headers(status, false), [Effect::PassResponse]);
+            assert!(d.synapse(Some(200), &limit_answer(1)).is_empty());
         }
     }
 
@@ -1123,28 +1161,20 @@ mod tests {
 
     fn failing(cfg: &Config, synapse: Answer, livekit: Answer, token: Vec<u8>) -> Vec<Effect> {
         let store = MemoryStore::default();
-        let env = env(cfg, &store, 0);
-        let mut a = Admission::new();
-        let mut all = a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
-        all.extend(a.on_call_response(lookup(), synapse.0, synapse.1, &env));
-        all.extend(a.on_response_headers(Some(200), false, &env));
-        all.extend(a.on_response_body(&token, &env));
-        if let Some(call) = dispatched(&all)
-            .into_iter()
-            .find(|c| matches!(c.kind, CallKind::ListParticipants(_)))
-            .cloned()
-        {
-            if outcome(&all).is_none() {
-                all.extend(a.on_call_response(call.kind, livekit.0, livekit.1, &env));
-            }
+        let mut d = Drive::new(cfg, &store, 0);
+        d.request(&legacy_body("@a:example.com", "D"));
+        d.synapse(synapse.0, synapse.1);
+        d.token(&token);
+        if d.livekit_call().is_some() && outcome(&d.all).is_none() {
+            d.livekit(livekit.0, livekit.1);
         }
-        all
+        d.all
     }
 
     #[test]
     fn every_failure_fails_open_by_default_and_closed_on_request() {
         let ok_limit = limit_answer(1);
-        let token = issued(&legacy_alias(), "@a:example.com:D");
+        let token = legacy_token("@a:example.com", "D");
         let cases: Vec<(Answer, Answer, Vec<u8>)> = vec![
             ((None, b""), (Some(200), EMPTY_ROOM), token.clone()),
             ((Some(500), b"{}"), (Some(200), EMPTY_ROOM), token.clone()),
@@ -1193,12 +1223,10 @@ mod tests {
         ] {
             let cfg = config(mode);
             let store = MemoryStore::default();
-            let env = env(&cfg, &store, 0);
-            let mut a = Admission::new();
-            let effects = a.on_request_body(b"{\"room\":5}", &env);
-            assert!(dispatched(&effects).is_empty());
-            assert!(a.on_response_headers(Some(200), false, &env).is_empty());
-            let effects = a.on_response_body(&issued("x", "y"), &env);
+            let mut d = Drive::new(&cfg, &store, 0);
+            assert!(dispatched(&d.request(b"{\"room\":5}")).is_empty());
+            assert!(d.response_headers(Some(200), false).is_empty());
+            let effects = d.response_body(&issued("x", "y"));
             let Some(Effect::Reply(reply)) = effects.iter().find(|e| matches!(e, Effect::Reply(_)))
             else {
                 panic!("no reply: {effects:?}")
@@ -1212,33 +1240,26 @@ mod tests {
     fn a_200_without_body_cannot_be_held() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut a = Admission::new();
-        a.on_request_body(&legacy_body("@a:example.com", "D"), &env);
-        let effects = a.on_response_headers(Some(200), true, &env);
+        let mut d = Drive::new(&cfg, &store, 0);
+        d.request(&legacy_body("@a:example.com", "D"));
+        let effects = d.response_headers(Some(200), true);
         assert_eq!(outcome(&effects), Some(200));
         assert!(counters(&effects).contains(&Counter::FailOpen));
     }
 
     #[test]
     fn new_shape_requester_is_the_verified_claimed_user() {
-        let cfg = config("");
+        let cfg = config(r#", "participants_cache_ms": 0"#);
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
         let body = br#"{"room_id":"!room:example.com","slot_id":"m.call#ROOM","openid_token":{},"member":{"id":"m1","claimed_user_id":"@a:example.com","claimed_device_id":"D2"}}"#;
         let alias = room_alias(ROOM, "m.call#ROOM");
-        let mut a = Admission::new();
-        a.on_request_body(body, &env);
-        a.on_call_response(lookup(), Some(200), &limit_answer(1), &env);
-        a.on_response_headers(Some(200), false, &env);
-        a.on_response_body(&issued(&alias, "hashedIdentityOfD2"), &env);
+        let mut d = Drive::new(&cfg, &store, 0);
+        d.request(body);
+        d.synapse(Some(200), &limit_answer(1));
+        d.token(&issued(&alias, "hashedIdentityOfD2"));
         // alice is present under her /sfu/get identity: her second device is let in.
-        let effects = a.on_call_response(
-            CallKind::ListParticipants(alias),
-            Some(200),
-            &participants(&["@a:example.com:D1"]),
-            &env,
-        );
+        assert_eq!(d.livekit_call(), Some(CallKind::ListParticipants(alias)));
+        let effects = d.livekit(Some(200), &participants(&["@a:example.com:D1"]));
         assert_eq!(outcome(&effects), Some(200));
     }
 
@@ -1250,26 +1271,14 @@ mod tests {
             let first = admit(&cfg, &store, 1, &["@a:example.com:D1"], "@b:example.com");
             assert_eq!(outcome(&first), Some(403));
             // An hour later the cached limit has long expired and Synapse is down.
-            let env = env(&cfg, &store, 3_000_000);
-            let mut a = Admission::new();
-            let mut effects = a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
-            effects.extend(a.on_call_response(lookup(), Some(502), b"", &env));
-            effects.extend(a.on_response_headers(Some(200), false, &env));
-            effects.extend(a.on_response_body(&issued(&legacy_alias(), "@c:example.com:D"), &env));
-            let call = dispatched(&effects)
-                .into_iter()
-                .find(|c| matches!(c.kind, CallKind::ListParticipants(_)))
-                .cloned()
-                .unwrap();
-            let effects = a.on_call_response(
-                call.kind,
-                Some(200),
-                &participants(&["@a:example.com:D1"]),
-                &env,
-            );
+            let mut d = Drive::new(&cfg, &store, 3_000_000);
+            d.request(&legacy_body("@c:example.com", "D"));
+            d.synapse(Some(502), b"");
+            d.token(&legacy_token("@c:example.com", "D"));
+            let effects = d.livekit(Some(200), &participants(&["@a:example.com:D1"]));
             assert_eq!(outcome(&effects), Some(403), "{mode}");
             let mut all = counters(&effects);
-            all.extend(counters(&a.on_call_response(lookup(), None, b"", &env)));
+            all.extend(counters(&d.synapse(None, b"")));
             assert!(!all.contains(&Counter::FailOpen));
         }
     }
@@ -1279,17 +1288,16 @@ mod tests {
         let cfg = config("");
         let store = MemoryStore::default();
         admit(&cfg, &store, 2, &[], "@a:example.com");
-        let env = env(&cfg, &store, 3_000_000);
-        let mut a = Admission::new();
-        a.on_request_body(&legacy_body("@c:example.com", "D"), &env);
-        let effects = a.on_call_response(lookup(), None, b"", &env);
+        let mut d = Drive::new(&cfg, &store, 3_000_000);
+        d.request(&legacy_body("@c:example.com", "D"));
+        let effects = d.synapse(None, b"");
         assert!(counters(&effects).contains(&Counter::StaleLimits));
         // A room first seen while Synapse is down still fails per failure_mode.
         let effects = failing(
             &cfg,
             (Some(502), b""),
             (Some(200), EMPTY_ROOM),
-            issued(&legacy_alias(), "@a:example.com:D"),
+            legacy_token("@a:example.com", "D"),
         );
         assert!(counters(&effects).contains(&Counter::FailOpen));
     }
@@ -1298,18 +1306,15 @@ mod tests {
     fn impossible_room_ids_cost_no_lookup() {
         let cfg = config("");
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
         let long = format!("!{}", "a".repeat(255));
         for room in ["no-sigil", "!", "!a\\u0000b", long.as_str()] {
             let body = format!(
                 r#"{{"room":"{room}","openid_token":{{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"device_id":"D"}}"#
             );
-            let mut a = Admission::new();
-            let effects = a.on_request_body(body.as_bytes(), &env);
-            assert!(dispatched(&effects).is_empty(), "{room}");
-            let effects = a.on_response_headers(Some(200), false, &env);
+            let mut d = Drive::new(&cfg, &store, 0);
+            assert!(dispatched(&d.request(body.as_bytes())).is_empty(), "{room}");
             assert_eq!(
-                effects,
+                d.response_headers(Some(200), false),
                 [Effect::Count(Counter::Allowed), Effect::PassResponse]
             );
         }
@@ -1321,22 +1326,17 @@ mod tests {
 
     #[test]
     fn a_lookup_answer_is_kept_when_its_request_has_gone() {
-        let cfg = config("");
+        let cfg = config(r#", "participants_cache_ms": 0"#);
         let store = MemoryStore::default();
-        let env = env(&cfg, &store, 0);
-        let mut gone = Admission::new();
-        gone.on_request_body(&legacy_body("@a:example.com", "D"), &env);
+        let mut gone = Drive::new(&cfg, &store, 0);
+        gone.request(&legacy_body("@a:example.com", "D"));
         drop(gone);
         // Another request for the room waits for that lookup...
-        let mut waiting = Admission::new();
-        assert!(
-            dispatched(&waiting.on_request_body(&legacy_body("@b:example.com", "D"), &env))
-                .is_empty()
-        );
+        let mut waiting = Drive::new(&cfg, &store, 0);
+        assert!(dispatched(&waiting.request(&legacy_body("@b:example.com", "D"))).is_empty());
         // ...whose answer the host settles without the request that asked.
-        settle_orphaned_lookup(ROOM, Some(200), &limit_answer(4), &env);
-        waiting.on_response_headers(Some(200), false, &env);
-        let effects = waiting.on_response_body(&issued(&legacy_alias(), "@b:example.com:D"), &env);
+        settle_orphaned_lookup(ROOM, Some(200), &limit_answer(4), &Env::at(&cfg, &store, 0));
+        let effects = waiting.token(&legacy_token("@b:example.com", "D"));
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert!(matches!(calls[0].kind, CallKind::ListParticipants(_)));
