@@ -8,10 +8,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::json;
-use crate::synapse::integral_number;
+use crate::json::{self, Scalar};
 
 /// The claims of an issued join token that the guard uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,11 +50,17 @@ impl std::fmt::Display for ClaimsError {
 #[derive(Deserialize)]
 struct Claims {
     #[serde(default)]
-    video: Value,
+    video: Grant,
     #[serde(default)]
-    sub: Value,
+    sub: Scalar,
     #[serde(default)]
-    exp: Value,
+    exp: Scalar,
+}
+
+#[derive(Deserialize, Default)]
+struct Grant {
+    #[serde(default)]
+    room: Scalar,
 }
 
 /// Reads the claims of a join token without checking its signature.
@@ -72,18 +76,11 @@ pub fn join_claims(token: &str) -> Result<JoinClaims, ClaimsError> {
         .decode(payload.trim_end_matches('='))
         .map_err(|_| ClaimsError::BadEncoding)?;
     let claims: Claims = json::object(&bytes).ok_or(ClaimsError::BadPayload)?;
-    let room = claims
-        .video
-        .get("room")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let room = claims.video.room.as_str().unwrap_or_default();
     if room.is_empty() {
         return Err(ClaimsError::NoRoom);
     }
-    let expires_at = match &claims.exp {
-        Value::Number(n) => integral_number(n).unwrap_or(0),
-        _ => 0,
-    };
+    let expires_at = claims.exp.as_whole_number().unwrap_or(0);
     let identity = claims.sub.as_str().unwrap_or_default();
     Ok(JoinClaims {
         room: room.to_owned(),

@@ -25,7 +25,11 @@ pub fn list_request(room: &str, api_key: &str, api_secret: &str, now_s: u64) -> 
 
 /// The JSON body of a `ListParticipants` call for `room`.
 pub fn list_participants_body(room: &str) -> Vec<u8> {
-    serde_json::json!({ "room": room }).to_string().into_bytes()
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        room: &'a str,
+    }
+    serde_json::to_vec(&Body { room }).unwrap_or_default()
 }
 
 /// The part of a `ListParticipants` answer the guard reads. Every other field (metadata,

@@ -6,9 +6,8 @@
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
-use serde_json::Value;
 
-use crate::json;
+use crate::json::{self, Scalar};
 use crate::upstream::{CallError, Request, Service};
 
 /// The path of the state lookup for `room`, the room id percent-encoded as one segment.
@@ -70,8 +69,7 @@ pub fn parse_state_response(
         .iter()
         .find(|e| e.kind.as_str() == Some(state_type) && e.state_key.as_str() == Some(""));
     Ok(event
-        .and_then(|e| e.content.get("max_users"))
-        .and_then(max_users)
+        .and_then(|e| max_users(&e.content.max_users))
         .map_or(Limit::None, Limit::MaxUsers))
 }
 
@@ -85,11 +83,18 @@ struct StateAnswer {
 #[derive(Deserialize)]
 struct StateEvent {
     #[serde(rename = "type", default)]
-    kind: Value,
+    kind: Scalar,
     #[serde(default)]
-    state_key: Value,
+    state_key: Scalar,
     #[serde(default)]
-    content: Value,
+    content: Content,
+}
+
+/// An event's content; of the limit event only `max_users` is read.
+#[derive(Deserialize, Default)]
+struct Content {
+    #[serde(default)]
+    max_users: Scalar,
 }
 
 /// Only Synapse's own "room not found" means no room; a 404 from a misrouted proxy is a failure.
@@ -103,26 +108,12 @@ fn is_not_found(body: &[u8]) -> bool {
 }
 
 /// `max_users` as an integer, an integral float or an integral numeric string above zero.
-fn max_users(value: &Value) -> Option<u32> {
+fn max_users(value: &Scalar) -> Option<u32> {
     let number = match value {
-        Value::Number(number) => integral_number(number)?,
-        Value::String(s) => integral_value(s.trim())?,
-        _ => return None,
+        Scalar::Text(s) => integral_value(s.trim())?,
+        number => number.as_whole_number()?,
     };
     (number >= 1).then(|| u32::try_from(number).unwrap_or(u32::MAX))
-}
-
-/// A JSON number's value when it is a whole number, not negative (an integer or an integral
-/// float such as `3.0` or `1e12`; floats past `u64` saturate).
-pub fn integral_number(number: &serde_json::Number) -> Option<u64> {
-    if let Some(n) = number.as_u64() {
-        return Some(n);
-    }
-    if number.is_i64() {
-        return None; // negative
-    }
-    let float = number.as_f64()?;
-    (float >= 0.0 && float.fract() == 0.0).then_some(float as u64)
 }
 
 /// The value of a number written in JSON's grammar (here: a numeric string), when it is a
