@@ -18,9 +18,10 @@ TOOLS    := $(CURDIR)/target/tools
 all: build
 
 ## The filter module. When binaryen's wasm-opt is installed (Debian: binaryen), the module cargo
-## just built is shrunk with -Oz (about 420 KB -> 350 KB); without it the module is used as built.
+## just built is optimised with -O3 (about 410 KB -> 350 KB; -O3 rather than -Oz: as small here,
+## and V8 compiles it faster, so Envoy starts sooner); without it the module is used as built.
 WASM_OPT ?= $(shell command -v wasm-opt 2>/dev/null)
-WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
+WASM_OPT_FLAGS := -O3 --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
 build:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	$(CARGO) build --release --target wasm32-wasip1 --lib
