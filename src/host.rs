@@ -1,5 +1,6 @@
-//! The proxy-wasm adapter: turns stream callbacks into [`Admission`] events and its effects
-//! into host calls. No admission logic lives here.
+//! The proxy-wasm adapter: turns stream callbacks into admission events, run by [`stream`],
+//! and implements [`Host`] with proxy-wasm's host calls. No admission logic lives here, nor
+//! the choice of how a decision is carried out in each phase ([`Phase`]).
 //!
 //! Header values are read as bytes: the SDK's string getters panic on non-UTF-8 values, and a
 //! panic traps the VM for every stream on the worker.
@@ -14,8 +15,10 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::config::{Config, EdgeConfig, Role};
 use crate::edge::{EdgeMetrics, EdgeStream};
-use crate::flow::{settle_orphaned_lookup, Admission, CallKind, Counter, Effect, Env, HttpCall};
+use crate::flow::{CallKind, Counter, HttpCall};
+use crate::reply::LocalReply;
 use crate::store::{self, Held, SharedStore, StoreError};
+use crate::stream::{self, hand_over, Host, Phase, Stream, WAIT_POLL};
 use crate::{limit_cache, occupancy};
 
 proxy_wasm::main! {{
@@ -135,6 +138,63 @@ impl SharedStore for HostStore {
     }
 }
 
+/// The proxy as the stream logic sees it: host calls, counters, and the shared data.
+struct ProxyHost {
+    store: HostStore,
+}
+
+impl ProxyHost {
+    fn new(metrics: &Rc<Metrics>) -> ProxyHost {
+        ProxyHost {
+            store: HostStore {
+                metrics: Rc::clone(metrics),
+            },
+        }
+    }
+}
+
+impl Host for ProxyHost {
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+
+    fn store(&self) -> &dyn SharedStore {
+        &self.store
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> bool {
+        hostcalls::set_effective_context(context_id).is_ok()
+    }
+
+    fn resume_response(&self) {
+        let _ = hostcalls::resume_http_response();
+    }
+
+    fn send_reply(&self, reply: &LocalReply) {
+        let _ = hostcalls::send_http_response(
+            reply.status,
+            reply.headers.clone(),
+            Some(reply.body.as_bytes()),
+        );
+    }
+
+    fn dispatch(&self, call: &HttpCall) -> Option<u32> {
+        dispatch(call)
+    }
+
+    fn count(&self, counter: Counter) {
+        self.store.metrics.count(counter);
+    }
+
+    fn log_refusal(&self, line: &str) {
+        log_refusal(now_ms(), line);
+    }
+
+    fn set_tick_period(&self, period: Duration) {
+        let _ = hostcalls::set_tick_period(period);
+    }
+}
+
 /// The secret that spreads ids over buckets, the same for every VM copy of the process: the
 /// first copy to start draws it from the host's randomness and leaves it in shared data.
 fn bucket_seed() -> u64 {
@@ -164,33 +224,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Calls in flight and streams waiting on this VM (one VM per worker thread).
-///
-/// A call made while the root context runs (on a tick) is answered to the root context, so
-/// answers are routed here by token to the stream that needs them, whoever made the call.
-/// Streams are held weakly: a stream that ended is simply skipped.
-///
-/// Synapse lookups are made by the root context, on its next tick: Envoy cancels the calls
-/// of a stream when it ends, and the SDK drops answers addressed to a stream it deleted, so a
-/// lookup made by the stream would be lost whenever its client went away, and every request
-/// waiting for it would have to ask again. Made by the root, its answer always arrives and is
-/// cached ([`settle_orphaned_lookup`]).
-#[derive(Default)]
-struct Pending {
-    calls: Vec<(u32, Weak<RefCell<Stream>>, CallKind)>,
-    waiting: Vec<Weak<RefCell<Stream>>>,
-    lookups: Vec<(Weak<RefCell<Stream>>, HttpCall)>,
-}
-
-thread_local! {
-    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
-}
-
-/// How often streams waiting for another request's Synapse answer look again.
-const WAIT_POLL: Duration = Duration::from_millis(5);
-/// How soon the root makes the Synapse lookups streams asked for.
-const LOOKUP_DELAY: Duration = Duration::from_millis(1);
-
 struct GuardRoot {
     context_id: u32,
     config: Option<Rc<Config>>,
@@ -202,11 +235,11 @@ struct GuardRoot {
 impl GuardRoot {
     /// Makes the Synapse lookups queued by streams, as the root context.
     fn make_lookups(&self) {
-        let lookups = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().lookups));
-        for (stream, call) in lookups {
+        for (stream, call) in stream::take_lookups() {
             let _ = hostcalls::set_effective_context(self.context_id);
-            if dispatch(&call, &stream).is_err() {
-                self.answer(stream, call.kind, None, &[]);
+            match dispatch(&call) {
+                Some(token) => stream::expect_answer(token, &stream, call.kind),
+                None => self.answer(stream, call.kind, None, &[]),
             }
         }
     }
@@ -219,7 +252,7 @@ impl GuardRoot {
         body: &[u8],
     ) {
         if let (Some(config), Some(metrics)) = (&self.config, &self.metrics) {
-            hand_over(stream, kind, status, body, config, metrics);
+            hand_over(stream, kind, status, body, config, &ProxyHost::new(metrics));
         }
     }
 }
@@ -239,29 +272,14 @@ fn answer_call(
             status,
             body,
         } = answer;
-        hand_over(stream, kind, status, &body, config, metrics);
-    }
-}
-
-/// Hands a call's answer to the stream that asked, or, when that stream has ended, settles
-/// it (a limit lookup's answer is cached all the same).
-fn hand_over(
-    stream: Weak<RefCell<Stream>>,
-    kind: CallKind,
-    status: Option<u32>,
-    body: &[u8],
-    config: &Config,
-    metrics: &Rc<Metrics>,
-) {
-    if let Some(stream) = stream.upgrade() {
-        Stream::run(&stream, Phase::CallAnswer, |admission, env| {
-            admission.on_call_response(kind, status, body, env)
-        });
-    } else if let CallKind::LimitLookup(room) = kind {
-        let store = HostStore {
-            metrics: Rc::clone(metrics),
-        };
-        settle_orphaned_lookup(&room, status, body, &Env::new(config, &store, &now_ms));
+        hand_over(
+            stream,
+            kind,
+            status,
+            &body,
+            config,
+            &ProxyHost::new(metrics),
+        );
     }
 }
 
@@ -351,7 +369,7 @@ impl RootContext for GuardRoot {
 
     fn on_tick(&mut self) {
         self.make_lookups();
-        let waiting = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().waiting));
+        let waiting = stream::take_waiting();
         for stream in waiting.iter().filter_map(Weak::upgrade) {
             Stream::run(&stream, Phase::CallAnswer, |admission, env| {
                 admission.retry(env)
@@ -359,10 +377,10 @@ impl RootContext for GuardRoot {
         }
         // Retries may have queued lookups of their own.
         self.make_lookups();
-        let period = if PENDING.with(|p| p.borrow().waiting.is_empty()) {
-            Duration::ZERO
-        } else {
+        let period = if stream::any_waiting() {
             WAIT_POLL
+        } else {
+            Duration::ZERO
         };
         let _ = hostcalls::set_tick_period(period);
     }
@@ -372,146 +390,22 @@ impl RootContext for GuardRoot {
     }
 }
 
-/// Where the host is in the stream when effects are applied; it decides how "let the
-/// response go on" is said.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Request,
-    /// Inside a response callback: return `Continue`.
-    ResponseCallback,
-    /// Outside the stream's own callbacks (a call's answer, a tick): resume explicitly.
-    CallAnswer,
-}
-
-/// The per-stream state, shared with [`Pending`] so answers and ticks can reach it.
-struct Stream {
-    context_id: u32,
-    config: Rc<Config>,
-    store: HostStore,
-    /// `None` for streams that are not token requests: they pass untouched.
-    admission: Option<Admission>,
-}
-
-impl Stream {
-    fn response_body_unread(&self) -> bool {
-        self.admission
-            .as_ref()
-            .is_some_and(Admission::awaits_response_body)
-    }
-
-    /// Runs one admission event and carries out its effects; returns whether a response
-    /// callback may return `Continue`.
-    fn run(
-        this: &Rc<RefCell<Stream>>,
-        phase: Phase,
-        event: impl FnOnce(&mut Admission, &Env) -> Vec<Effect>,
-    ) -> Action {
-        let effects = {
-            let mut stream = this.borrow_mut();
-            let stream = &mut *stream;
-            let Some(admission) = stream.admission.as_mut() else {
-                return Action::Continue;
-            };
-            let env = Env::new(&stream.config, &stream.store, &now_ms);
-            event(admission, &env)
-        };
-        if phase == Phase::CallAnswer {
-            // Outside the stream's callbacks, host calls must name the stream.
-            let context_id = this.borrow().context_id;
-            if hostcalls::set_effective_context(context_id).is_err() {
-                return Action::Continue; // the stream is gone
-            }
-        }
-        Stream::apply(this, effects, phase)
-    }
-
-    fn apply(this: &Rc<RefCell<Stream>>, effects: Vec<Effect>, phase: Phase) -> Action {
-        let mut action = Action::Pause;
-        let mut decided = false;
-        for effect in effects {
-            match effect {
-                Effect::Count(counter) => this.borrow().store.metrics.count(counter),
-                Effect::LogRefusal(line) => log_refusal(now_ms(), &line),
-                Effect::Dispatch(call) => Stream::dispatch(this, call, phase),
-                Effect::AwaitSharedLimit => {
-                    PENDING.with(|p| p.borrow_mut().waiting.push(Rc::downgrade(this)));
-                    // Make sure this VM's root ticks; the tick itself keeps it going.
-                    let _ = hostcalls::set_tick_period(WAIT_POLL);
-                }
-                Effect::PassResponse => {
-                    decided = true;
-                    match phase {
-                        Phase::ResponseCallback => action = Action::Continue,
-                        Phase::CallAnswer => {
-                            let _ = hostcalls::resume_http_response();
-                        }
-                        Phase::Request => {}
-                    }
-                }
-                Effect::Reply(reply) => {
-                    decided = true;
-                    let _ = hostcalls::send_http_response(
-                        reply.status,
-                        reply.headers.clone(),
-                        Some(reply.body.as_bytes()),
-                    );
-                }
-            }
-        }
-        if decided {
-            // Whatever follows streams through untouched.
-            this.borrow_mut().admission = None;
-        }
-        action
-    }
-
-    fn dispatch(this: &Rc<RefCell<Stream>>, call: HttpCall, phase: Phase) {
-        if matches!(call.kind, CallKind::LimitLookup(_)) {
-            PENDING.with(|p| p.borrow_mut().lookups.push((Rc::downgrade(this), call)));
-            let _ = hostcalls::set_tick_period(LOOKUP_DELAY);
-            return;
-        }
-        if dispatch(&call, &Rc::downgrade(this)).is_err() {
-            let kind = call.kind;
-            let phase = if phase == Phase::ResponseCallback {
-                Phase::CallAnswer
-            } else {
-                phase
-            };
-            Stream::run(this, phase, |admission, env| {
-                admission.on_call_response(kind, None, b"", env)
-            });
-        }
-    }
-}
-
-/// Makes a call for `stream`, remembering which stream its answer belongs to. A call the host
-/// refuses is logged here; the caller answers it as failed.
-fn dispatch(call: &HttpCall, stream: &Weak<RefCell<Stream>>) -> Result<(), Status> {
+/// Makes a call. A call the host refuses is logged here; the caller answers it as failed.
+fn dispatch(call: &HttpCall) -> Option<u32> {
     let headers: Vec<(&str, &str)> = call
         .headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let body = Some(call.body.as_slice()).filter(|b| !b.is_empty());
-    let token =
-        hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)
-            .inspect_err(|status| {
-                log::warn!(
-                    "call to cluster {} could not be made: {status:?}",
-                    call.cluster
-                );
-            })?;
-    PENDING.with(|p| {
-        let calls = &mut p.borrow_mut().calls;
-        // Envoy cancels the calls of a stream that ends, so their answers never come: forget
-        // them here, or the list would grow with every abandoned request. Lookups are kept.
-        calls.retain(|(_, stream, kind)| {
-            stream.strong_count() > 0 || matches!(kind, CallKind::LimitLookup(_))
-        });
-        calls.push((token, Weak::clone(stream), call.kind.clone()));
-    });
-    Ok(())
+    hostcalls::dispatch_http_call(&call.cluster, headers, body, Vec::new(), call.timeout)
+        .inspect_err(|status| {
+            log::warn!(
+                "call to cluster {} could not be made: {status:?}",
+                call.cluster
+            );
+        })
+        .ok()
 }
 
 /// An answer taken out of the host, with the stream it belongs to.
@@ -527,12 +421,7 @@ struct CallAnswer {
 /// asked, the status (`None` for a reset call) and the body, read whole whatever its size
 /// (participant lists carry user-set metadata; only the fields needed are parsed).
 fn take_call_answer(token_id: u32, num_headers: usize, body_size: usize) -> Option<CallAnswer> {
-    let (stream, kind) = PENDING.with(|p| {
-        let mut p = p.borrow_mut();
-        let index = p.calls.iter().position(|(t, _, _)| *t == token_id)?;
-        let (_, stream, kind) = p.calls.swap_remove(index);
-        Some((stream, kind))
-    })?;
+    let (stream, kind) = stream::take_call(token_id)?;
     // A reset call arrives without any headers; asking for one would make the host
     // report an error status that the SDK turns into a panic.
     let status = if num_headers == 0 {
@@ -564,6 +453,14 @@ fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// The SDK's counterpart of what [`Stream::run`] returns.
+fn action(action: stream::Action) -> Action {
+    match action {
+        stream::Action::Continue => Action::Continue,
+        stream::Action::Pause => Action::Pause,
+    }
+}
+
 /// One HTTP stream. Only token requests get a [`Stream`]; every other request costs one
 /// header read and nothing else.
 struct GuardStream {
@@ -578,19 +475,13 @@ impl GuardStream {
     fn pending(&self) -> Option<&Rc<RefCell<Stream>>> {
         self.stream
             .as_ref()
-            .filter(|stream| stream.borrow().admission.is_some())
+            .filter(|stream| stream.borrow().undecided())
     }
 
     /// The admission's stream, while its request body has not been read.
     fn unread_request(&self) -> Option<Rc<RefCell<Stream>>> {
         self.pending()
-            .filter(|stream| {
-                stream
-                    .borrow()
-                    .admission
-                    .as_ref()
-                    .is_some_and(|a| !a.request_read())
-            })
+            .filter(|stream| stream.borrow().request_unread())
             .cloned()
     }
 }
@@ -626,14 +517,11 @@ impl HttpContext for GuardStream {
         if !self.config.is_token_path(&String::from_utf8_lossy(&path)) {
             return Action::Continue;
         }
-        let stream = Rc::new(RefCell::new(Stream {
-            context_id: self.context_id,
-            config: Rc::clone(&self.config),
-            store: HostStore {
-                metrics: Rc::clone(&self.metrics),
-            },
-            admission: Some(Admission::new()),
-        }));
+        let stream = Rc::new(RefCell::new(Stream::new(
+            self.context_id,
+            Rc::clone(&self.config),
+            Rc::new(ProxyHost::new(&self.metrics)),
+        )));
         self.stream = Some(stream);
         Action::Continue
     }
@@ -670,9 +558,11 @@ impl HttpContext for GuardStream {
         };
         let status = header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
-        Stream::run(stream, Phase::ResponseCallback, |admission, env| {
-            admission.on_response_headers(status, end_of_stream, env)
-        })
+        action(Stream::run(
+            stream,
+            Phase::ResponseCallback,
+            |admission, env| admission.on_response_headers(status, end_of_stream, env),
+        ))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -683,9 +573,11 @@ impl HttpContext for GuardStream {
             return Action::Pause; // hold the whole body until the decision
         }
         let body = buffer(BufferType::HttpResponseBody, body_size);
-        Stream::run(stream, Phase::ResponseCallback, |admission, env| {
-            admission.on_response_body(&body, env)
-        })
+        action(Stream::run(
+            stream,
+            Phase::ResponseCallback,
+            |admission, env| admission.on_response_body(&body, env),
+        ))
     }
 
     /// A response that ends with trailers: its held body is complete here.
@@ -697,8 +589,10 @@ impl HttpContext for GuardStream {
             return Action::Pause; // the decision is pending already
         }
         let body = buffer(BufferType::HttpResponseBody, usize::MAX);
-        Stream::run(stream, Phase::ResponseCallback, |admission, env| {
-            admission.on_response_body(&body, env)
-        })
+        action(Stream::run(
+            stream,
+            Phase::ResponseCallback,
+            |admission, env| admission.on_response_body(&body, env),
+        ))
     }
 }

@@ -25,6 +25,7 @@ pub mod livekit_names;
 pub mod occupancy;
 pub mod reply;
 pub mod store;
+pub mod stream;
 pub mod synapse;
 pub mod token_request;
 pub mod upstream;

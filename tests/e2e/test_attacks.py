@@ -197,9 +197,11 @@ def test_participants_metadata_of_megabytes_does_not_turn_the_check_off(
 # --------------------------------------------------------------------------- state that holds
 
 
-def test_a_flood_of_room_ids_does_not_push_out_a_limit(envoy, full_room):
+def test_a_flood_of_room_ids_does_not_push_out_a_limit(start_envoy, plugin_config, full_room):
     """1,000 distinct room ids (each a lookup, each cached as unlimited) leave the full
-    room's cached limit in place: no new lookup, still full."""
+    room's cached limit in place: no new lookup, still full. (The cache lifetime is an hour, so
+    that however slowly the flood runs, only eviction could make the limit go.)"""
+    envoy = start_envoy(plugin_config(limit_cache_ttl_seconds=3600))
     assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
     with counting(envoy) as counts:
         for n in range(1000):
