@@ -9,8 +9,9 @@
 //!   [`config`] each hold one concern.
 //! - [`affinity`] is the edge role: it names a token request's room in a header, so that
 //!   Envoy's consistent hashing sends each room to one guard replica.
-//! - `host` (compiled for the proxy-wasm target only) turns effects into host calls; `edge`
-//!   does the same for the edge role.
+//! - [`stream`] carries a stream's effects out through a small `Host` trait (tested natively);
+//!   `host` (compiled for the proxy-wasm target only) implements it with proxy-wasm host calls,
+//!   and `edge` is the edge role's adapter.
 
 pub mod affinity;
 pub mod config;
