@@ -2,7 +2,7 @@
 //!
 //! Parsing is strict: a missing required key, a wrong type or an unknown key is an error that
 //! names the key, so Envoy refuses the configuration instead of running a guard that silently
-//! does nothing. serde reads the JSON into the structs of [`raw`] (what operators write, with
+//! does nothing. serde reads the JSON into the structs of `raw` (what operators write, with
 //! unknown keys denied); the checks that need more than types (secrets from the environment,
 //! token paths, the header name) turn them into [`Config`] or [`EdgeConfig`]. Secrets may be named through environment variables (`<field>_env`) that
 //! Envoy hands to the VM, which keeps them out of config dumps; neither form is ever logged.

@@ -14,7 +14,7 @@
 //! 3. Response body ([`Admission::on_response_body`]): the token's `video.room` and `sub`
 //!    say which LiveKit room and who. If the early LiveKit answer was for another room
 //!    (an older lk-jwt-service), LiveKit is asked again.
-//! 4. Decision ([`Admission::advance`]): with the limit and the participants known, the held
+//! 4. Decision (`Admission::advance`): with the limit and the participants known, the held
 //!    response goes on, or becomes a 403 `M_FORBIDDEN`. Any failure of Synapse or LiveKit on
 //!    the way lets the token through (`failure_mode: open`) or answers 503 (`closed`), but a
 //!    limit seen before is enforced through a Synapse outage, and a token for a request body

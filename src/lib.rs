@@ -4,7 +4,8 @@
 //! The crate is a sans-IO core plus a thin host adapter:
 //! - [`flow`] is the whole admission of a token request, top to bottom, driven by events and
 //!   answering with effects. Start reading there.
-//! - [`token_request`] (on [`gojson`]), [`jwt`], [`livekit_names`], [`synapse`], [`livekit`],
+//! - [`token_request`] (on [`gojson`]), [`jwt`], [`livekit_names`], [`synapse`], [`livekit`]
+//!   (both on [`upstream`] and [`json`]),
 //!   [`decision`], [`occupancy`] and [`limit_cache`] (both on [`store`]), [`reply`] and
 //!   [`config`] each hold one concern.
 //! - [`affinity`] is the edge role: it names a token request's room in a header, so that
