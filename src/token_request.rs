@@ -213,17 +213,6 @@ impl Endpoint {
             Endpoint::GetToken => "/get_token",
         }
     }
-
-    /// The endpoint of a request path (exactly `/sfu/get` or `/get_token`; a query string is
-    /// ignored).
-    pub fn from_path(path: &str) -> Option<Endpoint> {
-        let path = path.split_once('?').map_or(path, |(path, _query)| path);
-        match path {
-            "/sfu/get" => Some(Endpoint::SfuGet),
-            "/get_token" => Some(Endpoint::GetToken),
-            _ => None,
-        }
-    }
 }
 
 /// Reads a token request body exactly as lk-jwt-service 0.5.0 reads it at `endpoint`, and
@@ -946,10 +935,6 @@ mod tests {
 
     #[test]
     fn endpoints_and_messages() {
-        assert_eq!(Endpoint::from_path("/sfu/get"), Some(SfuGet));
-        assert_eq!(Endpoint::from_path("/get_token?x=1"), Some(GetToken));
-        assert_eq!(Endpoint::from_path("/sfu/get/"), None);
-        assert_eq!(Endpoint::from_path("/healthz"), None);
         assert_eq!(GetToken.path(), "/get_token");
         assert_eq!(
             BodyError::UnknownField("x".into()).to_string(),
