@@ -703,54 +703,14 @@ fn call(kind: CallKind, upstream: &Upstream, request: Request) -> HttpCall {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
+    use crate::test_support::{
+        config, issued, legacy_alias, legacy_body, limit_answer, lookup, ROOM,
+    };
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    fn config(extra: &str) -> Config {
-        let json = format!(
-            r#"{{"synapse": {{"cluster": "synapse", "admin_token": "syt_admin", "timeout_ms": 1000}},
-                "livekit": {{"cluster": "livekit", "api_key": "devkey", "api_secret": "lk_secret"}}{extra}}}"#
-        );
-        Config::parse(json.as_bytes(), &|_| None).unwrap()
-    }
-
-    const ROOM: &str = "!room:example.com";
-
-    fn lookup() -> CallKind {
-        CallKind::LimitLookup(ROOM.to_owned())
-    }
-
-    fn legacy_body(user: &str, device: &str) -> Vec<u8> {
-        format!(
-            r#"{{"room":"{ROOM}","openid_token":{{"access_token":"openid:{user}","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"device_id":"{device}"}}"#
-        )
-        .into_bytes()
-    }
-
-    fn issued(room: &str, identity: &str) -> Vec<u8> {
-        let payload = format!(
-            r#"{{"sub":"{identity}","exp":4000000000,"video":{{"room":"{room}","roomJoin":true}}}}"#
-        );
-        let jwt = format!(
-            "eyJhbGciOiJIUzI1NiJ9.{}.sig",
-            URL_SAFE_NO_PAD.encode(payload)
-        );
-        format!("{{\"url\":\"ws://sfu\",\"jwt\":\"{jwt}\"}}\n").into_bytes()
-    }
-
-    fn legacy_alias() -> String {
-        room_alias(ROOM, "m.call#ROOM")
-    }
-
     fn legacy_token(user: &str, device: &str) -> Vec<u8> {
         issued(&legacy_alias(), &format!("{user}:{device}"))
-    }
-
-    fn limit_answer(n: u32) -> Vec<u8> {
-        format!(r#"{{"state":[{{"type":"io.lotus.voice_limit","state_key":"","content":{{"max_users":{n}}}}}]}}"#)
-            .into_bytes()
     }
 
     fn participants(identities: &[&str]) -> Vec<u8> {

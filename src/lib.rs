@@ -29,6 +29,8 @@ pub mod reply;
 pub mod store;
 pub mod stream;
 pub mod synapse;
+#[cfg(test)]
+mod test_support;
 pub mod token_request;
 pub mod upstream;
 

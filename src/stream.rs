@@ -281,12 +281,12 @@ pub fn hand_over(
 mod tests {
     use super::*;
     use crate::limit_cache::{self, Cached};
-    use crate::livekit_names::room_alias;
     use crate::reply;
     use crate::store::MemoryStore;
     use crate::synapse::Limit;
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
+    use crate::test_support::{
+        config, issued, legacy_alias, legacy_body, limit_answer, lookup, ROOM,
+    };
     use std::cell::Cell;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -369,19 +369,13 @@ mod tests {
         }
     }
 
-    const ROOM: &str = "!room:example.com";
     const CONTEXT: u32 = 7;
 
     /// A recording host and a configuration; the VM's queues start empty (tests on Wasm
     /// share one thread, and with it the queues).
     fn setup(extra: &str) -> (Rc<Recorder>, Rc<Config>) {
         PENDING.with(|p| *p.borrow_mut() = Pending::default());
-        let json = format!(
-            r#"{{"synapse": {{"cluster": "synapse", "admin_token": "syt_admin", "timeout_ms": 1000}},
-                "livekit": {{"cluster": "livekit", "api_key": "devkey", "api_secret": "lk_secret"}}{extra}}}"#
-        );
-        let config = Config::parse(json.as_bytes(), &|_| None).unwrap();
-        (Rc::new(Recorder::default()), Rc::new(config))
+        (Rc::new(Recorder::default()), Rc::new(config(extra)))
     }
 
     fn new_stream(host: &Rc<Recorder>, config: &Rc<Config>) -> Rc<RefCell<Stream>> {
@@ -389,40 +383,7 @@ mod tests {
         Rc::new(RefCell::new(Stream::new(CONTEXT, Rc::clone(config), host)))
     }
 
-    fn legacy_body(user: &str) -> Vec<u8> {
-        format!(
-            r#"{{"room":"{ROOM}","openid_token":{{"access_token":"openid:{user}","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"device_id":"D"}}"#
-        )
-        .into_bytes()
-    }
-
-    fn alias() -> String {
-        room_alias(ROOM, "m.call#ROOM")
-    }
-
-    /// lk-jwt-service's 200 body, with a token for `identity` into the predicted alias.
-    fn issued(identity: &str) -> Vec<u8> {
-        let payload = format!(
-            r#"{{"sub":"{identity}","exp":4000000000,"video":{{"room":"{}","roomJoin":true}}}}"#,
-            alias()
-        );
-        let jwt = format!(
-            "eyJhbGciOiJIUzI1NiJ9.{}.sig",
-            URL_SAFE_NO_PAD.encode(payload)
-        );
-        format!("{{\"url\":\"ws://sfu\",\"jwt\":\"{jwt}\"}}\n").into_bytes()
-    }
-
-    fn limit_answer(n: u32) -> Vec<u8> {
-        format!(r#"{{"state":[{{"type":"io.lotus.voice_limit","state_key":"","content":{{"max_users":{n}}}}}]}}"#)
-            .into_bytes()
-    }
-
     const NO_LIMIT: &[u8] = br#"{"state":[]}"#;
-
-    fn lookup() -> CallKind {
-        CallKind::LimitLookup(ROOM.to_owned())
-    }
 
     // The stream's callbacks, as `host` runs them.
 
@@ -460,7 +421,7 @@ mod tests {
     fn a_pass_in_a_response_callback_is_the_callbacks_return_value() {
         let (host, config) = setup("");
         let stream = new_stream(&host, &config);
-        request_body(&stream, &legacy_body("@a:example.com"));
+        request_body(&stream, &legacy_body("@a:example.com", "D"));
         answer_lookup(&stream, &host, &config, NO_LIMIT);
         host.take();
         // A room without a limit: the 200 passes at its headers.
@@ -473,11 +434,11 @@ mod tests {
     fn a_pass_on_a_call_answer_resumes_the_response_once() {
         let (host, config) = setup("");
         let stream = new_stream(&host, &config);
-        request_body(&stream, &legacy_body("@a:example.com"));
+        request_body(&stream, &legacy_body("@a:example.com", "D"));
         // The token is held before Synapse answers.
         assert_eq!(response_headers(&stream, 200), Action::Pause);
         assert_eq!(
-            response_body(&stream, &issued("@a:example.com:D")),
+            response_body(&stream, &issued(&legacy_alias(), "@a:example.com:D")),
             Action::Pause
         );
         host.take();
@@ -497,9 +458,9 @@ mod tests {
     fn a_call_answer_for_a_stream_the_host_has_closed_makes_no_host_call() {
         let (host, config) = setup("");
         let stream = new_stream(&host, &config);
-        request_body(&stream, &legacy_body("@a:example.com"));
+        request_body(&stream, &legacy_body("@a:example.com", "D"));
         response_headers(&stream, 200);
-        response_body(&stream, &issued("@a:example.com:D"));
+        response_body(&stream, &issued(&legacy_alias(), "@a:example.com:D"));
         host.take();
         host.streams_gone.set(true);
         answer_lookup(&stream, &host, &config, NO_LIMIT);
@@ -514,7 +475,7 @@ mod tests {
         request_body(&stream, br#"{"room":5}"#);
         assert_eq!(response_headers(&stream, 200), Action::Pause);
         host.take();
-        let action = response_body(&stream, &issued("x"));
+        let action = response_body(&stream, &issued(&legacy_alias(), "x"));
         assert_eq!(
             action,
             Action::Pause,
@@ -545,7 +506,7 @@ mod tests {
     fn held_until_livekit(extra: &str) -> (Rc<Recorder>, Rc<Config>, Rc<RefCell<Stream>>) {
         let (host, config) = setup(extra);
         let stream = new_stream(&host, &config);
-        request_body(&stream, &legacy_body("@a:example.com"));
+        request_body(&stream, &legacy_body("@a:example.com", "D"));
         answer_lookup(&stream, &host, &config, &limit_answer(2));
         assert_eq!(response_headers(&stream, 200), Action::Pause);
         host.take();
@@ -556,7 +517,7 @@ mod tests {
     fn a_refused_call_in_a_response_callback_fails_open_by_resuming() {
         let (host, _config, stream) = held_until_livekit("");
         host.refuse_calls.set(true);
-        let action = response_body(&stream, &issued("@a:example.com:D"));
+        let action = response_body(&stream, &issued(&legacy_alias(), "@a:example.com:D"));
         // The refused call is answered as failed on the spot, as on a call's answer: the
         // response is resumed, and the callback itself returns Pause.
         assert_eq!(action, Action::Pause);
@@ -564,7 +525,7 @@ mod tests {
             host.take(),
             [
                 Asked::Count(Counter::LivekitLookups),
-                Asked::Dispatch(CallKind::ListParticipants(alias())),
+                Asked::Dispatch(CallKind::ListParticipants(legacy_alias())),
                 Asked::Context(CONTEXT),
                 Asked::Count(Counter::FailOpen),
                 Asked::Resume
@@ -578,13 +539,13 @@ mod tests {
     fn a_refused_call_in_a_response_callback_fails_closed_with_a_reply() {
         let (host, _config, stream) = held_until_livekit(r#", "failure_mode": "closed""#);
         host.refuse_calls.set(true);
-        let action = response_body(&stream, &issued("@a:example.com:D"));
+        let action = response_body(&stream, &issued(&legacy_alias(), "@a:example.com:D"));
         assert_eq!(action, Action::Pause);
         assert_eq!(
             host.take(),
             [
                 Asked::Count(Counter::LivekitLookups),
-                Asked::Dispatch(CallKind::ListParticipants(alias())),
+                Asked::Dispatch(CallKind::ListParticipants(legacy_alias())),
                 Asked::Context(CONTEXT),
                 Asked::Count(Counter::FailClosed),
                 Asked::Reply(reply::check_failed())
@@ -598,27 +559,27 @@ mod tests {
         let (host, config) = setup(r#", "participants_cache_ms": 0"#);
         // A first request leaves the room's limit in the cache.
         let first = new_stream(&host, &config);
-        request_body(&first, &legacy_body("@a:example.com"));
+        request_body(&first, &legacy_body("@a:example.com", "D"));
         answer_lookup(&first, &host, &config, &limit_answer(2));
         host.take();
         // The next one asks LiveKit early, while its request is read; the host refuses.
         host.refuse_calls.set(true);
         let stream = new_stream(&host, &config);
-        request_body(&stream, &legacy_body("@b:example.com"));
+        request_body(&stream, &legacy_body("@b:example.com", "D"));
         assert_eq!(
             host.take(),
             [
                 Asked::Count(Counter::TokenRequests),
                 Asked::Count(Counter::LimitCacheHits),
                 Asked::Count(Counter::LivekitLookups),
-                Asked::Dispatch(CallKind::ListParticipants(alias())),
+                Asked::Dispatch(CallKind::ListParticipants(legacy_alias())),
             ],
             "no context switch inside the stream's own callback"
         );
         // The failure decides when the token comes, in the response callback.
         assert_eq!(response_headers(&stream, 200), Action::Pause);
         assert_eq!(
-            response_body(&stream, &issued("@b:example.com:D")),
+            response_body(&stream, &issued(&legacy_alias(), "@b:example.com:D")),
             Action::Continue
         );
         assert_eq!(host.take(), [Asked::Count(Counter::FailOpen)]);
@@ -629,7 +590,7 @@ mod tests {
         let (host, config) = setup("");
         let stream = new_stream(&host, &config);
         assert_eq!(
-            request_body(&stream, &legacy_body("@a:example.com")),
+            request_body(&stream, &legacy_body("@a:example.com", "D")),
             Action::Pause
         );
         assert_eq!(
@@ -650,14 +611,14 @@ mod tests {
     fn await_shared_limit_queues_the_stream_for_the_tick() {
         let (host, config) = setup("");
         let first = new_stream(&host, &config);
-        request_body(&first, &legacy_body("@a:example.com"));
+        request_body(&first, &legacy_body("@a:example.com", "D"));
         // A second request for the room while the first one's lookup is out.
         let second = new_stream(&host, &config);
-        request_body(&second, &legacy_body("@b:example.com"));
+        request_body(&second, &legacy_body("@b:example.com", "D"));
         response_headers(&second, 200);
         host.take();
         assert!(!any_waiting());
-        let action = response_body(&second, &issued("@b:example.com:D"));
+        let action = response_body(&second, &issued(&legacy_alias(), "@b:example.com:D"));
         assert_eq!(action, Action::Pause);
         assert_eq!(host.take(), [Asked::Tick(WAIT_POLL)]);
         assert!(any_waiting());
@@ -671,13 +632,13 @@ mod tests {
     fn an_accepted_call_is_routed_back_by_its_token() {
         let (host, config) = setup(r#", "participants_cache_ms": 0"#);
         let stream = new_stream(&host, &config);
-        request_body(&stream, &legacy_body("@a:example.com"));
+        request_body(&stream, &legacy_body("@a:example.com", "D"));
         answer_lookup(&stream, &host, &config, &limit_answer(2));
         let token = host.last_token.get();
         assert_eq!(token, 1);
         let (owner, kind) = take_call(token).unwrap();
         assert!(Weak::ptr_eq(&owner, &Rc::downgrade(&stream)));
-        assert_eq!(kind, CallKind::ListParticipants(alias()));
+        assert_eq!(kind, CallKind::ListParticipants(legacy_alias()));
         assert!(take_call(token).is_none());
     }
 
@@ -686,12 +647,12 @@ mod tests {
         let (host, config) = setup("");
         let ended = Rc::downgrade(&new_stream(&host, &config));
         let live = new_stream(&host, &config);
-        expect_answer(1, &ended, CallKind::ListParticipants(alias()));
+        expect_answer(1, &ended, CallKind::ListParticipants(legacy_alias()));
         expect_answer(2, &ended, lookup());
         expect_answer(
             3,
             &Rc::downgrade(&live),
-            CallKind::ListParticipants(alias()),
+            CallKind::ListParticipants(legacy_alias()),
         );
         assert!(take_call(1).is_none());
         assert_eq!(take_call(2).map(|(_, kind)| kind), Some(lookup()));
@@ -702,7 +663,7 @@ mod tests {
     fn an_answer_for_an_ended_stream_is_cached_all_the_same() {
         let (host, config) = setup("");
         let stream = new_stream(&host, &config);
-        request_body(&stream, &legacy_body("@a:example.com"));
+        request_body(&stream, &legacy_body("@a:example.com", "D"));
         let gone = Rc::downgrade(&stream);
         drop(stream);
         host.take();
