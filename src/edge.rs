@@ -9,6 +9,7 @@ use proxy_wasm::types::{Action, BufferType, MapType, MetricType};
 
 use crate::affinity;
 use crate::config::EdgeConfig;
+use crate::host::{buffer, is_token_request};
 
 /// The edge's counters, defined once per VM.
 pub struct EdgeMetrics {
@@ -74,15 +75,7 @@ impl HttpContext for EdgeStream {
         // Whatever the request, a room header the client sent never reaches the hash.
         let _ =
             hostcalls::set_map_value(MapType::HttpRequestHeaders, &self.config.room_header, None);
-        let method = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method");
-        if end_of_stream || !matches!(method, Ok(Some(ref m)) if m.as_slice() == b"POST") {
-            return Action::Continue;
-        }
-        let path = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":path")
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        if !self.config.is_token_path(&String::from_utf8_lossy(&path)) {
+        if !is_token_request(end_of_stream, |path| self.config.is_token_path(path)) {
             return Action::Continue;
         }
         // Routing waits for the body (this needs `allow_on_headers_stop_iteration`).
@@ -97,22 +90,14 @@ impl HttpContext for EdgeStream {
         if !end_of_stream {
             return Action::Pause; // buffer until the whole body is here
         }
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        self.route(&body);
+        self.route(&buffer(BufferType::HttpRequestBody, body_size));
         Action::Continue
     }
 
     /// A body that ends with trailers is complete here.
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         if self.holding {
-            let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            self.route(&body);
+            self.route(&buffer(BufferType::HttpRequestBody, usize::MAX));
         }
         Action::Continue
     }

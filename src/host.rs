@@ -439,11 +439,22 @@ fn take_call_answer(token_id: u32, num_headers: usize, body_size: usize) -> Opti
     })
 }
 
-fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
+/// Whether the request whose headers are being read is a token request: a POST with a body to
+/// a token path. A request without a body (GET, HEAD, OPTIONS preflight, a bare POST) can never
+/// get a token, as lk-jwt-service refuses an empty body; it is told apart without reading more.
+pub(crate) fn is_token_request(end_of_stream: bool, is_token_path: impl Fn(&str) -> bool) -> bool {
+    if end_of_stream || header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
+        return false;
+    }
+    let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+    is_token_path(&String::from_utf8_lossy(&path))
+}
+
+pub(crate) fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
     hostcalls::get_map_value_bytes(map, name).ok().flatten()
 }
 
-fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
+pub(crate) fn buffer(kind: BufferType, size: usize) -> Vec<u8> {
     if size == 0 {
         return Vec::new();
     }
@@ -506,15 +517,7 @@ impl Context for GuardStream {
 
 impl HttpContext for GuardStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        // A request without a body (GET, HEAD, OPTIONS preflight, a bare POST) can never get a
-        // token: lk-jwt-service refuses an empty body. It passes without a single host call.
-        if end_of_stream
-            || header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST")
-        {
-            return Action::Continue;
-        }
-        let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
-        if !self.config.is_token_path(&String::from_utf8_lossy(&path)) {
+        if !is_token_request(end_of_stream, |path| self.config.is_token_path(path)) {
             return Action::Continue;
         }
         let stream = Rc::new(RefCell::new(Stream::new(
