@@ -149,11 +149,7 @@ fn read<T: DeserializeOwned>(json: &[u8]) -> Result<T, ConfigError> {
     let not_json =
         |e: serde_json::Error| ConfigError(format!("configuration is not valid JSON: {e}"));
     // serde would also read a struct from an array (its fields in order).
-    if json
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b != b'{')
-    {
+    if crate::json::first_byte(json).is_some_and(|b| b != b'{') {
         return err("configuration: expected a JSON object");
     }
     let mut deserializer = serde_json::Deserializer::from_slice(json);

@@ -10,10 +10,15 @@ use serde::{Deserialize, Deserializer};
 /// `bytes` as a `T` when they are one JSON object. serde would also read a struct from a
 /// JSON array (its fields in order); none of the documents read here is one.
 pub fn object<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if first_byte(bytes) != Some(b'{') {
         return None;
     }
     serde_json::from_slice(bytes).ok()
+}
+
+/// The first byte of a JSON document that is not whitespace: `{` for an object.
+pub fn first_byte(bytes: &[u8]) -> Option<u8> {
+    bytes.iter().copied().find(|b| !b.is_ascii_whitespace())
 }
 
 /// A JSON value of any type, of which only a number or a string is kept: for fields that
