@@ -32,6 +32,7 @@ from stack import (
     LIVEKIT_KEY,
     LIVEKIT_SECRET,
     REPO,
+    OnLoopback,
     Process,
     StackError,
     _b64url,
@@ -56,7 +57,7 @@ def missing_binaries() -> list[str]:
     return [f"{path} ({command})" for path, command in wanted.items() if not path.exists()]
 
 
-class LiveKitServer:
+class LiveKitServer(OnLoopback):
     """A real LiveKit server (single node, no Redis) on 127.0.0.1."""
 
     def __init__(self, key: str = LIVEKIT_KEY, secret: str = LIVEKIT_SECRET,
@@ -68,14 +69,6 @@ class LiveKitServer:
         self.fixed_port = port
         self.port = 0
         self.process: Process | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def ws_url(self) -> str:
@@ -98,7 +91,7 @@ class LiveKitServer:
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.process = Process("livekit", [LIVEKIT_BIN, "--config", path],
                                self.dir / "livekit.log").start()
-        wait_until(lambda: http().get(self.http_url, timeout=2).status_code == 200,
+        wait_until(lambda: http().get(self.url, timeout=2).status_code == 200,
                    "LiveKit to answer", timeout, self.process)
         return self
 
@@ -109,7 +102,7 @@ class LiveKitServer:
     def list_participants(self, alias: str) -> list[dict]:
         """``ListParticipants`` exactly as the filter asks it (Twirp JSON, an admin token)."""
         resp = http().post(
-            f"{self.http_url}/twirp/livekit.RoomService/ListParticipants", json={"room": alias},
+            f"{self.url}/twirp/livekit.RoomService/ListParticipants", json={"room": alias},
             headers={"Authorization": f"Bearer {livekit_admin_token(self.key, self.secret, alias)}"},
             timeout=10)
         if resp.status_code != 200:
@@ -121,7 +114,7 @@ class LiveKitServer:
         return {p["identity"]: p.get("state", "JOINING") for p in self.list_participants(alias)}
 
 
-class LkJwtService:
+class LkJwtService(OnLoopback):
     """The Go lk-jwt-service stand-in, in front of a real LiveKit and a real Synapse."""
 
     BINARY = "lk-jwt-standin"
@@ -138,14 +131,6 @@ class LkJwtService:
         self.livekit_ws_url = livekit_ws_url
         self.port = 0
         self.process: Process | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "LkJwtService":
         stdout = self.dir / "stdout"
@@ -283,7 +268,7 @@ class LiveKitAPIProxy:
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() in ("authorization", "content-type")}
                 try:
-                    resp = requests.post(f"{proxy.target.http_url}{self.path}", data=body,
+                    resp = requests.post(f"{proxy.target.url}{self.path}", data=body,
                                          headers=headers, timeout=30)
                     status, content = resp.status_code, resp.content
                     content_type = resp.headers.get("Content-Type", "application/json")

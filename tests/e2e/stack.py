@@ -703,7 +703,21 @@ def default_plugin_config(admin_token: str, secret: str = LIVEKIT_SECRET, **over
     return merge(config, overrides)
 
 
-class Envoy:
+class OnLoopback:
+    """A server on 127.0.0.1, reached at ``self.port`` once it listens."""
+
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Envoy(OnLoopback):
     """Envoy with the voice-limit-guard Wasm filter in front of the lk-jwt cluster.
 
     Clusters ``lk_jwt`` (the route's upstream), ``synapse`` and ``livekit`` are
@@ -793,6 +807,16 @@ class Envoy:
             },
         }
 
+    def access_log(self) -> list[dict]:
+        """The connection manager's access log: a file in the run directory."""
+        return [{
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(self.access_log_path),
+            },
+        }]
+
     def bootstrap(self) -> dict:
         """The whole Envoy bootstrap as a dict."""
         http_filters = [self.wasm_filter()] if self.with_filter else []
@@ -800,18 +824,11 @@ class Envoy:
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         })
-        access_log = [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(self.access_log_path),
-            },
-        }]
         hcm = {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "ingress",
             "codec_type": "AUTO",
-            "access_log": access_log,
+            "access_log": self.access_log(),
             "route_config": {
                 "name": "local",
                 "virtual_hosts": [{
@@ -941,14 +958,6 @@ class Envoy:
 
     # traffic ---------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
     def request(self, method: str, path: str, timeout: float = 30.0, **kwargs) -> requests.Response:
         return http().request(method, f"{self.url}{path}", timeout=timeout, allow_redirects=False, **kwargs)
 
@@ -1051,7 +1060,7 @@ def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
 # --------------------------------------------------------------------------- fault server
 
 
-class FaultServer:
+class FaultServer(OnLoopback):
     """A deliberately misbehaving HTTP upstream, to stand where Synapse or LiveKit should be.
 
     ``mode`` can be changed while running:
@@ -1091,14 +1100,6 @@ class FaultServer:
         self._accept_thread: threading.Thread | None = None
         self._log = open(self.dir / "fault.log", "a", buffering=1)
         self.mode = mode
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def mode(self) -> str:

@@ -53,7 +53,7 @@ def guard_env(synapse: Any, standins: Any, port: int) -> dict[str, str]:
         "GUARD_BIND_HOST": "127.0.0.1",
         "GUARD_BIND_PORT": str(port),
         "GUARD_UPSTREAM": standins.jwt_url,
-        "LIVEKIT_API": standins.livekit.http_url,
+        "LIVEKIT_API": standins.livekit.url,
         "LIVEKIT_KEY": LIVEKIT_KEY,
         "LIVEKIT_SECRET": LIVEKIT_SECRET,
         "SYNAPSE_API": synapse.base_url,

@@ -59,7 +59,7 @@ class EdgeEnvoy(Envoy):
         listener["name"] = "main"  # the name the stack reads the port of
         listener["address"] = _socket_address("127.0.0.1", 0)
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["access_log"] = self.bootstrap_access_log()
+        hcm["access_log"] = self.access_log()
         route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
         wasm = hcm["http_filters"][0]["typed_config"]["config"]
         if self.affinity:
@@ -71,15 +71,6 @@ class EdgeEnvoy(Envoy):
         cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
             {"endpoint": {"address": _socket_address(*guard.address)}} for guard in self.guards]
         return config
-
-    def bootstrap_access_log(self) -> list[dict]:
-        return [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(self.access_log_path),
-            },
-        }]
 
     def edge_stats(self) -> dict[str, int]:
         """The edge's own counters and the guards cluster's health, from the admin ``/stats``."""
