@@ -104,12 +104,17 @@ def plugin_config(document: dict) -> dict:
 def configuration_of(document: dict) -> dict:
     """The filter's JSON configuration, parsed."""
     text = plugin_config(document).get("configuration", {}).get("value", "")
+    return json_object(text, "the current configuration is")
+
+
+def json_object(text: str, what: str) -> dict:
+    """``text`` read as a JSON object; ``what`` starts the error otherwise."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PublishError(f"the current configuration is not JSON: {exc}") from None
+        raise PublishError(f"{what} not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise PublishError("the current configuration is not a JSON object")
+        raise PublishError(f"{what} not a JSON object")
     return value
 
 
@@ -303,12 +308,7 @@ def publish(args: argparse.Namespace) -> int:
         plugin_config(updated)["vm_config"]["code"] = {"local": {"filename": str(module)}}
     if args.configuration is not None:
         source = sys.stdin.read() if args.configuration == "-" else _read_text(Path(args.configuration))
-        try:
-            configuration = json.loads(source)
-        except json.JSONDecodeError as exc:
-            raise PublishError(f"--configuration: not JSON: {exc}") from None
-        if not isinstance(configuration, dict):
-            raise PublishError("--configuration: must be a JSON object")
+        configuration = json_object(source, "--configuration:")
     else:
         configuration = configuration_of(updated)
     for assignment in args.set:
