@@ -2,10 +2,12 @@
 //!
 //! The Go program in `tests/oracle` decodes every body of a corpus with Go's own
 //! `encoding/json`, the way lk-jwt-service 0.5.0 does, and tells whether the service would
-//! accept it and what it would read. This test runs it and requires
-//! [`token_request::parse_at`] to reach the same outcome on every body: the same refusal, or
+//! accept it and what it would read. This test runs it and requires the strict reader
+//! ([`strict_token::parse_at`]) to reach the same outcome on every body: the same refusal, or
 //! the same shape, room, slot, device, member id, claimed user, LiveKit room alias and
-//! (new shape) identity hash.
+//! (new shape) identity hash. On every body the service accepts, the filter's own lenient
+//! reader ([`token_request::parse`]) must read the same shape, room, slot, claimed user and
+//! alias, and (legacy shape) device.
 //!
 //! `make test-oracle` builds the oracle, writes the corpus (`tests/oracle/gen_corpus.py`) and
 //! runs this test with `VLG_ORACLE_REQUIRED=1`. Without an oracle and a corpus (a plain
@@ -24,8 +26,11 @@ use std::time::Instant;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::Value;
-use voice_limit_guard::livekit_names::{hashed_identity, room_alias};
-use voice_limit_guard::token_request::{self, Endpoint, Shape};
+use voice_limit_guard::livekit_names::{hash_of_strings, room_alias};
+use voice_limit_guard::token_request::{self, Shape, TokenRequest};
+
+mod strict_token;
+use strict_token::Endpoint;
 
 /// Mismatches listed in full when the test fails.
 const SHOWN: usize = 12;
@@ -137,42 +142,70 @@ fn run_oracle(oracle: &Path, corpus: &Path) -> Vec<(Outcome, String)> {
         .collect()
 }
 
-/// The filter's reading of one body, in the oracle's terms: the strict reader
-/// ([`token_request::parse_at`]) or the lenient one the filter runs ([`token_request::parse`]).
-fn filter_outcome(case: &Case, strict: bool) -> (Outcome, String) {
-    let read = if strict {
-        token_request::parse_at(case.endpoint, &case.body)
-    } else {
-        token_request::parse(&case.body)
-    };
-    match read {
+/// The strict reader's reading of one body, in the oracle's terms.
+fn strict_outcome(case: &Case) -> (Outcome, String) {
+    match strict_token::parse_at(case.endpoint, &case.body) {
         Err(e) => (Outcome::default(), e.to_string()),
         Ok(request) => {
-            let (shape, device, identity) = match request.shape {
-                Shape::Legacy => ("legacy", request.device_id.clone(), String::new()),
+            let (device, identity) = match request.shape {
+                Shape::Legacy => (request.device_id.clone(), String::new()),
                 Shape::New => (
-                    "new",
                     request.claimed_device_id.clone(),
-                    hashed_identity(
+                    hash_of_strings(&[
                         &request.claimed_user_id,
                         &request.claimed_device_id,
                         &request.member_id,
-                    ),
+                    ]),
                 ),
             };
             let outcome = Outcome {
-                accepted: true,
-                shape: shape.to_owned(),
-                room: request.room.clone(),
-                slot: request.slot().to_owned(),
                 device,
                 member_id: request.member_id.clone(),
-                claimed_user: request.claimed_user_id.clone(),
-                alias: room_alias(&request.room, request.slot()),
                 identity,
+                ..read_by_filter(&request.as_read_by_filter())
             };
             (outcome, String::new())
         }
+    }
+}
+
+/// The lenient reader's reading of one body, in the oracle's terms: what the filter reads.
+fn lenient_outcome(case: &Case) -> (Outcome, String) {
+    match token_request::parse(&case.body) {
+        Err(e) => (Outcome::default(), e.to_string()),
+        Ok(request) => (read_by_filter(&request), String::new()),
+    }
+}
+
+fn read_by_filter(request: &TokenRequest) -> Outcome {
+    Outcome {
+        accepted: true,
+        shape: match request.shape {
+            Shape::Legacy => "legacy",
+            Shape::New => "new",
+        }
+        .to_owned(),
+        room: request.room.clone(),
+        slot: request.slot().to_owned(),
+        device: request.device_id.clone(),
+        claimed_user: request.claimed_user_id.clone(),
+        alias: room_alias(&request.room, request.slot()),
+        ..Outcome::default()
+    }
+}
+
+/// What of the oracle's outcome the filter's lenient reader must read too: all but the
+/// member id, the claimed device and the identity hash, which the guard does not use.
+fn as_read_by_filter(go: &Outcome) -> Outcome {
+    Outcome {
+        device: if go.shape == "legacy" {
+            go.device.clone()
+        } else {
+            String::new()
+        },
+        member_id: String::new(),
+        identity: String::new(),
+        ..go.clone()
     }
 }
 
@@ -191,6 +224,14 @@ fn setting(name: &str, default: &str) -> PathBuf {
         || Path::new(env!("CARGO_MANIFEST_DIR")).join(default),
         PathBuf::from,
     )
+}
+
+#[test]
+fn identity_hash_matches_lk_jwt_service_vector() {
+    assert_eq!(
+        hash_of_strings(&["@alice:example.com", "DEVICE123", "memberABC"]),
+        "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"
+    );
 }
 
 #[test]
@@ -230,18 +271,19 @@ fn filter_reads_bodies_as_lk_jwt_service_does() {
         // make every request unreadable), so on every body lk-jwt-service accepts the lenient
         // reader must read exactly what Go reads.
         if go.accepted {
-            let (lenient, lenient_error) = filter_outcome(case, false);
-            if *go != lenient {
+            let (lenient, lenient_error) = lenient_outcome(case);
+            let expected = as_read_by_filter(go);
+            if expected != lenient {
                 mismatches.push((
                     case,
-                    go,
+                    go.clone(),
                     go_error,
                     lenient,
                     format!("(lenient) {lenient_error}"),
                 ));
             }
         }
-        let (rust, rust_error) = filter_outcome(case, true);
+        let (rust, rust_error) = strict_outcome(case);
         if go.accepted {
             accepted[0] += 1;
             *by_kind
@@ -252,7 +294,7 @@ fn filter_reads_bodies_as_lk_jwt_service_does() {
             accepted[1] += 1;
         }
         if *go != rust {
-            mismatches.push((case, go, go_error, rust, rust_error.clone()));
+            mismatches.push((case, go.clone(), go_error, rust, rust_error.clone()));
         }
     }
 

@@ -1,6 +1,6 @@
 // Command vlg-oracle tells, for each request body of a corpus, what lk-jwt-service 0.5.0
 // makes of it, using Go's own encoding/json. The differential test (tests/differential.rs)
-// compares its answers with the filter's reader (token_request::parse_at).
+// compares its answers with the strict reader (tests/strict_token) and the filter's own.
 //
 // Input (a file named on the command line, or stdin): JSON lines
 //
