@@ -300,7 +300,10 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
             None => return Ok(None),
         },
     };
-    let connected: BTreeSet<String> = participants.iter().map(|(d, _)| d.clone()).collect();
+    // Sets are filled with `extend`, not `collect`: collecting sorts a vector first, and that
+    // sort's code alone is several KB of the module for each element type.
+    let mut connected = BTreeSet::new();
+    connected.extend(participants.iter().map(|(d, _)| d.clone()));
 
     // Identities still in the room stay known while they are there (refreshed at most once a
     // minute, so repeated decisions need not rewrite the record).
@@ -310,15 +313,18 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
             *until = keep_until;
         }
     }
-    let present: BTreeSet<String> = participants
-        .iter()
-        .map(|(d, identity)| record.user_of(d, *identity))
-        .collect();
+    let mut present = BTreeSet::new();
+    present.extend(
+        participants
+            .iter()
+            .map(|(d, identity)| record.user_of(d, *identity)),
+    );
     // A reservation ends once its user is in LiveKit.
     record.r.retain(|(user, _)| !present.contains(user));
 
     let requester = digest(q.requester);
-    let mut occupied: BTreeSet<&str> = present.iter().map(String::as_str).collect();
+    let mut occupied: BTreeSet<&str> = BTreeSet::new();
+    occupied.extend(present.iter().map(String::as_str));
     occupied.extend(record.r.iter().map(|(user, _)| user.as_str()));
     let admitted = !should_block(q.max_users, &occupied, &requester);
     if !admitted && matches!(q.participants, Participants::Cached) {
