@@ -526,7 +526,11 @@ impl HttpContext for GuardStream {
             Rc::new(ProxyHost::new(&self.metrics)),
         )));
         self.stream = Some(stream);
-        Action::Continue
+        // The request goes upstream only once the guard has read its body: an upstream that
+        // answers on the headers alone would otherwise bring a 200 before the guard knows
+        // the room. lk-jwt-service cannot answer earlier anyway, as it needs the body too.
+        // (Like holding the response, this needs `allow_on_headers_stop_iteration`.)
+        Action::Pause
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -1069,6 +1069,8 @@ class FaultServer(OnLoopback):
       server is then a fault injector in front of a real service);
     - ``status``: ``status`` with a Matrix-style JSON error body (or ``body`` if set);
     - ``slow``: waits ``delay`` seconds, then answers like ``ok``;
+    - ``early``: answers like ``ok`` as soon as the request headers are in, without waiting for
+      the body (the request is recorded with the part of its body that came with them);
     - ``reset``: sends headers and part of the body, then resets the connection (RST);
     - ``garbage``: 200 with a body that is not JSON;
     - ``truncated``: 200 with the first half of a JSON body (Content-Length matches what is sent);
@@ -1078,7 +1080,7 @@ class FaultServer(OnLoopback):
     Each answer carries ``Connection: close``, so no pooled connection outlives a mode change.
     """
 
-    MODES = ("ok", "status", "slow", "reset", "garbage", "truncated", "huge", "refused")
+    MODES = ("ok", "status", "slow", "early", "reset", "garbage", "truncated", "huge", "refused")
 
     def __init__(self, mode: str = "ok", body: Any = None, status: int = 500,
                  delay: float = 10.0, huge_size: int = 8 * 1024 * 1024,
@@ -1161,7 +1163,7 @@ class FaultServer(OnLoopback):
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            request = self._read_request(conn)
+            request = self._read_request(conn, whole=self._mode != "early")
             if request is None:
                 return
             self.requests.append(request)
@@ -1182,8 +1184,8 @@ class FaultServer(OnLoopback):
                 pass
 
     @staticmethod
-    def _read_request(conn: socket.socket) -> dict | None:
-        """Read one HTTP/1.1 request (headers and a Content-Length body)."""
+    def _read_request(conn: socket.socket, whole: bool = True) -> dict | None:
+        """Read one HTTP/1.1 request: its headers and (``whole``) its Content-Length body."""
         conn.settimeout(30)
         data = b""
         while b"\r\n\r\n" not in data:
@@ -1198,7 +1200,7 @@ class FaultServer(OnLoopback):
         for line in lines[1:]:
             key, _, value = line.partition(":")
             headers[key.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0") or 0)
+        length = int(headers.get("content-length", "0") or 0) if whole else 0
         while len(body) < length:
             chunk = conn.recv(65536)
             if not chunk:
@@ -1237,6 +1239,8 @@ class FaultServer(OnLoopback):
 
     def _answer_ok(self, conn: socket.socket) -> None:
         self._send(conn, 200, self._body_bytes())
+
+    _answer_early = _answer_ok
 
     def _answer_status(self, conn: socket.socket) -> None:
         body = self._body_bytes() if self.body else json.dumps(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import json
 import socket
 import time
@@ -110,6 +111,37 @@ def test_http1_chunked_body_with_trailers_is_read(envoy, full_room):
     assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
     assert answer.endswith(CHANNEL_FULL)
     assert counts.guard.get("blocked") == 1 and "fail_open" not in counts.guard
+
+
+def test_an_upstream_answering_on_the_headers_alone_gets_no_token_past_the_check(
+        start_envoy, plugin_config, fault_server, full_room):
+    """lk-jwt-service answers once it has read the body, but an upstream that answers on the
+    headers alone (here a fault server issuing mallory a token for the full room) must not
+    bring its 200 before the guard has read the room: the request goes upstream only with its
+    whole body, so mallory gets the full room's 403, not a token or a 503."""
+    token = {"url": "ws://livekit", "jwt": mint_token(livekit_alias(full_room), "@mallory:test.local:M")}
+    upstream = fault_server("early", body=token)
+    proxy = start_envoy(plugin_config(), lk_jwt=upstream)
+    body = json.dumps(token_body("legacy", "mallory", "M", full_room)).encode()
+    head = (b"POST /sfu/get HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    with counting(proxy) as counts:
+        with socket.create_connection(proxy.address, timeout=10) as sock:
+            sock.sendall(head)
+            # Were the headers passed on, the upstream would have them (and answer) at once.
+            deadline = time.monotonic() + 2
+            while upstream.hits == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            reached_before_body = upstream.hits
+            sock.sendall(body)
+            answer = http.client.HTTPResponse(sock)
+            answer.begin()
+            content = answer.read()
+    assert reached_before_body == 0
+    assert answer.status == 403, content
+    assert content == CHANNEL_FULL
+    assert upstream.hits == 1
+    assert counts.guard.get("blocked") == 1 and "unreadable_requests" not in counts.guard
 
 
 def mint_token(room: str, identity_: str) -> str:
