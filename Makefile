@@ -134,8 +134,11 @@ lint:
 demo: build livekit lkstack venv
 	$(VENV)/bin/python tests/e2e/demo.py
 
+## Benchmark (bench/results.md): the guard against plain Envoy, an empty Wasm filter, an edge in
+## front of the guard and the reference guard; VM start-up against the module at
+## VLG_BENCH_BASELINE (a git commit, built in a worktree with the same wasm-opt pass).
 bench: build livekit lkstack venv
-	$(VENV)/bin/python bench/bench.py
+	VLG_WASM_OPT="$(if $(WASM_OPT),$(WASM_OPT) $(WASM_OPT_FLAGS))" $(VENV)/bin/python bench/bench.py
 	$(VENV)/bin/python bench/join_latency.py
 
 clean:
