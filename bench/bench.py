@@ -625,6 +625,12 @@ class Measure:
     requests: int
     non2xx: int
     socket_errors: int
+    # CPU time the subject's own process spent per request, in µs: what the subject costs,
+    # unlike throughput hardly moved by other work on the machine or its speed drifting.
+    cpu_us: float | None = None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(wrk: str, url: str, scenario: Scenario, connections: int, threads: int,
@@ -648,10 +654,12 @@ def median_of(rounds: list[Measure]) -> Measure:
     def med(values: list[float]) -> float:
         ordered = sorted(values)
         return ordered[len(ordered) // 2]
+    cpu = [m.cpu_us for m in rounds if m.cpu_us is not None]
     return Measure(rps=med([m.rps for m in rounds]), p50_ms=med([m.p50_ms for m in rounds]),
                    p99_ms=med([m.p99_ms for m in rounds]),
                    requests=sum(m.requests for m in rounds), non2xx=sum(m.non2xx for m in rounds),
-                   socket_errors=sum(m.socket_errors for m in rounds))
+                   socket_errors=sum(m.socket_errors for m in rounds),
+                   cpu_us=med(cpu) if cpu else None)
 
 
 def send(port: int, method: str, path: str, body: str, headers: dict[str, str],
@@ -786,8 +794,13 @@ def bench_scenario(wrk: str, scenario: Scenario, subjects: list[Subject], run: R
         for _ in range(ROUNDS):
             for subject in subjects:
                 url = f"http://127.0.0.1:{subject.port}"
-                rounds[subject.key].append(run_wrk(wrk, url, scenario, connections, threads, SECONDS))
-                subject.process.settle()
+                ticks = subject.process.cpu_ticks()
+                measure = run_wrk(wrk, url, scenario, connections, threads, SECONDS)
+                subject.process.settle()  # requests still in flight when wrk stopped count too
+                if measure.requests:
+                    spent = (subject.process.cpu_ticks() - ticks) / CLOCK_TICKS
+                    measure.cpu_us = spent / measure.requests * 1e6
+                rounds[subject.key].append(measure)
         for subject in subjects:
             measure = median_of(rounds[subject.key])
             expect = subject.expected(scenario)
@@ -902,16 +915,19 @@ def ratio(value: float | None, floor: float | None) -> str:
 
 
 def results_table(run: Run, subjects: list[Subject]) -> list[str]:
-    lines = ["| scenario | conns | subject | req/s | ×floor | p50 ms | ×floor | p99 ms | ×floor | status check |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| scenario | conns | subject | req/s | ×floor | p50 ms | ×floor | p99 ms | ×floor | "
+             "CPU µs/req | ×floor | status check |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in run.rows:
         m = row.measure
         floor = run.find(row.scenario.key, row.connections, "plain")
         check = f"⚠ {row.check}" if row.check else f"ok ({row.subject.expected(row.scenario)})"
+        cpu = "–" if m.cpu_us is None else f"{m.cpu_us:.0f}"
         lines.append(
             f"| {row.scenario.title} | {row.connections} | {row.subject.title} | {m.rps:,.0f} | "
             f"{ratio(m.rps, floor.rps)} | {m.p50_ms:.3f} | {ratio(m.p50_ms, floor.p50_ms)} | "
-            f"{m.p99_ms:.3f} | {ratio(m.p99_ms, floor.p99_ms)} | {check} |")
+            f"{m.p99_ms:.3f} | {ratio(m.p99_ms, floor.p99_ms)} | {cpu} | {ratio(m.cpu_us, floor.cpu_us)} | "
+            f"{check} |")
     return lines
 
 
@@ -954,7 +970,8 @@ def goals(run: Run, wasm_size: int) -> list[str]:
 
     def rel(scenario: str, conns: int, subject: str, base: str, attr: str) -> float | None:
         m, b = run.find(scenario, conns, subject), run.find(scenario, conns, base)
-        return getattr(m, attr) / getattr(b, attr) if m and b and getattr(b, attr) else None
+        value, base_value = getattr(m, attr, None), getattr(b, attr, None)
+        return value / base_value if value is not None and base_value else None
 
     def row(goal: str, value: float | None, holds: Callable[[float], bool] | None = None) -> None:
         """One goal (`holds` None: the figure is reported, with no goal to meet)."""
@@ -970,6 +987,8 @@ def goals(run: Run, wasm_size: int) -> list[str]:
             rel(key, 64, "guard", "empty", "rps"), lambda v: v >= 0.97)
         row(f"non-token {key}: p50 at 1 conn ≤ 1.03 × empty Wasm filter",
             rel(key, 1, "guard", "empty", "p50_ms"), lambda v: v <= 1.03)
+    row("limited room, allowed, warm: CPU per request in the subject's process at 64 conns, × floor "
+        "(reported; hardly moved by the machine's load)", rel("allowed", 64, "guard", "plain", "cpu_us"))
     row("room affinity: edge + guard p50 at 1 conn, × the guard alone (the extra hop; reported)",
         rel("allowed", 1, "edge", "guard", "p50_ms"))
     row("room affinity: edge + guard req/s at 64 conns, × the guard alone (reported)",
@@ -1029,6 +1048,8 @@ def report(run: Run, subjects: list[Subject], envoy_ver: str, wrk: str) -> str:
         "load generator, subjects and upstreams share the machine",
         f"- load average (1 min) before / after the run: {run.load_before} / {load_average()}",
         f"- `.wasm`: voice-limit-guard {wasm_size:,} bytes, empty filter {empty_size:,} bytes",
+        "- CPU µs/req: user and system time of the subject's own process per request (the edge "
+        "subject: the edge Envoy alone; the reference guard: its Python process)",
         "- ×floor: the subject's figure divided by plain Envoy's in the same scenario and run "
         "(throughput: higher is better; latency: lower is better)",
         *[f"- note: {n}" for n in run.notes], "",
