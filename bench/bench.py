@@ -65,7 +65,7 @@ REFERENCE_GUARD = Path(os.environ.get(
     "VLG_REFERENCE_GUARD", REPO.parent / "shared" / "reference" / "voice_limit_guard.py"))
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "1"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 WARMUP_SECONDS = float(os.environ.get("BENCH_WARMUP_SECONDS", "1"))
 LOADS = ((1, 1), (64, 2))  # (connections, wrk threads)
 ENVOY_CONCURRENCY = 2
@@ -722,6 +722,7 @@ class Row:
     subject: Subject
     measure: Measure | None
     check: str
+    rounds: list[Measure] = field(default_factory=list)  # in the order they were run
 
 
 @dataclass
@@ -734,11 +735,15 @@ class Run:
     notes: list[str] = field(default_factory=list)
     load_before: str = ""
 
-    def find(self, scenario: str, connections: int, subject: str) -> Measure | None:
+    def row(self, scenario: str, connections: int, subject: str) -> Row | None:
         for row in self.rows:
             if (row.scenario.key, row.connections, row.subject.key) == (scenario, connections, subject):
-                return row.measure
+                return row
         return None
+
+    def find(self, scenario: str, connections: int, subject: str) -> Measure | None:
+        row = self.row(scenario, connections, subject)
+        return row.measure if row else None
 
 
 # The secrets the guard's configuration names (`*_env`), in the subjects' environment.
@@ -805,7 +810,7 @@ def bench_scenario(wrk: str, scenario: Scenario, subjects: list[Subject], run: R
             measure = median_of(rounds[subject.key])
             expect = subject.expected(scenario)
             check = "; ".join(filter(None, [checks[subject.key], load_check(expect, measure)]))
-            run.rows.append(Row(scenario, connections, subject, measure, check))
+            run.rows.append(Row(scenario, connections, subject, measure, check, rounds[subject.key]))
             print(f"  {scenario.key:8} c={connections:<3} {subject.key:10} {measure.rps:9.0f} req/s "
                   f"p50 {measure.p50_ms:7.3f} ms p99 {measure.p99_ms:7.3f} ms {check}", flush=True)
     after = guard_stats(subjects)
@@ -969,9 +974,15 @@ def goals(run: Run, wasm_size: int) -> list[str]:
     lines = ["| goal | measured | result |", "| --- | --- | --- |"]
 
     def rel(scenario: str, conns: int, subject: str, base: str, attr: str) -> float | None:
-        m, b = run.find(scenario, conns, subject), run.find(scenario, conns, base)
-        value, base_value = getattr(m, attr, None), getattr(b, attr, None)
-        return value / base_value if value is not None and base_value else None
+        """The median over the rounds of the subject's figure divided by the base's in the same
+        round, measured moments apart: a drift of the machine's speed over the scenario moves
+        both alike."""
+        m, b = run.row(scenario, conns, subject), run.row(scenario, conns, base)
+        if m is None or b is None:
+            return None
+        ratios = sorted(getattr(x, attr) / getattr(y, attr) for x, y in zip(m.rounds, b.rounds)
+                        if getattr(x, attr) is not None and getattr(y, attr))
+        return ratios[len(ratios) // 2] if ratios else None
 
     def row(goal: str, value: float | None, holds: Callable[[float], bool] | None = None) -> None:
         """One goal (`holds` None: the figure is reported, with no goal to meet)."""
@@ -1051,7 +1062,8 @@ def report(run: Run, subjects: list[Subject], envoy_ver: str, wrk: str) -> str:
         "- CPU µs/req: user and system time of the subject's own process per request (the edge "
         "subject: the edge Envoy alone; the reference guard: its Python process)",
         "- ×floor: the subject's figure divided by plain Envoy's in the same scenario and run "
-        "(throughput: higher is better; latency: lower is better)",
+        "(throughput: higher is better; latency: lower is better); the Goals take the median over "
+        "the rounds of that ratio within each round, the tables the ratio of the medians",
         *[f"- note: {n}" for n in run.notes], "",
     ]
     sections = [
