@@ -152,7 +152,7 @@ impl RoomRecord {
         identity: &str,
         user: &str,
         until: u64,
-        connected: &BTreeSet<String>,
+        connected: &BTreeSet<&str>,
     ) -> Result<(), ()> {
         let user = digest(user);
         if identity.is_empty() || user_named_by(identity) == user {
@@ -180,13 +180,13 @@ impl RoomRecord {
     fn forget_oldest(
         &mut self,
         among: impl Fn(&(String, String, u64)) -> bool,
-        connected: &BTreeSet<String>,
+        connected: &BTreeSet<&str>,
     ) -> Result<(), ()> {
         let oldest = self
             .i
             .iter()
             .enumerate()
-            .filter(|(_, entry)| among(entry) && !connected.contains(&entry.0))
+            .filter(|(_, entry)| among(entry) && !connected.contains(entry.0.as_str()))
             .min_by_key(|(_, (_, _, until))| *until)
             .map(|(n, _)| n)
             .ok_or(())?;
@@ -300,31 +300,35 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
             None => return Ok(None),
         },
     };
-    // Sets are filled with `extend`, not `collect`: collecting sorts a vector first, and that
-    // sort's code alone is several KB of the module for each element type.
+    // Every set here is a `BTreeSet<&str>` filled with `extend`: one element type and no
+    // `collect` (which sorts a vector first) keep the set code in the module once, several KB
+    // each time otherwise.
     let mut connected = BTreeSet::new();
-    connected.extend(participants.iter().map(|(d, _)| d.clone()));
+    connected.extend(participants.iter().map(|(d, _)| d.as_str()));
 
     // Identities still in the room stay known while they are there (refreshed at most once a
     // minute, so repeated decisions need not rewrite the record).
     let keep_until = q.now_ms.saturating_add(IDENTITY_KEEP_MS);
     for (identity, _, until) in record.i.iter_mut() {
-        if connected.contains(identity) && until.saturating_add(REFRESH_SLACK_MS) < keep_until {
+        if connected.contains(identity.as_str())
+            && until.saturating_add(REFRESH_SLACK_MS) < keep_until
+        {
             *until = keep_until;
         }
     }
+    let users: Vec<String> = participants
+        .iter()
+        .map(|(d, identity)| record.user_of(d, *identity))
+        .collect();
     let mut present = BTreeSet::new();
-    present.extend(
-        participants
-            .iter()
-            .map(|(d, identity)| record.user_of(d, *identity)),
-    );
+    present.extend(users.iter().map(String::as_str));
     // A reservation ends once its user is in LiveKit.
-    record.r.retain(|(user, _)| !present.contains(user));
+    record
+        .r
+        .retain(|(user, _)| !present.contains(user.as_str()));
 
     let requester = digest(q.requester);
-    let mut occupied: BTreeSet<&str> = BTreeSet::new();
-    occupied.extend(present.iter().map(String::as_str));
+    let mut occupied = present.clone();
     occupied.extend(record.r.iter().map(|(user, _)| user.as_str()));
     let admitted = !should_block(q.max_users, &occupied, &requester);
     if !admitted && matches!(q.participants, Participants::Cached) {
@@ -354,7 +358,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
             verdict.too_many_devices = true;
             return Ok(Some(verdict));
         }
-        if !present.contains(&requester) {
+        if !present.contains(requester.as_str()) {
             let until = q.now_ms.saturating_add(q.reservation_ms);
             let full = record.r.len() >= MAX_RESERVATIONS;
             match record.r.iter_mut().find(|(user, _)| *user == requester) {
