@@ -221,12 +221,15 @@ def ensure_wrk() -> str:
     return found
 
 
+def cargo_build_wasm(target_dir: Path, *args: str | Path, cwd: Path | None = None) -> None:
+    """`cargo build --release` for wasm32-wasip1 into ``target_dir`` (cargo skips it when fresh)."""
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", *args,
+                    "--target-dir", target_dir], cwd=cwd, check=True)
+
+
 def build_empty_filter() -> Path:
-    """Build the empty filter with the guard's release profile (cargo skips it when fresh)."""
-    subprocess.run(
-        ["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1",
-         "--manifest-path", EMPTY_CRATE / "Cargo.toml", "--target-dir", EMPTY_TARGET_DIR],
-        check=True)
+    """Build the empty filter with the guard's release profile."""
+    cargo_build_wasm(EMPTY_TARGET_DIR, "--manifest-path", EMPTY_CRATE / "Cargo.toml")
     return EMPTY_WASM
 
 
@@ -245,8 +248,7 @@ def build_baseline(run: "Run") -> Path | None:
         run.notes.append(f"baseline module {BASELINE_REF} not built: {added.stderr.strip()[-200:]}")
         return None
     try:
-        subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--lib",
-                        "--target-dir", target], cwd=source, check=True)
+        cargo_build_wasm(target, "--lib", cwd=source)
         built = target / "wasm32-wasip1" / "release" / GUARD_WASM.name
         if WASM_OPT:
             subprocess.run([*WASM_OPT, built, "-o", wasm], check=True)
@@ -732,6 +734,7 @@ class Run:
     burst: dict[str, dict] = field(default_factory=dict)
     vm_start: dict[str, float] = field(default_factory=dict)  # subject -> median ms
     baseline_size: int = 0  # the BASELINE_REF module, built alike
+    oz_size: int | None = None  # the module after `wasm-opt -Oz`, when wasm-opt is there
     notes: list[str] = field(default_factory=list)
     load_before: str = ""
 
@@ -906,6 +909,7 @@ def run_all(wrk: str) -> tuple[Run, list[Subject]]:
     if baseline is not None:
         starts["baseline"] = [wasm_filter("voice_limit_guard", baseline, guard_configuration())]
         run.baseline_size = baseline.stat().st_size
+    run.oz_size = wasm_opt_oz_size(GUARD_WASM_RAW if GUARD_WASM_RAW.exists() else GUARD_WASM)
     run.vm_start = vm_start_ms(upstream, starts)
     return run, subjects
 
@@ -1021,10 +1025,9 @@ def goals(run: Run, wasm_size: int) -> list[str]:
             lines.append(f"| start-up: Envoy start to first token answered (median of {VM_START_RUNS}), "
                          f"reported | {start:.0f} ms ({others}) | – |")
     raw = GUARD_WASM_RAW.stat().st_size if GUARD_WASM_RAW.exists() else wasm_size
-    oz = wasm_opt_oz_size(GUARD_WASM_RAW if GUARD_WASM_RAW.exists() else GUARD_WASM)
     sizes = [f"as cargo builds it {raw:,} bytes", f"as `make build` leaves it {wasm_size:,} bytes"]
-    if oz:
-        sizes.append(f"with `wasm-opt -Oz` {oz:,} bytes")
+    if run.oz_size:
+        sizes.append(f"with `wasm-opt -Oz` {run.oz_size:,} bytes")
     if run.baseline_size:
         sizes.append(f"the module at {BASELINE_REF}, built alike, {run.baseline_size:,} bytes")
     lines.append(f"| `.wasm` ≤ 400 KB, without wasm-opt too | {'; '.join(sizes)} | "
