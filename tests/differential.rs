@@ -269,7 +269,7 @@ fn filter_reads_bodies_as_lk_jwt_service_does() {
     for (case, (go, go_error)) in cases.iter().zip(&expected) {
         // The filter reads bodies leniently (a field a newer lk-jwt-service accepts must not
         // make every request unreadable), so on every body lk-jwt-service accepts the lenient
-        // reader must read exactly what Go reads.
+        // reader must read what Go reads, in every field the guard uses.
         if go.accepted {
             let (lenient, lenient_error) = lenient_outcome(case);
             let expected = as_read_by_filter(go);
