@@ -109,6 +109,18 @@ class LiveKitServer(OnLoopback):
             raise StackError(f"ListParticipants: HTTP {resp.status_code} {resp.text[:300]}")
         return resp.json().get("participants", [])
 
+    def remove_participant(self, alias: str, identity: str) -> None:
+        """``RemoveParticipant``: LiveKit forgets the participant at once. For one already gone,
+        or going, LiveKit answers 404 ("participant does not exist") or, on a single node, 503
+        ("no response from servers"); callers wait for LiveKit's list to show what they asked."""
+        resp = http().post(
+            f"{self.url}/twirp/livekit.RoomService/RemoveParticipant",
+            json={"room": alias, "identity": identity},
+            headers={"Authorization": f"Bearer {livekit_admin_token(self.key, self.secret, alias)}"},
+            timeout=10)
+        if resp.status_code not in (200, 404, 503):
+            raise StackError(f"RemoveParticipant: HTTP {resp.status_code} {resp.text[:300]}")
+
     def states(self, alias: str) -> dict[str, str]:
         """Identity -> state of each participant LiveKit lists in the room."""
         return {p["identity"]: p.get("state", "JOINING") for p in self.list_participants(alias)}
@@ -368,7 +380,7 @@ class RealStandIns:
                 wanted[identity] = state
         room = self.rooms.setdefault(alias, {})
         for identity in [i for i in room if i not in wanted]:
-            self.clients.leave(room.pop(identity))
+            self._drop(alias, identity, room.pop(identity))
         for identity, state in wanted.items():
             if identity not in room:
                 token = {"url": self.livekit.ws_url, "jwt": self._mint(alias, identity)}
@@ -394,9 +406,16 @@ class RealStandIns:
     def leave(self, alias: str, identity: str) -> None:
         handle = self.rooms.get(alias, {}).pop(identity, None)
         if handle is not None:
-            self.clients.leave(handle)
+            self._drop(alias, identity, handle)
         wait_until(lambda: identity not in self.livekit.states(alias),
                    f"LiveKit to drop {identity}", 15)
+
+    def _drop(self, alias: str, identity: str, handle: str) -> None:
+        """The client leaves, and LiveKit is told to forget it: a client that leaves within
+        milliseconds of joining can close its connection before LiveKit reads the leave, and
+        LiveKit then lists it until its connection times out (about 20 s)."""
+        self.clients.leave(handle)
+        self.livekit.remove_participant(alias, identity)
 
     def set_delay(self, delay_ms: int) -> None:
         """Delay every answer the guard gets from LiveKit (to hold a check open)."""
