@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
 
+use crate::key_path::key_path_at;
+
 /// A secret value; its `Debug` form never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -152,20 +154,34 @@ fn read<T: DeserializeOwned>(json: &[u8]) -> Result<T, ConfigError> {
     if crate::json::first_byte(json).is_some_and(|b| b != b'{') {
         return err("configuration: expected a JSON object");
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(json);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            not_json(inner)
-        } else if path == "." {
-            ConfigError(format!("configuration: {inner}"))
-        } else {
-            ConfigError(format!("{path}: {inner}"))
-        }
-    })?;
-    deserializer.end().map_err(not_json)?;
-    Ok(value)
+    let e = match serde_json::from_slice(json) {
+        Ok(value) => return Ok(value),
+        Err(e) if e.is_syntax() || e.is_eof() => return Err(not_json(e)),
+        Err(e) => e,
+    };
+    // The error's message without the position serde_json appends.
+    let message = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    let message = message.strip_suffix(&position).unwrap_or(&message);
+    let offset = offset_of(json, e.line(), e.column());
+    match key_path_at(json, offset, message.starts_with("duplicate field")).as_str() {
+        "." => err(format!("configuration: {message}")),
+        path => err(format!("{path}: {message}")),
+    }
+}
+
+/// The byte offset of serde_json's error position (`line` from 1; `column`, bytes into it).
+fn offset_of(json: &[u8], line: usize, column: usize) -> usize {
+    let line_start = match line {
+        0 | 1 => 0,
+        _ => json
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(line - 2)
+            .map_or(json.len(), |(i, _)| i + 1),
+    };
+    line_start + column
 }
 
 /// The configuration as written: every key optional to serde, so that a missing one is

@@ -21,6 +21,7 @@ pub mod flow;
 pub mod gojson;
 pub mod json;
 pub mod jwt;
+mod key_path;
 pub mod limit_cache;
 pub mod livekit;
 pub mod livekit_names;
