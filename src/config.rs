@@ -625,6 +625,17 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_key_on_any_line_without_the_position() {
+        let json = "{\n  \"synapse\": {\"cluster\": \"s\", \"admin_token\": \"t\"},\n  \"livekit\": {\n    \"cluster\": \"l\",\n    \"timeout_ms\": -1}}";
+        assert_eq!(
+            error_of(json),
+            "livekit.timeout_ms: invalid value: integer `-1`, expected u64"
+        );
+        let json = "{\"synapse\": {\"cluster\": \"s\",\n \"cluster\": \"t\"}}";
+        assert_eq!(error_of(json), "synapse: duplicate field `cluster`");
+    }
+
+    #[test]
     fn errors_never_contain_secrets() {
         let e = error_of(
             r#"{"synapse": {"cluster": "s", "admin_token": "syt_topsecret", "admin_token_env": "X"},
