@@ -269,6 +269,24 @@ def wasm_opt_oz_size(wasm: Path) -> int | None:
     return out.stat().st_size
 
 
+def v8_compile(guard: Path, baseline: Path) -> dict | None:
+    """V8's compile of the guard's module against the baseline's, alone: CPU ms and the median
+    over V8_COMPILE_ROUNDS of the paired ratio (bench/v8_compile.js), when node is installed.
+    This is the bulk of a VM's start, measured without Envoy's own start around it."""
+    node = shutil.which("node")
+    if node is None:
+        return None
+    out = subprocess.run([node, "--no-liftoff", "--no-wasm-lazy-compilation", "--single-threaded",
+                          REPO / "bench" / "v8_compile.js", str(V8_COMPILE_ROUNDS), baseline, guard],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    times = json.loads(out.stdout)
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+    return {"node": version, "guard_ms": times[str(guard)]["median_ms"],
+            "baseline_ms": times[str(baseline)]["median_ms"], "ratio": times[str(guard)]["ratio"]}
+
+
 def envoy_version(binary: str) -> str:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"/(\d+\.\d+\.\d+)/", out)
@@ -735,6 +753,7 @@ class Run:
     vm_start: dict[str, float] = field(default_factory=dict)  # subject -> median ms
     baseline_size: int = 0  # the BASELINE_REF module, built alike
     oz_size: int | None = None  # the module after `wasm-opt -Oz`, when wasm-opt is there
+    v8_compile: dict | None = None  # see v8_compile()
     notes: list[str] = field(default_factory=list)
     load_before: str = ""
 
@@ -821,6 +840,7 @@ def bench_scenario(wrk: str, scenario: Scenario, subjects: list[Subject], run: R
 
 
 VM_START_RUNS = int(os.environ.get("BENCH_VM_START_RUNS", "15"))
+V8_COMPILE_ROUNDS = int(os.environ.get("BENCH_V8_COMPILE_ROUNDS", "21"))
 
 
 def vm_start_ms(upstream: EnvoyServer, subjects: dict[str, list[dict]]) -> dict[str, float]:
@@ -909,6 +929,7 @@ def run_all(wrk: str) -> tuple[Run, list[Subject]]:
     if baseline is not None:
         starts["baseline"] = [wasm_filter("voice_limit_guard", baseline, guard_configuration())]
         run.baseline_size = baseline.stat().st_size
+        run.v8_compile = v8_compile(GUARD_WASM, baseline)
     run.oz_size = wasm_opt_oz_size(GUARD_WASM_RAW if GUARD_WASM_RAW.exists() else GUARD_WASM)
     run.vm_start = vm_start_ms(upstream, starts)
     return run, subjects
@@ -1024,6 +1045,12 @@ def goals(run: Run, wasm_size: int) -> list[str]:
         else:
             lines.append(f"| start-up: Envoy start to first token answered (median of {VM_START_RUNS}), "
                          f"reported | {start:.0f} ms ({others}) | – |")
+    if run.v8_compile:
+        c = run.v8_compile
+        lines.append(f"| start-up: V8's compile of the module alone (node {c['node']}, TurboFan only, "
+                     f"single-threaded; median of {V8_COMPILE_ROUNDS} paired ratios), × the module at "
+                     f"{BASELINE_REF} (reported; the bulk of a VM's start, without Envoy's noise) | "
+                     f"{c['ratio']:.2f} × ({c['guard_ms']:.0f} ms against {c['baseline_ms']:.0f} ms CPU) | – |")
     raw = GUARD_WASM_RAW.stat().st_size if GUARD_WASM_RAW.exists() else wasm_size
     sizes = [f"as cargo builds it {raw:,} bytes", f"as `make build` leaves it {wasm_size:,} bytes"]
     if run.oz_size:
