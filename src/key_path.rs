@@ -4,8 +4,8 @@
 //! serde_json reports where an error happened as a line and column; this walks the document
 //! up to that point. Tracking the path while deserialising instead (as `serde_path_to_error`
 //! does) wraps every deserializer and visitor of the configuration in generic adapters: about
-//! 14 KB of the module, which V8 compiles whenever a VM starts. Walking the text costs one
-//! small function, and only when a configuration is refused.
+//! 11 KB of the module's code after wasm-opt, which V8 compiles whenever a VM starts. Walking
+//! the text costs one small function, and runs only when a configuration is refused.
 
 /// Where in its container the walk is.
 enum Frame {
