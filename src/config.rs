@@ -10,8 +10,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{DeserializeOwned, IgnoredAny};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::key_path::key_path_at;
 
@@ -109,16 +108,10 @@ pub enum Role {
 impl Role {
     /// Parses the plugin configuration (`env` as for [`Config::parse`]).
     pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Role, ConfigError> {
-        /// Only whether `room_header` is there; anything else is left to the role's parser.
-        #[derive(Deserialize)]
-        struct Shape {
-            room_header: Option<IgnoredAny>,
-        }
-        match serde_json::from_slice::<Shape>(json) {
-            Ok(Shape {
-                room_header: Some(_),
-            }) => EdgeConfig::parse(json).map(Role::Edge),
-            _ => Config::parse(json, env).map(|config| Role::Guard(Box::new(config))),
+        let mut raw: raw::Plugin = read(json)?;
+        match raw.room_header.take() {
+            Some(room_header) => EdgeConfig::from_raw(room_header, raw).map(Role::Edge),
+            None => Config::from_raw(raw, env).map(|config| Role::Guard(Box::new(config))),
         }
     }
 }
@@ -189,9 +182,12 @@ fn offset_of(json: &[u8], line: usize, column: usize) -> usize {
 mod raw {
     use serde::Deserialize;
 
+    /// Both roles' keys: a guard's, and `room_header` for an edge (whose other key,
+    /// `token_paths`, the guard shares). One struct, so the document is read once.
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
-    pub struct Guard {
+    pub struct Plugin {
+        pub room_header: Option<String>,
         pub synapse: Option<Synapse>,
         pub livekit: Option<LiveKit>,
         pub token_paths: Option<Vec<String>>,
@@ -231,23 +227,23 @@ mod raw {
         Open,
         Closed,
     }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Edge {
-        pub room_header: String,
-        pub token_paths: Option<Vec<String>>,
-        // Named so that an edge configuration with them gets a clear error, not "unknown key".
-        pub synapse: Option<serde::de::IgnoredAny>,
-        pub livekit: Option<serde::de::IgnoredAny>,
-    }
 }
 
 impl Config {
     /// Parses the plugin configuration. `env` looks up the environment variables named by
     /// `*_env` keys (the process environment inside Envoy, a map in tests).
     pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let raw: raw::Guard = read(json)?;
+        let raw: raw::Plugin = read(json)?;
+        if raw.room_header.is_some() {
+            return err("room_header: a guard has no room_header (an edge's key, see Role::parse)");
+        }
+        Config::from_raw(raw, env)
+    }
+
+    fn from_raw(
+        raw: raw::Plugin,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let Some(synapse) = raw.synapse else {
             return err("synapse is required");
         };
@@ -331,8 +327,7 @@ impl Config {
 }
 
 impl EdgeConfig {
-    fn parse(json: &[u8]) -> Result<EdgeConfig, ConfigError> {
-        let raw: raw::Edge = read(json)?;
+    fn from_raw(room_header: String, raw: raw::Plugin) -> Result<EdgeConfig, ConfigError> {
         for (upstream, given) in [
             ("synapse", raw.synapse.is_some()),
             ("livekit", raw.livekit.is_some()),
@@ -344,9 +339,25 @@ impl EdgeConfig {
                 ));
             }
         }
-        check_header_name(&raw.room_header)?;
+        let guard_only = [
+            ("limit_state_type", raw.limit_state_type.is_some()),
+            (
+                "limit_cache_ttl_seconds",
+                raw.limit_cache_ttl_seconds.is_some(),
+            ),
+            ("stale_limit_seconds", raw.stale_limit_seconds.is_some()),
+            ("failure_mode", raw.failure_mode.is_some()),
+            ("reservation_seconds", raw.reservation_seconds.is_some()),
+            ("participants_cache_ms", raw.participants_cache_ms.is_some()),
+        ];
+        if let Some((key, _)) = guard_only.iter().find(|(_, given)| *given) {
+            return err(format!(
+                "{key}: unknown field `{key}` for an edge, expected `room_header` or `token_paths`"
+            ));
+        }
+        check_header_name(&room_header)?;
         Ok(EdgeConfig {
-            room_header: raw.room_header,
+            room_header,
             token_paths: token_paths(raw.token_paths)?,
         })
     }
