@@ -165,6 +165,9 @@ pub enum Change<T> {
     Remove,
 }
 
+/// A change to one live entry (its value and expiry, if any), as [`Buckets::apply`] takes it.
+type ChangeFn<'a, T> = dyn FnMut(Option<(&T, u64)>) -> Change<T> + 'a;
+
 /// A family of buckets holding entries of type `T`.
 pub struct Buckets<T> {
     pub prefix: &'static str,
@@ -233,6 +236,25 @@ impl<T: Record> Buckets<T> {
         now_ms: u64,
         mut change: impl FnMut(Option<(&T, u64)>) -> (Change<T>, R),
     ) -> Result<R, StoreError> {
+        let mut result = None;
+        self.apply(store, id, now_ms, &mut |old| {
+            let (change, outcome) = change(old);
+            result = Some(outcome);
+            change
+        })?;
+        // `apply` succeeds only after running `change`.
+        result.ok_or(StoreError::Failed)
+    }
+
+    /// The read-modify-write loop of [`Buckets::update`], taking the change as a trait object:
+    /// the loop is then in the module once per record type, not once per caller.
+    fn apply(
+        &self,
+        store: &dyn SharedStore,
+        id: &str,
+        now_ms: u64,
+        change: &mut ChangeFn<'_, T>,
+    ) -> Result<(), StoreError> {
         let k = digest(id);
         let key = self.key_of(bucket_index(&k, self.count));
         for _ in 0..MAX_ATTEMPTS {
@@ -245,15 +267,15 @@ impl<T: Record> Buckets<T> {
             let old_entries = entries.len();
             entries.retain(|entry| entry.e > now_ms);
             let position = entries.iter().position(|entry| entry.k == k);
-            let (change, result) = change(position.map(|i| (&entries[i].v, entries[i].e)));
+            let change = change(position.map(|i| (&entries[i].v, entries[i].e)));
             match change {
-                Change::Keep => return Ok(result),
+                Change::Keep => return Ok(()),
                 Change::Remove => match position {
                     Some(i) => {
                         entries.remove(i);
                     }
                     // Nothing to remove: no write, and no CAS change for the bucket's others.
-                    None => return Ok(result),
+                    None => return Ok(()),
                 },
                 Change::Put(v, e) => {
                     if let Some(i) = position {
@@ -270,7 +292,7 @@ impl<T: Record> Buckets<T> {
                         bytes: bytes.len() as i64 - old_bytes.len() as i64,
                         entries: new_entries as i64 - old_entries as i64,
                     });
-                    return Ok(result);
+                    return Ok(());
                 }
                 Err(StoreError::CasMismatch) => continue,
                 Err(e) => return Err(e),
