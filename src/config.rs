@@ -165,16 +165,8 @@ fn read<T: DeserializeOwned>(json: &[u8]) -> Result<T, ConfigError> {
 
 /// The byte offset of serde_json's error position (`line` from 1; `column`, bytes into it).
 fn offset_of(json: &[u8], line: usize, column: usize) -> usize {
-    let line_start = match line {
-        0 | 1 => 0,
-        _ => json
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'\n')
-            .nth(line - 2)
-            .map_or(json.len(), |(i, _)| i + 1),
-    };
-    line_start + column
+    let lines_before = json.split(|b| *b == b'\n').take(line.saturating_sub(1));
+    lines_before.map(|text| text.len() + 1).sum::<usize>() + column
 }
 
 /// The configuration as written: every key optional to serde, so that a missing one is

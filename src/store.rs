@@ -151,11 +151,6 @@ fn encode_entry<T: Record>(entry: &Entry<T>) -> Option<String> {
     serde_json::to_string(entry).ok()
 }
 
-#[cfg(test)]
-fn encode<T: Record>(entries: &[Entry<T>]) -> Vec<u8> {
-    serde_json::to_vec(entries).unwrap()
-}
-
 /// What an update does to an entry.
 pub enum Change<T> {
     /// Leave the bucket as it is (no write).
@@ -414,6 +409,10 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const BUCKETS: Buckets<i64> = Buckets::new("t", 4, 400);
+
+    fn encode<T: Record>(entries: &[Entry<T>]) -> Vec<u8> {
+        serde_json::to_vec(entries).unwrap()
+    }
 
     #[test]
     fn stores_reads_and_expires_entries() {
