@@ -320,9 +320,22 @@ impl Config {
 
 impl EdgeConfig {
     fn from_raw(room_header: String, raw: raw::Plugin) -> Result<EdgeConfig, ConfigError> {
+        // Every key is named here (no `..`): a key added to the guard must be placed too.
+        let raw::Plugin {
+            room_header: _,
+            synapse,
+            livekit,
+            token_paths: paths,
+            limit_state_type,
+            limit_cache_ttl_seconds,
+            stale_limit_seconds,
+            failure_mode,
+            reservation_seconds,
+            participants_cache_ms,
+        } = raw;
         for (upstream, given) in [
-            ("synapse", raw.synapse.is_some()),
-            ("livekit", raw.livekit.is_some()),
+            ("synapse", synapse.is_some()),
+            ("livekit", livekit.is_some()),
         ] {
             if given {
                 return err(format!(
@@ -332,15 +345,12 @@ impl EdgeConfig {
             }
         }
         let guard_only = [
-            ("limit_state_type", raw.limit_state_type.is_some()),
-            (
-                "limit_cache_ttl_seconds",
-                raw.limit_cache_ttl_seconds.is_some(),
-            ),
-            ("stale_limit_seconds", raw.stale_limit_seconds.is_some()),
-            ("failure_mode", raw.failure_mode.is_some()),
-            ("reservation_seconds", raw.reservation_seconds.is_some()),
-            ("participants_cache_ms", raw.participants_cache_ms.is_some()),
+            ("limit_state_type", limit_state_type.is_some()),
+            ("limit_cache_ttl_seconds", limit_cache_ttl_seconds.is_some()),
+            ("stale_limit_seconds", stale_limit_seconds.is_some()),
+            ("failure_mode", failure_mode.is_some()),
+            ("reservation_seconds", reservation_seconds.is_some()),
+            ("participants_cache_ms", participants_cache_ms.is_some()),
         ];
         if let Some((key, _)) = guard_only.iter().find(|(_, given)| *given) {
             return err(format!(
@@ -350,7 +360,7 @@ impl EdgeConfig {
         check_header_name(&room_header)?;
         Ok(EdgeConfig {
             room_header,
-            token_paths: token_paths(raw.token_paths)?,
+            token_paths: token_paths(paths)?,
         })
     }
 }
