@@ -269,7 +269,7 @@ def wasm_opt_oz_size(wasm: Path) -> int | None:
     return out.stat().st_size
 
 
-def v8_compile(guard: Path, baseline: Path) -> dict | None:
+def v8_compile(guard: Path, baseline: Path, run: "Run") -> dict | None:
     """V8's compile of the guard's module against the baseline's, alone: CPU ms and the median
     over V8_COMPILE_ROUNDS of the paired ratio (bench/v8_compile.js), when node is installed.
     This is the bulk of a VM's start, measured without Envoy's own start around it."""
@@ -280,6 +280,8 @@ def v8_compile(guard: Path, baseline: Path) -> dict | None:
                           REPO / "bench" / "v8_compile.js", str(V8_COMPILE_ROUNDS), baseline, guard],
                          capture_output=True, text=True)
     if out.returncode != 0:
+        errors = [line for line in out.stderr.splitlines() if "Error" in line] or [out.stderr.strip()]
+        run.notes.append(f"V8 compile of the modules not measured: {errors[0][-200:]}")
         return None
     times = json.loads(out.stdout)
     version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
@@ -932,7 +934,7 @@ def run_all(wrk: str) -> tuple[Run, list[Subject]]:
     if baseline is not None:
         starts["baseline"] = [wasm_filter("voice_limit_guard", baseline, guard_configuration())]
         run.baseline_size = baseline.stat().st_size
-        run.v8_compile = v8_compile(GUARD_WASM, baseline)
+        run.v8_compile = v8_compile(GUARD_WASM, baseline, run)
     run.oz_size = wasm_opt_oz_size(GUARD_WASM_RAW if GUARD_WASM_RAW.exists() else GUARD_WASM)
     # The baseline module passed a token request's headers upstream before reading its body;
     # this bench's upstream answers on the headers alone, so that module may refuse a token
