@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::key_path::key_path_at;
+use crate::route::{self, Route};
 
 /// A secret value; its `Debug` form never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -44,6 +45,9 @@ pub struct Upstream {
 pub struct SynapseConfig {
     pub upstream: Upstream,
     pub admin_token: Secret,
+    /// The application service's `hs_token`: Synapse's bearer token on the MatrixRTC routes
+    /// it forwards. When set, only requests carrying it are trusted to name their requester.
+    pub hs_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +94,9 @@ pub struct EdgeConfig {
 }
 
 impl EdgeConfig {
-    /// Whether a request path is a token endpoint (see [`Config::is_token_path`]).
-    pub fn is_token_path(&self, path: &str) -> bool {
-        is_token_path(&self.token_paths, path)
+    /// The token route of a request path, if it is one (see [`crate::route`]).
+    pub fn route_of(&self, path: &str) -> Option<Route> {
+        route::classify(&self.token_paths, path)
     }
 }
 
@@ -199,6 +203,8 @@ mod raw {
         pub timeout_ms: Option<u64>,
         pub admin_token: Option<String>,
         pub admin_token_env: Option<String>,
+        pub hs_token: Option<String>,
+        pub hs_token_env: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -255,6 +261,10 @@ impl Config {
                 synapse.admin_token_env,
                 env,
             )?,
+            hs_token: match (synapse.hs_token, synapse.hs_token_env) {
+                (None, None) => None,
+                (inline, from_env) => Some(secret("synapse.hs_token", inline, from_env, env)?),
+            },
         };
         let livekit = LiveKitConfig {
             upstream: upstream(
@@ -308,13 +318,13 @@ impl Config {
         })
     }
 
-    /// Whether a request path (query string ignored) is a token endpoint.
+    /// The token route of a request path (query string ignored), if it is one.
     ///
     /// lk-jwt-service's Go router unescapes the path before matching, so `/s%66u/get` reaches
     /// the token handler; the decoded path is compared too, or such a request would pass
     /// unguarded. Matching a few paths that the router then refuses costs nothing.
-    pub fn is_token_path(&self, path: &str) -> bool {
-        is_token_path(&self.token_paths, path)
+    pub fn route_of(&self, path: &str) -> Option<Route> {
+        route::classify(&self.token_paths, path)
     }
 }
 
@@ -365,14 +375,6 @@ impl EdgeConfig {
     }
 }
 
-fn is_token_path(token_paths: &[String], path: &str) -> bool {
-    let path = path.split(['?', '#']).next().unwrap_or(path);
-    let decoded = percent_decode(path);
-    token_paths
-        .iter()
-        .any(|p| p == path || decoded.as_deref() == Some(p.as_str()))
-}
-
 /// A header a route's hash policy can use and Envoy lets a filter set: lowercase token
 /// characters, and none of the headers that frame or address the request.
 fn check_header_name(name: &str) -> Result<(), ConfigError> {
@@ -397,17 +399,6 @@ fn check_header_name(name: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-/// Decodes `%XX` escapes; `None` when there are none or they do not decode to UTF-8.
-fn percent_decode(path: &str) -> Option<String> {
-    if !path.contains('%') {
-        return None;
-    }
-    percent_encoding::percent_decode_str(path)
-        .decode_utf8()
-        .ok()
-        .map(|decoded| decoded.into_owned())
 }
 
 fn upstream(
@@ -663,13 +654,18 @@ mod tests {
     #[test]
     fn token_paths_ignore_the_query_string() {
         let c = parse(MINIMAL).unwrap();
-        assert!(c.is_token_path("/sfu/get"));
-        assert!(c.is_token_path("/get_token?x=1"));
-        assert!(!c.is_token_path("/sfu/get/"));
-        assert!(!c.is_token_path("/healthz"));
-        assert!(c.is_token_path("/s%66u/get"));
-        assert!(c.is_token_path("/get%5Ftoken"));
-        assert!(!c.is_token_path("/sfu%2"));
+        let legacy = |path| c.route_of(path) == Some(Route::Legacy);
+        assert!(legacy("/sfu/get"));
+        assert!(legacy("/get_token?x=1"));
+        assert!(!legacy("/sfu/get/"));
+        assert!(c.route_of("/healthz").is_none());
+        assert!(legacy("/s%66u/get"));
+        assert!(legacy("/get%5Ftoken"));
+        assert!(c.route_of("/sfu%2").is_none());
+        assert_eq!(
+            c.route_of("/_matrix/client/v1/rtc/livekit/get_token"),
+            Some(Route::Client)
+        );
     }
 
     #[test]
@@ -702,12 +698,15 @@ mod tests {
             panic!("not an edge configuration");
         };
         assert_eq!(edge.room_header, "x-matrix-room");
-        assert!(edge.is_token_path("/sfu/get") && edge.is_token_path("/get%5Ftoken"));
+        assert!(edge.route_of("/sfu/get").is_some() && edge.route_of("/get%5Ftoken").is_some());
+        assert!(edge
+            .route_of("/_matrix/federation/v1/rtc/livekit/get_token")
+            .is_some());
         let Ok(Role::Edge(edge)) = role(r#"{"room_header": "x-room", "token_paths": ["/only"]}"#)
         else {
             panic!("not an edge configuration");
         };
-        assert!(edge.is_token_path("/only") && !edge.is_token_path("/sfu/get"));
+        assert!(edge.route_of("/only").is_some() && edge.route_of("/sfu/get").is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use proxy_wasm::types::{Action, BufferType, MapType, MetricType};
 
 use crate::affinity;
 use crate::config::EdgeConfig;
-use crate::host::{buffer, is_token_request};
+use crate::host::{buffer, token_route};
 
 /// The edge's counters, defined once per VM.
 pub struct EdgeMetrics {
@@ -75,7 +75,7 @@ impl HttpContext for EdgeStream {
         // Whatever the request, a room header the client sent never reaches the hash.
         let _ =
             hostcalls::set_map_value(MapType::HttpRequestHeaders, &self.config.room_header, None);
-        if !is_token_request(end_of_stream, |path| self.config.is_token_path(path)) {
+        if token_route(end_of_stream, |path| self.config.route_of(path)).is_none() {
             return Action::Continue;
         }
         // Routing waits for the body (this needs `allow_on_headers_stop_iteration`).

@@ -2,38 +2,55 @@
 //!
 //! The host adapter feeds it what happens on the stream and on the calls it made, and carries
 //! out the [`Effect`]s it returns. Nothing here touches the host, so the whole flow is tested
-//! natively.
+//! natively. Where the decision is taken depends on the route ([`Route`]):
 //!
-//! 1. Request body complete ([`Admission::on_request_body`]): read the room the way
-//!    lk-jwt-service does; find its limit in the shared cache, or ask Synapse. The request goes
-//!    on to lk-jwt-service at once: the lookups run while it works.
-//!    With a known limit, LiveKit is asked who is in the room under the alias lk-jwt-service
-//!    0.4.3+ will choose, so that answer is usually ready when the token arrives.
+//! **MatrixRTC routes** (Synapse forwarding `.../rtc/livekit/get_token`): the requester comes
+//! with the request, so the decision is taken before lk-jwt-service sees the body.
+//! 1. Request headers ([`Admission::on_request_headers`]): with the application service's
+//!    `hs_token` configured, a request without it is answered 401 at once.
+//! 2. Request body complete ([`Admission::on_request_body`]): who asks, the LiveKit room and
+//!    the participant identity lk-jwt-service will give ([`crate::rtc_request`]); the limit
+//!    from the shared cache or Synapse, the participants from LiveKit; then the request goes on
+//!    with a place reserved, or is answered 403 `M_FORBIDDEN` (step 4).
+//! 3. Response: a refusal by lk-jwt-service (anything but a 200) gives the place back; the
+//!    token of a 200 is read as it passes ([`crate::watch`]) and checked against what was
+//!    counted. A body the guard could not read goes on undecided, and a 200 for it is
+//!    answered 503.
+//!
+//! **Legacy routes** (`/sfu/get`, `/get_token`): who asks is only known from the token.
+//! 1. Request body complete: read the room the way lk-jwt-service does; find its limit in the
+//!    shared cache, or ask Synapse. The request goes on to lk-jwt-service at once: the lookups
+//!    run while it works. With a known limit, LiveKit is asked who is in the room under the
+//!    alias lk-jwt-service 0.4.3+ will choose, so that answer is usually ready when the token
+//!    arrives.
 //! 2. Response headers ([`Admission::on_response_headers`]): anything but a 200 passes
 //!    unchanged; a 200 for a room without a limit passes at once; otherwise it is held.
 //! 3. Response body ([`Admission::on_response_body`]): the token's `video.room` and `sub`
 //!    say which LiveKit room and who. If the early LiveKit answer was for another room
 //!    (an older lk-jwt-service), LiveKit is asked again.
-//! 4. Decision (`Admission::advance`): with the limit and the participants known, the held
-//!    response goes on, or becomes a 403 `M_FORBIDDEN`. Any failure of Synapse or LiveKit on
-//!    the way lets the token through (`failure_mode: open`) or answers 503 (`closed`), but a
-//!    limit seen before is enforced through a Synapse outage, and a token for a request body
-//!    the guard could not read is always answered 503. Every path ends the stream.
+//!
+//! 4. Decision (`Admission::advance`), the same for both: with the limit and the participants
+//!    known, the request or the held response goes on, or is answered 403 `M_FORBIDDEN`. Any
+//!    failure of Synapse or LiveKit on the way lets it through (`failure_mode: open`) or
+//!    answers 503 (`closed`), but a limit seen before is enforced through a Synapse outage,
+//!    and a token for a request body the guard could not read is always answered 503.
 
 use std::time::Duration;
 
 use crate::config::{Config, FailureMode, Upstream};
-use crate::json;
 use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
 use crate::livekit_names::{requester_of_identity, room_alias};
-use crate::occupancy::{self, Outcome};
+use crate::occupancy::{self, Outcome, Reservation};
 use crate::reply::{self, LocalReply};
+use crate::route::Route;
+use crate::rtc_request::{self, Asked, RtcHeaders};
 use crate::store::SharedStore;
 use crate::synapse::{self, Limit};
 use crate::token_request::{self, Shape, TokenRequest};
 use crate::upstream::Request;
+use crate::watch::{issued_token, Watch};
 
 /// What the admission needs from its surroundings at each step.
 pub struct Env<'a> {
@@ -97,10 +114,19 @@ pub enum Counter {
     Unreadable,
     /// A refresh failed and the last limit seen was enforced.
     StaleLimits,
+    /// A MatrixRTC request without the application service's `hs_token`, answered 401.
+    Untrusted,
+    /// A client-server MatrixRTC request for another homeserver's SFU, let through.
+    Relayed,
+    /// A place reserved before lk-jwt-service answered, given back when it refused the token.
+    Released,
+    /// A token issued after a request-phase admission for another room or participant than
+    /// the one counted.
+    TokenMismatches,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 15] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -112,6 +138,10 @@ impl Counter {
         Counter::LivekitCacheHits,
         Counter::Unreadable,
         Counter::StaleLimits,
+        Counter::Untrusted,
+        Counter::Relayed,
+        Counter::Released,
+        Counter::TokenMismatches,
     ];
 }
 
@@ -141,9 +171,11 @@ pub struct HttpCall {
 pub enum Effect {
     Dispatch(HttpCall),
     Count(Counter),
+    /// Let the held request go on to lk-jwt-service.
+    PassRequest,
     /// Let the upstream response go on unchanged.
     PassResponse,
-    /// Replace the upstream response with this one.
+    /// Answer the stream with this reply (in place of the upstream response).
     Reply(LocalReply),
     /// Another request of this process is asking Synapse for the same room: call
     /// [`Admission::retry`] again shortly, until that answer is in the shared cache.
@@ -174,24 +206,48 @@ enum ParticipantState {
     Failed(String),
 }
 
+/// Who asks for which LiveKit room: what a decision is about.
+#[derive(Debug, Clone)]
+struct Subject {
+    /// The LiveKit room (alias).
+    room: String,
+    /// The participant identity of the token.
+    identity: String,
+    /// The Matrix user asking, as lk-jwt-service verified it or Synapse vouched for it.
+    requester: String,
+    /// When the token expires (ms since the epoch).
+    expires_ms: u64,
+}
+
+/// lk-jwt-service's tokens live an hour.
+const TOKEN_LIFETIME_MS: u64 = 3600 * 1000;
+
 #[derive(Debug)]
-enum ResponseState {
-    NotYet,
-    /// A 200 is held until the decision.
-    Holding(JoinClaims),
-    /// The response was passed or replaced; nothing more to do.
+enum Stage {
+    /// Legacy: the token is awaited. MatrixRTC: the request body is awaited.
+    Waiting,
+    /// Who asks and where are known; the decision waits for the limit and the participants.
+    Deciding(Subject),
+    /// MatrixRTC: the request went on undecided (the reason): lk-jwt-service refuses such a
+    /// request, and a 200 for it is answered 503.
+    Unchecked(String),
+    /// MatrixRTC: the request went on with a place; its answer is watched.
+    Watching(Watch, Option<Reservation>),
+    /// Passed or replaced; nothing more to do.
     Done,
 }
 
 /// One token request on its way through the guard.
 #[derive(Debug)]
 pub struct Admission {
+    route: Route,
+    rtc_headers: RtcHeaders,
     /// `None` until the whole request body has been read.
-    request: Option<Result<TokenRequest, token_request::BodyError>>,
+    request: Option<Result<TokenRequest, String>>,
     limit: LimitState,
     /// The LiveKit room asked about, and what is known of its participants.
     participants: Option<(String, ParticipantState)>,
-    response: ResponseState,
+    stage: Stage,
 }
 
 impl Default for Admission {
@@ -201,12 +257,19 @@ impl Default for Admission {
 }
 
 impl Admission {
+    /// A request on a legacy route.
     pub fn new() -> Admission {
+        Admission::for_route(Route::Legacy)
+    }
+
+    pub fn for_route(route: Route) -> Admission {
         Admission {
+            route,
+            rtc_headers: RtcHeaders::default(),
             request: None,
             limit: LimitState::Unknown,
             participants: None,
-            response: ResponseState::NotYet,
+            stage: Stage::Waiting,
         }
     }
 
@@ -215,9 +278,24 @@ impl Admission {
         self.request.is_some()
     }
 
+    /// Whether the request is held until the decision.
+    pub fn holds_request(&self) -> bool {
+        self.route.decides_on_request() && matches!(self.stage, Stage::Waiting | Stage::Deciding(_))
+    }
+
     /// Whether a held 200 still waits for its body (step 3 has not happened).
     pub fn awaits_response_body(&self) -> bool {
-        matches!(self.response, ResponseState::NotYet)
+        !self.route.decides_on_request() && matches!(self.stage, Stage::Waiting)
+    }
+
+    /// Whether the answer is read as it passes rather than held.
+    pub fn watches_response(&self) -> bool {
+        matches!(self.stage, Stage::Watching(..))
+    }
+
+    /// Whether nothing more is to be done: what follows streams through untouched.
+    pub fn finished(&self) -> bool {
+        matches!(self.stage, Stage::Done)
     }
 
     fn room(&self) -> &str {
@@ -227,25 +305,107 @@ impl Admission {
         }
     }
 
-    /// Step 1: the whole request body is here.
+    /// Step 1 of a MatrixRTC request: its headers. Without the configured `hs_token` it is not
+    /// from Synapse, and its requester is not to be trusted: answered as lk-jwt-service answers.
+    pub fn on_request_headers(&mut self, headers: RtcHeaders, env: &Env) -> Vec<Effect> {
+        let Some(hs_token) = &env.config.synapse.hs_token else {
+            self.rtc_headers = headers;
+            return Vec::new();
+        };
+        if rtc_request::bearer_matches(headers.authorization.as_deref(), hs_token.expose()) {
+            self.rtc_headers = headers;
+            return Vec::new();
+        }
+        self.stage = Stage::Done;
+        log::info!("a MatrixRTC token request without the application service's token: 401");
+        let reply = if headers.authorization.is_none() {
+            reply::missing_token()
+        } else {
+            reply::unknown_token()
+        };
+        vec![
+            Effect::Count(Counter::TokenRequests),
+            Effect::Count(Counter::Untrusted),
+            Effect::Reply(reply),
+        ]
+    }
+
+    /// Step 1 (legacy), step 2 (MatrixRTC): the whole request body is here.
     pub fn on_request_body(&mut self, body: &[u8], env: &Env) -> Vec<Effect> {
         let mut effects = vec![Effect::Count(Counter::TokenRequests)];
-        let request = self.request.insert(token_request::parse(body));
-        let Ok(request) = request else {
-            // lk-jwt-service refuses such a body; should it issue a token anyway, it is
-            // answered 503 at step 4.
-            return effects;
-        };
-        if !is_possible_room_id(&request.room) {
+        if self.route.decides_on_request() {
+            match self.read_rtc_request(body, env, &mut effects) {
+                Some(request) => self.request = Some(Ok(request)),
+                None => return effects,
+            }
+        } else {
+            // A body lk-jwt-service refuses; should it issue a token anyway, it is answered
+            // 503 at step 4.
+            let read = token_request::parse(body).map_err(|e| e.to_string());
+            if self.request.insert(read).is_err() {
+                return effects;
+            }
+        }
+        self.find_limit(env, &mut effects);
+        effects.extend(self.advance(env));
+        effects
+    }
+
+    /// Who asks for which call on a MatrixRTC route, as the request to decide on; `None` when
+    /// it goes on undecided (unreadable, or for another homeserver's SFU).
+    fn read_rtc_request(
+        &mut self,
+        body: &[u8],
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) -> Option<TokenRequest> {
+        match rtc_request::parse(self.route, &self.rtc_headers, body) {
+            Ok(Asked::Local(asked)) => {
+                self.stage = Stage::Deciding(Subject {
+                    room: asked.alias,
+                    identity: asked.identity,
+                    requester: asked.user.clone(),
+                    expires_ms: env.now_ms().saturating_add(TOKEN_LIFETIME_MS),
+                });
+                Some(TokenRequest {
+                    room: asked.room,
+                    shape: Shape::New,
+                    slot_id: asked.slot_id,
+                    device_id: String::new(),
+                    claimed_user_id: asked.user,
+                })
+            }
+            Ok(Asked::Remote { server_name }) => {
+                log::debug!(
+                    "a token request for {}'s SFU: not ours, let through",
+                    clip(&server_name)
+                );
+                self.stage = Stage::Done;
+                effects.extend([Effect::Count(Counter::Relayed), Effect::PassRequest]);
+                None
+            }
+            Err(e) => {
+                // lk-jwt-service refuses such a request; a 200 for it is answered 503.
+                self.stage = Stage::Unchecked(e.to_string());
+                effects.push(Effect::PassRequest);
+                None
+            }
+        }
+    }
+
+    /// The room's limit: none for an id no Matrix room can have, else from the shared cache
+    /// or Synapse (and, once known, LiveKit is asked early).
+    fn find_limit(&mut self, env: &Env, effects: &mut Vec<Effect>) {
+        let room = self.room().to_owned();
+        if !is_possible_room_id(&room) {
             // No Matrix room has such an id, so none has a limit: no lookup for it.
             log::debug!(
                 "room {}: not a Matrix room id; no limit applies",
-                clip(&request.room)
+                clip(&room)
             );
             self.limit = LimitState::Known(Limit::None);
-            return effects;
+            return;
         }
-        let room = request.room.clone();
         let cfg = env.config;
         let cached = if cfg.limit_cache_ttl.is_zero() {
             Ok(Cached::Claimed)
@@ -257,27 +417,32 @@ impl Admission {
             Ok(Cached::Known(limit)) => {
                 effects.push(Effect::Count(Counter::LimitCacheHits));
                 self.limit = LimitState::Known(limit);
-                self.ask_livekit_early(env, &mut effects);
+                self.ask_livekit_early(env, effects);
             }
             Ok(Cached::Pending) => self.limit = LimitState::AskedByOther,
-            Ok(Cached::Claimed) | Err(_) => self.ask_synapse(env, &mut effects),
+            Ok(Cached::Claimed) | Err(_) => self.ask_synapse(env, effects),
         }
-        effects
     }
 
-    /// Step 2: the upstream response headers. `status` is `None` when unreadable.
+    /// The upstream response headers. `status` is `None` when unreadable.
     pub fn on_response_headers(
         &mut self,
         status: Option<u32>,
         end_of_stream: bool,
         env: &Env,
     ) -> Vec<Effect> {
+        if self.route.decides_on_request() {
+            return self.on_rtc_response_headers(status, end_of_stream, env);
+        }
+        if !matches!(self.stage, Stage::Waiting) {
+            return Vec::new();
+        }
         if status != Some(200) {
-            self.response = ResponseState::Done;
+            self.stage = Stage::Done;
             return vec![Effect::PassResponse];
         }
         if let LimitState::Known(Limit::None) = self.limit {
-            self.response = ResponseState::Done;
+            self.stage = Stage::Done;
             return vec![Effect::Count(Counter::Allowed), Effect::PassResponse];
         }
         if end_of_stream {
@@ -287,18 +452,111 @@ impl Admission {
         Vec::new()
     }
 
-    /// Step 3: the whole body of a held 200.
+    /// Step 3 of a MatrixRTC request: lk-jwt-service's answer to a request the guard let go on.
+    fn on_rtc_response_headers(
+        &mut self,
+        status: Option<u32>,
+        end_of_stream: bool,
+        env: &Env,
+    ) -> Vec<Effect> {
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Watching(watch, _) if status == Some(200) => {
+                if end_of_stream {
+                    let mut effects = self.mismatch(&watch, "the 200 has no body".to_owned());
+                    effects.push(Effect::PassResponse);
+                    return effects;
+                }
+                self.stage = Stage::Watching(watch, None);
+                vec![Effect::PassResponse]
+            }
+            Stage::Watching(watch, reservation) => {
+                let mut effects = self.release(&watch, reservation, env);
+                effects.push(Effect::PassResponse);
+                effects
+            }
+            Stage::Unchecked(reason) if status == Some(200) => self.unreadable(&reason),
+            Stage::Waiting | Stage::Deciding(_) if status == Some(200) => {
+                self.unreadable("lk-jwt-service answered before the guard decided")
+            }
+            Stage::Done => Vec::new(),
+            _ => vec![Effect::PassResponse],
+        }
+    }
+
+    /// Gives back the place a request-phase admission reserved, as lk-jwt-service refused
+    /// its token.
+    fn release(&self, watch: &Watch, reservation: Option<Reservation>, env: &Env) -> Vec<Effect> {
+        let (Some(reservation), Some(Ok(request))) = (reservation, &self.request) else {
+            return Vec::new();
+        };
+        let requester = &request.claimed_user_id;
+        match occupancy::release(env.store, &watch.room, requester, reservation, env.now_ms()) {
+            Ok(true) => vec![Effect::Count(Counter::Released)],
+            Ok(false) => Vec::new(),
+            Err(e) => {
+                log::warn!(
+                    "room {}: the place of {} was not given back: {e}",
+                    clip(&request.room),
+                    clip(requester)
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Step 3 (legacy): the whole body of a held 200.
     pub fn on_response_body(&mut self, body: &[u8], env: &Env) -> Vec<Effect> {
-        if matches!(self.response, ResponseState::Done) {
+        if !self.awaits_response_body() {
             return Vec::new();
         }
-        match issued_token(body).and_then(|t| jwt::join_claims(&t).map_err(|e| e.to_string())) {
-            Ok(claims) => {
-                self.response = ResponseState::Holding(claims);
-                self.advance(env)
-            }
-            Err(reason) => self.fail(reason, env),
+        let claims = match issued_token(body)
+            .and_then(|t| jwt::join_claims(&t).map_err(|e| e.to_string()))
+        {
+            Ok(claims) => claims,
+            Err(reason) => return self.fail(reason, env),
+        };
+        let requester = match &self.request {
+            Some(Ok(request)) => requester_of(request, &claims).to_owned(),
+            _ => String::new(),
+        };
+        self.stage = Stage::Deciding(Subject {
+            expires_ms: claims.expires_at.saturating_mul(1000),
+            room: claims.room,
+            identity: claims.identity,
+            requester,
+        });
+        self.advance(env)
+    }
+
+    /// A part of a watched 200's body (step 3, MatrixRTC); at its end, the token is checked
+    /// against what was counted.
+    pub fn on_response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<Effect> {
+        let Stage::Watching(watch, _) = &mut self.stage else {
+            return Vec::new();
+        };
+        watch.read(chunk);
+        if !end_of_stream {
+            return Vec::new();
         }
+        let Stage::Watching(watch, _) = std::mem::replace(&mut self.stage, Stage::Done) else {
+            return Vec::new();
+        };
+        match watch.mismatch() {
+            Some(reason) => self.mismatch(&watch, reason),
+            None => Vec::new(),
+        }
+    }
+
+    fn mismatch(&mut self, watch: &Watch, reason: String) -> Vec<Effect> {
+        self.stage = Stage::Done;
+        log::warn!(
+            "room {}: the token issued is not the one counted ({} in LiveKit room {}): {}",
+            clip(self.room()),
+            watch.identity,
+            watch.room,
+            clip(&reason)
+        );
+        vec![Effect::Count(Counter::TokenMismatches)]
     }
 
     /// The answer to a call this admission asked for (`status` is `None` when the call
@@ -360,7 +618,7 @@ impl Admission {
             }
         };
         self.limit = LimitState::Known(limit);
-        if matches!(self.response, ResponseState::NotYet) {
+        if matches!(self.stage, Stage::Waiting | Stage::Deciding(_)) {
             self.ask_livekit_early(env, effects);
         }
     }
@@ -372,10 +630,10 @@ impl Admission {
 
     /// Step 4: decides once everything needed is known; until then keeps holding.
     fn advance(&mut self, env: &Env) -> Vec<Effect> {
-        let ResponseState::Holding(claims) = &self.response else {
+        let Stage::Deciding(subject) = &self.stage else {
             return Vec::new();
         };
-        let claims = claims.clone();
+        let subject = subject.clone();
         let request = match &self.request {
             Some(Ok(request)) => request.clone(),
             Some(Err(e)) => return self.unreadable(&e.to_string()),
@@ -386,10 +644,10 @@ impl Admission {
             Err(effects) => return effects,
         };
         let mut effects = Vec::new();
-        if !matches!(&self.participants, Some((room, _)) if *room == claims.room) {
+        if !matches!(&self.participants, Some((room, _)) if *room == subject.room) {
             // None yet, or asked under another alias: ask (or take the cached list) for the
             // room the token admits to.
-            self.ask_livekit(&claims.room, env, &mut effects);
+            self.ask_livekit(&subject.room, env, &mut effects);
         }
         let list = match &self.participants {
             Some((_, ParticipantState::Known(identities))) => Some(identities.clone()),
@@ -404,7 +662,7 @@ impl Admission {
             Some(identities) => occupancy::Participants::Fresh(identities),
             None => occupancy::Participants::Cached,
         };
-        effects.extend(self.decide(&request, &claims, max_users, participants, env));
+        effects.extend(self.decide(&request.room, &subject, max_users, participants, env));
         effects
     }
 
@@ -430,8 +688,8 @@ impl Admission {
                 Err(self.fail(reason, env))
             }
             LimitState::Known(Limit::None) => {
-                self.response = ResponseState::Done;
-                Err(vec![Effect::Count(Counter::Allowed), Effect::PassResponse])
+                self.stage = Stage::Done;
+                Err(vec![Effect::Count(Counter::Allowed), self.pass()])
             }
             LimitState::Known(Limit::MaxUsers(n)) => Ok(*n),
         }
@@ -439,41 +697,46 @@ impl Admission {
 
     fn decide(
         &mut self,
-        request: &TokenRequest,
-        claims: &JoinClaims,
+        matrix_room: &str,
+        subject: &Subject,
         max_users: u32,
         participants: occupancy::Participants,
         env: &Env,
     ) -> Vec<Effect> {
-        let requester = requester_of(request, claims);
+        let requester = subject.requester.as_str();
         let question = occupancy::Request {
-            room: &claims.room,
+            room: &subject.room,
             max_users,
             participants,
             requester,
-            identity: &claims.identity,
-            token_expires_ms: claims.expires_at.saturating_mul(1000),
+            identity: &subject.identity,
+            token_expires_ms: subject.expires_ms,
             reservation_ms: env.config.reservation.as_millis() as u64,
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
             now_ms: env.now_ms(),
+            releasable: self.route.decides_on_request(),
         };
         let verdict = match occupancy::admit(env.store, &question) {
             Ok(Outcome::Decided(verdict)) => verdict,
             Ok(Outcome::NeedList) => {
                 // No fresh list cached: ask LiveKit after all.
                 let mut effects = Vec::new();
-                self.ask_livekit_now(&claims.room, env, &mut effects);
+                self.ask_livekit_now(&subject.room, env, &mut effects);
                 return effects;
             }
             Err(e) => return self.fail(format!("room occupancy not updated: {e}"), env),
         };
-        self.response = ResponseState::Done;
+        self.stage = Stage::Done;
         let mut effects = Vec::with_capacity(3);
         if matches!(participants, occupancy::Participants::Cached) {
             effects.push(Effect::Count(Counter::LivekitCacheHits));
         }
         if verdict.admitted {
-            effects.extend([Effect::Count(Counter::Allowed), Effect::PassResponse]);
+            if self.route.decides_on_request() {
+                let watch = Watch::new(subject.room.clone(), subject.identity.clone());
+                self.stage = Stage::Watching(watch, verdict.reservation);
+            }
+            effects.extend([Effect::Count(Counter::Allowed), self.pass()]);
             return effects;
         }
         let answer = if verdict.too_many_devices {
@@ -492,7 +755,7 @@ impl Admission {
         };
         effects.push(Effect::LogRefusal(format!(
             "room {}: refused {}: {why}",
-            clip(&request.room),
+            clip(matrix_room),
             clip(requester)
         )));
         effects.extend([Effect::Count(Counter::Blocked), Effect::Reply(answer)]);
@@ -503,7 +766,7 @@ impl Admission {
     /// `failure_mode` says: that mode is about Synapse and LiveKit failing, and a request the
     /// guard cannot see would otherwise be a way around every limit.
     fn unreadable(&mut self, reason: &str) -> Vec<Effect> {
-        self.response = ResponseState::Done;
+        self.stage = Stage::Done;
         log::warn!(
             "lk-jwt-service issued a token for a request the guard could not read ({}); \
              answering 503",
@@ -515,13 +778,22 @@ impl Admission {
         ]
     }
 
+    /// Lets the request (MatrixRTC) or the held response (legacy) go on.
+    fn pass(&self) -> Effect {
+        if self.route.decides_on_request() {
+            Effect::PassRequest
+        } else {
+            Effect::PassResponse
+        }
+    }
+
     fn fail(&mut self, reason: String, env: &Env) -> Vec<Effect> {
-        self.response = ResponseState::Done;
+        self.stage = Stage::Done;
         let room = clip(self.room());
         match env.config.failure_mode {
             FailureMode::Open => {
                 log::warn!("room {room}: {reason}; letting the token through (failure_mode open)");
-                vec![Effect::Count(Counter::FailOpen), Effect::PassResponse]
+                vec![Effect::Count(Counter::FailOpen), self.pass()]
             }
             FailureMode::Closed => {
                 log::warn!("room {room}: {reason}; refusing the token (failure_mode closed)");
@@ -671,16 +943,6 @@ pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn issued_token(body: &[u8]) -> Result<String, String> {
-    #[derive(serde::Deserialize)]
-    struct Issued {
-        jwt: String,
-    }
-    json::object::<Issued>(body)
-        .map(|issued| issued.jwt)
-        .ok_or_else(|| "lk-jwt-service's 200 carries no {\"jwt\": ...} body".to_owned())
-}
-
 /// A service's request as the host makes it: to the upstream's cluster, with its authority
 /// and timeout.
 fn call(kind: CallKind, upstream: &Upstream, request: Request) -> HttpCall {
@@ -700,6 +962,10 @@ fn call(kind: CallKind, upstream: &Upstream, request: Request) -> HttpCall {
 }
 
 #[cfg(test)]
+#[path = "flow_rtc_tests.rs"]
+mod rtc_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
@@ -713,7 +979,7 @@ mod tests {
         issued(&legacy_alias(), &format!("{user}:{device}"))
     }
 
-    fn participants(identities: &[&str]) -> Vec<u8> {
+    pub(super) fn participants(identities: &[&str]) -> Vec<u8> {
         let list: Vec<String> = identities
             .iter()
             .map(|i| format!(r#"{{"identity":"{i}","state":"ACTIVE"}}"#))
@@ -721,7 +987,7 @@ mod tests {
         format!(r#"{{"participants":[{}]}}"#, list.join(",")).into_bytes()
     }
 
-    fn dispatched(effects: &[Effect]) -> Vec<&HttpCall> {
+    pub(super) fn dispatched(effects: &[Effect]) -> Vec<&HttpCall> {
         effects
             .iter()
             .filter_map(|e| match e {
@@ -731,7 +997,7 @@ mod tests {
             .collect()
     }
 
-    fn counters(effects: &[Effect]) -> Vec<Counter> {
+    pub(super) fn counters(effects: &[Effect]) -> Vec<Counter> {
         effects
             .iter()
             .filter_map(|e| match e {
@@ -741,9 +1007,9 @@ mod tests {
             .collect()
     }
 
-    fn outcome(effects: &[Effect]) -> Option<u32> {
+    pub(super) fn outcome(effects: &[Effect]) -> Option<u32> {
         effects.iter().find_map(|e| match e {
-            Effect::PassResponse => Some(200),
+            Effect::PassResponse | Effect::PassRequest => Some(200),
             Effect::Reply(r) => Some(r.status),
             _ => None,
         })
@@ -751,61 +1017,74 @@ mod tests {
 
     /// One admission driven event by event as the host drives it. Each step returns the
     /// effects it caused; `all` keeps every effect in order.
-    struct Drive<'a> {
-        env: Env<'a>,
-        admission: Admission,
-        all: Vec<Effect>,
+    pub(super) struct Drive<'a> {
+        pub(super) env: Env<'a>,
+        pub(super) admission: Admission,
+        pub(super) all: Vec<Effect>,
     }
 
     impl<'a> Drive<'a> {
-        fn new(config: &'a Config, store: &'a MemoryStore, now_ms: u64) -> Drive<'a> {
+        pub(super) fn new(config: &'a Config, store: &'a MemoryStore, now_ms: u64) -> Drive<'a> {
+            Drive::on(Route::Legacy, config, store, now_ms)
+        }
+
+        pub(super) fn on(
+            route: Route,
+            config: &'a Config,
+            store: &'a MemoryStore,
+            now_ms: u64,
+        ) -> Drive<'a> {
             Drive {
                 env: Env::at(config, store, now_ms),
-                admission: Admission::new(),
+                admission: Admission::for_route(route),
                 all: Vec::new(),
             }
         }
 
-        fn keep(&mut self, effects: Vec<Effect>) -> Vec<Effect> {
+        pub(super) fn keep(&mut self, effects: Vec<Effect>) -> Vec<Effect> {
             self.all.extend(effects.iter().cloned());
             effects
         }
 
         /// The request body, read whole.
-        fn request(&mut self, body: &[u8]) -> Vec<Effect> {
+        pub(super) fn request(&mut self, body: &[u8]) -> Vec<Effect> {
             let effects = self.admission.on_request_body(body, &self.env);
             self.keep(effects)
         }
 
         /// Synapse's answer to the limit lookup.
-        fn synapse(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
+        pub(super) fn synapse(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
             let effects = self
                 .admission
                 .on_call_response(lookup(), status, body, &self.env);
             self.keep(effects)
         }
 
-        fn response_headers(&mut self, status: Option<u32>, end_of_stream: bool) -> Vec<Effect> {
+        pub(super) fn response_headers(
+            &mut self,
+            status: Option<u32>,
+            end_of_stream: bool,
+        ) -> Vec<Effect> {
             let effects = self
                 .admission
                 .on_response_headers(status, end_of_stream, &self.env);
             self.keep(effects)
         }
 
-        fn response_body(&mut self, body: &[u8]) -> Vec<Effect> {
+        pub(super) fn response_body(&mut self, body: &[u8]) -> Vec<Effect> {
             let effects = self.admission.on_response_body(body, &self.env);
             self.keep(effects)
         }
 
         /// lk-jwt-service's 200 with this body: its headers, then its body.
-        fn token(&mut self, body: &[u8]) -> Vec<Effect> {
+        pub(super) fn token(&mut self, body: &[u8]) -> Vec<Effect> {
             let mut effects = self.response_headers(Some(200), false);
             effects.extend(self.response_body(body));
             effects
         }
 
         /// The last `ListParticipants` call made, if any.
-        fn livekit_call(&self) -> Option<CallKind> {
+        pub(super) fn livekit_call(&self) -> Option<CallKind> {
             dispatched(&self.all)
                 .into_iter()
                 .rev()
@@ -814,7 +1093,7 @@ mod tests {
         }
 
         /// LiveKit's answer to the last `ListParticipants` call.
-        fn livekit(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
+        pub(super) fn livekit(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
             let Some(kind) = self.livekit_call() else {
                 panic!("LiveKit was not asked: {:?}", self.all)
             };
@@ -824,7 +1103,7 @@ mod tests {
             self.keep(effects)
         }
 
-        fn retry(&mut self) -> Vec<Effect> {
+        pub(super) fn retry(&mut self) -> Vec<Effect> {
             let effects = self.admission.retry(&self.env);
             self.keep(effects)
         }

@@ -15,8 +15,11 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::config::{Config, EdgeConfig, Role};
 use crate::edge::{EdgeMetrics, EdgeStream};
+use crate::flow::Admission;
 use crate::flow::{CallKind, Counter, HttpCall};
 use crate::reply::LocalReply;
+use crate::route::Route;
+use crate::rtc_request::RtcHeaders;
 use crate::store::{self, Held, SharedStore, StoreError};
 use crate::stream::{self, hand_over, Host, Phase, Stream, WAIT_POLL};
 use crate::{limit_cache, occupancy};
@@ -79,6 +82,10 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::LivekitCacheHits => "voice_limit_guard.livekit_cache_hits",
         Counter::Unreadable => "voice_limit_guard.unreadable_requests",
         Counter::StaleLimits => "voice_limit_guard.stale_limits",
+        Counter::Untrusted => "voice_limit_guard.untrusted_requests",
+        Counter::Relayed => "voice_limit_guard.relayed_requests",
+        Counter::Released => "voice_limit_guard.released_reservations",
+        Counter::TokenMismatches => "voice_limit_guard.token_mismatches",
     }
 }
 
@@ -164,6 +171,10 @@ impl Host for ProxyHost {
 
     fn set_effective_context(&self, context_id: u32) -> bool {
         hostcalls::set_effective_context(context_id).is_ok()
+    }
+
+    fn resume_request(&self) {
+        let _ = hostcalls::resume_http_request();
     }
 
     fn resume_response(&self) {
@@ -439,15 +450,31 @@ fn take_call_answer(token_id: u32, num_headers: usize, body_size: usize) -> Opti
     })
 }
 
-/// Whether the request whose headers are being read is a token request: a POST with a body to
-/// a token path. A request without a body (GET, HEAD, OPTIONS preflight, a bare POST) can never
-/// get a token, as lk-jwt-service refuses an empty body; it is told apart without reading more.
-pub(crate) fn is_token_request(end_of_stream: bool, is_token_path: impl Fn(&str) -> bool) -> bool {
+/// The token route of the request whose headers are being read, if it is a token request: a
+/// POST with a body to a token path. A request without a body (GET, HEAD, OPTIONS preflight, a
+/// bare POST) can never get a token, as lk-jwt-service refuses an empty body; it is told apart
+/// without reading more.
+pub(crate) fn token_route(
+    end_of_stream: bool,
+    route_of: impl Fn(&str) -> Option<Route>,
+) -> Option<Route> {
     if end_of_stream || header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
-        return false;
+        return None;
     }
     let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
-    is_token_path(&String::from_utf8_lossy(&path))
+    route_of(&String::from_utf8_lossy(&path))
+}
+
+/// The headers a MatrixRTC request is decided on (a value that is not UTF-8 reads as absent).
+fn rtc_headers() -> RtcHeaders {
+    let text = |name| {
+        header(MapType::HttpRequestHeaders, name).and_then(|value| String::from_utf8(value).ok())
+    };
+    RtcHeaders {
+        authorization: text("authorization"),
+        user_identifier: text("x-matrix-user-identifier"),
+        origin: text("x-matrix-origin"),
+    }
 }
 
 pub(crate) fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
@@ -515,17 +542,49 @@ impl Context for GuardStream {
     }
 }
 
+impl GuardStream {
+    /// The whole request body is here: the admission reads it. A MatrixRTC request stays
+    /// held until its decision; a legacy one goes on at once.
+    fn request_body(&self, stream: &Rc<RefCell<Stream>>, body: &[u8]) -> Action {
+        action(Stream::run(stream, Phase::Request, |admission, env| {
+            admission.on_request_body(body, env)
+        }))
+    }
+
+    /// A part of a watched answer: read, never held.
+    fn watch_response(&self, stream: &Rc<RefCell<Stream>>, chunk: &[u8], end: bool) -> Action {
+        Stream::run(stream, Phase::ResponseCallback, |admission, _| {
+            admission.on_response_chunk(chunk, end)
+        });
+        Action::Continue
+    }
+}
+
 impl HttpContext for GuardStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if !is_token_request(end_of_stream, |path| self.config.is_token_path(path)) {
+        let Some(route) = token_route(end_of_stream, |path| self.config.route_of(path)) else {
             return Action::Continue;
-        }
+        };
         let stream = Rc::new(RefCell::new(Stream::new(
             self.context_id,
             Rc::clone(&self.config),
             Rc::new(ProxyHost::new(&self.metrics)),
+            Admission::for_route(route),
         )));
-        self.stream = Some(stream);
+        self.stream = Some(Rc::clone(&stream));
+        if route.decides_on_request() {
+            // The headers go on; the body callbacks hold the body until the decision, which
+            // every Wasm host honours. Nothing reaches lk-jwt-service's handler before it.
+            let headers = rtc_headers();
+            Stream::run(&stream, Phase::Request, |admission, env| {
+                admission.on_request_headers(headers, env)
+            });
+            return if stream.borrow().undecided() {
+                Action::Continue
+            } else {
+                Action::Pause // answered (401)
+            };
+        }
         // The request goes upstream only once the guard has read its body: an upstream that
         // answers on the headers alone would otherwise bring a 200 before the guard knows
         // the room. lk-jwt-service cannot answer earlier anyway, as it needs the body too.
@@ -535,28 +594,30 @@ impl HttpContext for GuardStream {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(stream) = self.unread_request() else {
-            return Action::Continue;
+            return match self.pending() {
+                // A MatrixRTC request whose decision is pending stays held.
+                Some(stream) if stream.borrow().holds_request() => Action::Pause,
+                _ => Action::Continue,
+            };
         };
         if !end_of_stream {
             return Action::Pause; // buffer until the whole body is here
         }
         let body = buffer(BufferType::HttpRequestBody, body_size);
-        Stream::run(&stream, Phase::Request, |admission, env| {
-            admission.on_request_body(&body, env)
-        });
-        Action::Continue
+        self.request_body(&stream, &body)
     }
 
     /// HTTP/2 and HTTP/3 requests (and HTTP/1.1 chunked ones) may end with trailers instead
     /// of a last body frame: the buffered body is complete here.
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if let Some(stream) = self.unread_request() {
-            let body = buffer(BufferType::HttpRequestBody, usize::MAX);
-            Stream::run(&stream, Phase::Request, |admission, env| {
-                admission.on_request_body(&body, env)
-            });
-        }
-        Action::Continue
+        let Some(stream) = self.unread_request() else {
+            return match self.pending() {
+                Some(stream) if stream.borrow().holds_request() => Action::Pause,
+                _ => Action::Continue,
+            };
+        };
+        let body = buffer(BufferType::HttpRequestBody, usize::MAX);
+        self.request_body(&stream, &body)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -576,6 +637,10 @@ impl HttpContext for GuardStream {
         let Some(stream) = self.pending() else {
             return Action::Continue;
         };
+        if stream.borrow().watches_response() {
+            let chunk = buffer(BufferType::HttpResponseBody, body_size);
+            return self.watch_response(stream, &chunk, end_of_stream);
+        }
         if !end_of_stream {
             return Action::Pause; // hold the whole body until the decision
         }
@@ -592,6 +657,9 @@ impl HttpContext for GuardStream {
         let Some(stream) = self.pending() else {
             return Action::Continue;
         };
+        if stream.borrow().watches_response() {
+            return self.watch_response(stream, &[], true);
+        }
         if !stream.borrow().response_body_unread() {
             return Action::Pause; // the decision is pending already
         }

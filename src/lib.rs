@@ -4,7 +4,9 @@
 //! The crate is a sans-IO core plus a thin host adapter:
 //! - [`flow`] is the whole admission of a token request, top to bottom, driven by events and
 //!   answering with effects. Start reading there.
-//! - [`token_request`] (on [`gojson`]), [`jwt`], [`livekit_names`], [`synapse`], [`livekit`]
+//! - [`route`] tells the token routes apart; [`token_request`] (on [`gojson`]) reads the
+//!   legacy routes' bodies and [`rtc_request`] the MatrixRTC routes' requests; [`watch`]
+//!   checks a token issued after a request-phase admission; [`jwt`], [`livekit_names`], [`synapse`], [`livekit`]
 //!   (both on [`upstream`] and [`json`]),
 //!   [`decision`], [`occupancy`] and [`limit_cache`] (both on [`store`]), [`reply`] and
 //!   [`config`] each hold one concern.
@@ -27,6 +29,8 @@ pub mod livekit;
 pub mod livekit_names;
 pub mod occupancy;
 pub mod reply;
+pub mod route;
+pub mod rtc_request;
 pub mod store;
 pub mod stream;
 pub mod synapse;
@@ -34,6 +38,7 @@ pub mod synapse;
 mod test_support;
 pub mod token_request;
 pub mod upstream;
+pub mod watch;
 
 #[cfg(target_os = "wasi")]
 mod edge;

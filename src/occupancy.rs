@@ -220,6 +220,9 @@ pub struct Request<'a> {
     /// How long a fresh list may be reused (0: never).
     pub list_cache_ms: u64,
     pub now_ms: u64,
+    /// The admission is taken before lk-jwt-service has answered: its reservation is marked so
+    /// that it can be undone ([`release`]) should lk-jwt-service refuse the token.
+    pub releasable: bool,
 }
 
 /// The decision, with what it was based on.
@@ -233,6 +236,17 @@ pub struct Verdict {
     pub present: usize,
     /// Users admitted but not yet in LiveKit (the requester excluded).
     pub reserved: usize,
+    /// The requester's reservation as a releasable admission left it (see [`release`]).
+    pub reservation: Option<Reservation>,
+}
+
+/// What a releasable admission did to its user's reservation: set it to `until`, from
+/// `previous` (`None`: it made it). Every releasable admission sets a later `until` than the
+/// one before it, so a reservation still at `until` was touched by no admission since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub until: u64,
+    pub previous: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +284,46 @@ pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Outcome, StoreError
             },
         )
         .and_then(|outcome| outcome)
+}
+
+/// Undoes what a releasable admission did to `requester`'s reservation in `room`, when
+/// lk-jwt-service refused its token: unless a later admission of the same user renewed it
+/// since (that admission's token may be live), the reservation goes back to what it was.
+/// Whether it did.
+pub fn release(
+    store: &dyn SharedStore,
+    room: &str,
+    requester: &str,
+    reservation: Reservation,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let requester = digest(requester);
+    BUCKETS.update(store, room, now_ms, |old: Option<(&RoomRecord, u64)>| {
+        let Some((old, _)) = old else {
+            return (Change::Keep, false);
+        };
+        let Some(index) = old
+            .r
+            .iter()
+            .position(|(user, until)| *user == requester && *until == reservation.until)
+        else {
+            return (Change::Keep, false);
+        };
+        let mut record = old.clone();
+        match reservation.previous.filter(|until| *until > now_ms) {
+            Some(previous) => record.r[index].1 = previous,
+            None => {
+                record.r.remove(index);
+            }
+        }
+        let change = if record.is_empty() {
+            Change::Remove
+        } else {
+            let until = record.expires_at();
+            Change::Put(record, until)
+        };
+        (change, true)
+    })
 }
 
 fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, StoreError> {
@@ -342,6 +396,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
         too_many_devices: false,
         present: present.len(),
         reserved,
+        reservation: None,
     };
     if admitted {
         // A pairing lives while its token does, but never longer than a day: the token's
@@ -361,7 +416,29 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
         if !present.contains(requester.as_str()) {
             let until = q.now_ms.saturating_add(q.reservation_ms);
             let full = record.r.len() >= MAX_RESERVATIONS;
-            match record.r.iter_mut().find(|(user, _)| *user == requester) {
+            let entry = record.r.iter_mut().find(|(user, _)| *user == requester);
+            if q.releasable {
+                verdict.reservation = Some(match entry {
+                    Some(entry) => {
+                        let previous = entry.1;
+                        entry.1 = until.max(previous.saturating_add(1));
+                        Reservation {
+                            until: entry.1,
+                            previous: Some(previous),
+                        }
+                    }
+                    None if full => return Err(StoreError::Full),
+                    None => {
+                        record.r.push((requester, until));
+                        Reservation {
+                            until,
+                            previous: None,
+                        }
+                    }
+                });
+                return Ok(Some(verdict));
+            }
+            match entry {
                 // A repeated request renews the reservation once half of it has passed.
                 Some(entry) if entry.1 < q.now_ms.saturating_add(q.reservation_ms / 2) => {
                     entry.1 = until
@@ -401,6 +478,7 @@ mod tests {
             token_expires_ms: now_ms + 3_600_000,
             reservation_ms: 30_000,
             list_cache_ms: 0,
+            releasable: false,
             now_ms,
         }
     }

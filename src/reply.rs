@@ -57,3 +57,22 @@ pub fn too_many_devices() -> LocalReply {
         body: r#"{"errcode":"M_FORBIDDEN","error":"Too many devices are connected to this voice channel."}"#,
     }
 }
+
+/// 401 on a MatrixRTC route without a bearer token: lk-jwt-service's answer to a request that
+/// does not come from the homeserver.
+pub fn missing_token() -> LocalReply {
+    LocalReply {
+        status: 401,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_MISSING_TOKEN","error":"Missing access token."}"#,
+    }
+}
+
+/// 401 on a MatrixRTC route with another bearer token than the application service's.
+pub fn unknown_token() -> LocalReply {
+    LocalReply {
+        status: 401,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_UNKNOWN_TOKEN","error":"Unrecognised access token."}"#,
+    }
+}

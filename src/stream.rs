@@ -26,6 +26,8 @@ pub trait Host {
     /// Makes the host calls that follow act on stream `context_id`; false when the host no
     /// longer knows it.
     fn set_effective_context(&self, context_id: u32) -> bool;
+    /// Lets a paused request go on, from outside the stream's own callbacks.
+    fn resume_request(&self);
     /// Lets a paused response go on, from outside the stream's own callbacks.
     fn resume_response(&self);
     /// Answers the stream with `reply` in place of the upstream response.
@@ -116,9 +118,10 @@ pub enum Action {
 }
 
 /// Where the host is in the stream when effects are applied; it decides how "let the
-/// response go on" is said.
+/// request (or response) go on" is said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Inside a request callback: return `Continue` unless the request is held.
     Request,
     /// Inside a response callback: return `Continue`.
     ResponseCallback,
@@ -132,18 +135,23 @@ pub struct Stream {
     context_id: u32,
     config: Rc<Config>,
     host: Rc<dyn Host>,
-    /// `None` once the response was passed or replaced: what follows streams through
+    /// `None` once the admission has nothing more to do: what follows streams through
     /// untouched.
     admission: Option<Admission>,
 }
 
 impl Stream {
-    pub fn new(context_id: u32, config: Rc<Config>, host: Rc<dyn Host>) -> Stream {
+    pub fn new(
+        context_id: u32,
+        config: Rc<Config>,
+        host: Rc<dyn Host>,
+        admission: Admission,
+    ) -> Stream {
         Stream {
             context_id,
             config,
             host,
-            admission: Some(Admission::new()),
+            admission: Some(admission),
         }
     }
 
@@ -162,6 +170,20 @@ impl Stream {
         self.admission
             .as_ref()
             .is_some_and(Admission::awaits_response_body)
+    }
+
+    /// Whether the request is held until the decision (a MatrixRTC request).
+    pub fn holds_request(&self) -> bool {
+        self.admission
+            .as_ref()
+            .is_some_and(Admission::holds_request)
+    }
+
+    /// Whether the response is read as it passes (a request-phase admission's answer).
+    pub fn watches_response(&self) -> bool {
+        self.admission
+            .as_ref()
+            .is_some_and(Admission::watches_response)
     }
 
     /// Runs one admission event and carries out its effects; returns whether a response
@@ -199,7 +221,7 @@ impl Stream {
         phase: Phase,
     ) -> Action {
         let mut action = Action::Pause;
-        let mut decided = false;
+        let mut replied = false;
         for effect in effects {
             match effect {
                 Effect::Count(counter) => host.count(counter),
@@ -210,23 +232,33 @@ impl Stream {
                     // Make sure this VM's root ticks; the tick itself keeps it going.
                     host.set_tick_period(WAIT_POLL);
                 }
-                Effect::PassResponse => {
-                    decided = true;
-                    match phase {
-                        Phase::ResponseCallback => action = Action::Continue,
-                        Phase::CallAnswer => host.resume_response(),
-                        Phase::Request => {}
+                Effect::PassRequest => {
+                    if phase == Phase::CallAnswer {
+                        host.resume_request();
                     }
                 }
+                Effect::PassResponse => match phase {
+                    Phase::ResponseCallback => action = Action::Continue,
+                    Phase::CallAnswer => host.resume_response(),
+                    Phase::Request => {}
+                },
                 Effect::Reply(reply) => {
-                    decided = true;
+                    replied = true;
                     host.send_reply(&reply);
                 }
             }
         }
-        if decided {
+        let mut stream = this.borrow_mut();
+        let holds_request = stream
+            .admission
+            .as_ref()
+            .is_some_and(Admission::holds_request);
+        if phase == Phase::Request && !replied && !holds_request {
+            action = Action::Continue;
+        }
+        if replied || stream.admission.as_ref().is_some_and(Admission::finished) {
             // Whatever follows streams through untouched.
-            this.borrow_mut().admission = None;
+            stream.admission = None;
         }
         action
     }
@@ -296,6 +328,7 @@ mod tests {
     enum Asked {
         Context(u32),
         Resume,
+        ResumeRequest,
         Reply(LocalReply),
         Dispatch(CallKind),
         Count(Counter),
@@ -339,6 +372,10 @@ mod tests {
             !self.streams_gone.get()
         }
 
+        fn resume_request(&self) {
+            self.record(Asked::ResumeRequest);
+        }
+
         fn resume_response(&self) {
             self.record(Asked::Resume);
         }
@@ -380,7 +417,12 @@ mod tests {
 
     fn new_stream(host: &Rc<Recorder>, config: &Rc<Config>) -> Rc<RefCell<Stream>> {
         let host: Rc<dyn Host> = Rc::clone(host) as Rc<dyn Host>;
-        Rc::new(RefCell::new(Stream::new(CONTEXT, Rc::clone(config), host)))
+        Rc::new(RefCell::new(Stream::new(
+            CONTEXT,
+            Rc::clone(config),
+            host,
+            Admission::new(),
+        )))
     }
 
     const NO_LIMIT: &[u8] = br#"{"state":[]}"#;
@@ -452,6 +494,67 @@ mod tests {
             ]
         );
         assert!(!stream.borrow().undecided());
+    }
+
+    fn rtc_stream(host: &Rc<Recorder>, config: &Rc<Config>) -> Rc<RefCell<Stream>> {
+        let host: Rc<dyn Host> = Rc::clone(host) as Rc<dyn Host>;
+        let admission = Admission::for_route(crate::route::Route::Client);
+        let stream = Rc::new(RefCell::new(Stream::new(
+            CONTEXT,
+            Rc::clone(config),
+            host,
+            admission,
+        )));
+        let headers = crate::rtc_request::RtcHeaders {
+            user_identifier: Some("@a:example.com".to_owned()),
+            ..Default::default()
+        };
+        Stream::run(&stream, Phase::Request, |admission, env| {
+            admission.on_request_headers(headers, env)
+        });
+        stream
+    }
+
+    const RTC_BODY: &[u8] =
+        br#"{"room_id":"!room:example.com","slot_id":"s","member_id":"m","url":"wss://x"}"#;
+
+    #[test]
+    fn a_matrix_rtc_request_is_held_until_its_decision_then_resumed_once() {
+        let (host, config) = setup("");
+        let stream = rtc_stream(&host, &config);
+        assert!(stream.borrow().holds_request());
+        assert_eq!(request_body(&stream, RTC_BODY), Action::Pause);
+        host.take();
+        answer_lookup(&stream, &host, &config, NO_LIMIT);
+        assert_eq!(
+            host.take(),
+            [
+                Asked::Context(CONTEXT),
+                Asked::Count(Counter::Allowed),
+                Asked::ResumeRequest
+            ]
+        );
+        // No limit: nothing to watch, the answer streams through.
+        assert!(!stream.borrow().undecided());
+    }
+
+    #[test]
+    fn a_matrix_rtc_decision_known_at_once_lets_the_body_callback_continue() {
+        let (host, config) = setup("");
+        let stream = rtc_stream(&host, &config);
+        limit_cache::store_answer(
+            host.store(),
+            "!room:example.com",
+            Limit::None,
+            host.now_ms(),
+            limit_cache::Lifetimes {
+                ttl_ms: 60_000,
+                stale_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(request_body(&stream, RTC_BODY), Action::Continue);
+        assert!(!host.take().contains(&Asked::ResumeRequest));
     }
 
     #[test]
@@ -589,9 +692,10 @@ mod tests {
     fn a_limit_lookup_is_left_to_the_root() {
         let (host, config) = setup("");
         let stream = new_stream(&host, &config);
+        // A legacy request goes on at once; the lookups run while lk-jwt-service works.
         assert_eq!(
             request_body(&stream, &legacy_body("@a:example.com", "D")),
-            Action::Pause
+            Action::Continue
         );
         assert_eq!(
             host.take(),

@@ -179,6 +179,7 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
         },
         reservation_ms: header.u16(9) * 10,
         list_cache_ms: header.u16(11) * 10,
+        releasable: now_ms % 2 == 1,
         now_ms,
     };
     let verdict = match occupancy::admit(&store, &q) {
@@ -203,6 +204,14 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
     // An admission is recorded: asking again at once is admitted too. The first answer may
     // have taught the record who an identity is, which can change the count once; after
     // that, asking again changes nothing: the same verdict, and the same stored bytes.
+    if let (true, Some(reservation)) = (q.releasable, verdict.reservation) {
+        // A releasable admission's reservation can be undone, and is then gone.
+        occupancy::release(&store, ALIAS, q.requester, reservation, now_ms)
+            .expect("a release");
+        occupancy::release(&store, ALIAS, q.requester, reservation, now_ms)
+            .expect("a second release changes nothing");
+        return;
+    }
     if verdict.admitted && q.reservation_ms > 0 {
         let again = match occupancy::admit(&store, &q) {
             Ok(Outcome::Decided(again)) => again,

@@ -1,0 +1,128 @@
+//! The token lk-jwt-service issues for a request the guard admitted before it answered
+//! ([`crate::route::Route::decides_on_request`]), read as it passes to the client (never held):
+//! does it admit the participant the guard counted into the room it counted them in?
+//!
+//! The guard derived both names from the request the way lk-jwt-service documents it. A token
+//! for another room or identity means lk-jwt-service names things differently than the guard
+//! expects (a version the guard does not know): the admission may have counted the wrong
+//! room, so every such token is counted and logged for the operator.
+
+use crate::jwt;
+
+/// The largest answer body read; lk-jwt-service's `{"jwt": ...}` is well under 4 KiB.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The names the admission counted, and the answer body read so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    pub room: String,
+    pub identity: String,
+    body: Vec<u8>,
+    too_long: bool,
+}
+
+impl Watch {
+    pub fn new(room: String, identity: String) -> Watch {
+        Watch {
+            room,
+            identity,
+            body: Vec::new(),
+            too_long: false,
+        }
+    }
+
+    /// Keeps a part of the answer body (up to [`MAX_BODY`] in all).
+    pub fn read(&mut self, chunk: &[u8]) {
+        if self.body.len() + chunk.len() > MAX_BODY {
+            self.too_long = true;
+            self.body = Vec::new();
+        }
+        if !self.too_long {
+            self.body.extend_from_slice(chunk);
+        }
+    }
+
+    /// Once the whole answer body is read: why the token is not the one counted, if it is not.
+    pub fn mismatch(&self) -> Option<String> {
+        if self.too_long {
+            return Some(format!("the 200's body is over {MAX_BODY} bytes"));
+        }
+        let claims = match issued_token(&self.body)
+            .and_then(|token| jwt::join_claims(&token).map_err(|e| e.to_string()))
+        {
+            Ok(claims) => claims,
+            Err(reason) => return Some(reason),
+        };
+        if claims.room != self.room {
+            return Some(format!(
+                "the token admits to LiveKit room {:?}, not {:?}",
+                crate::flow::clip(&claims.room),
+                self.room
+            ));
+        }
+        if claims.identity != self.identity {
+            return Some(format!(
+                "the token names participant {:?}, not {:?}",
+                crate::flow::clip(&claims.identity),
+                self.identity
+            ));
+        }
+        None
+    }
+}
+
+/// The `jwt` of lk-jwt-service's 200 body.
+pub fn issued_token(body: &[u8]) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Issued {
+        jwt: String,
+    }
+    crate::json::object::<Issued>(body)
+        .map(|issued| issued.jwt)
+        .ok_or_else(|| "lk-jwt-service's 200 carries no {\"jwt\": ...} body".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::issued;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn read_whole(watch: &mut Watch, body: &[u8]) {
+        for chunk in body.chunks(7) {
+            watch.read(chunk);
+        }
+    }
+
+    #[test]
+    fn the_token_counted_matches_however_it_arrives() {
+        let mut watch = Watch::new("alias".into(), "ident".into());
+        read_whole(&mut watch, &issued("alias", "ident"));
+        assert_eq!(watch.mismatch(), None);
+    }
+
+    #[test]
+    fn another_room_or_participant_is_a_mismatch() {
+        for (room, identity, says) in [
+            ("other", "ident", "LiveKit room"),
+            ("alias", "other", "participant"),
+        ] {
+            let mut watch = Watch::new("alias".into(), "ident".into());
+            read_whole(&mut watch, &issued(room, identity));
+            let reason = watch.mismatch().unwrap_or_default();
+            assert!(reason.contains(says), "{reason}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_or_oversized_answer_is_a_mismatch() {
+        let mut watch = Watch::new("alias".into(), "ident".into());
+        watch.read(b"{\"jwt\":\"not a token\"}");
+        assert!(watch.mismatch().is_some());
+        let mut watch = Watch::new("alias".into(), "ident".into());
+        watch.read(&vec![b' '; MAX_BODY]);
+        watch.read(&issued("alias", "ident"));
+        assert!(watch.mismatch().unwrap_or_default().contains("bytes"));
+    }
+}
