@@ -18,6 +18,7 @@ from realstack import ForeignHomeserver, RealStandIns, missing_binaries
 from stack import (
     LIVEKIT_SECRET,
     WASM_PATH,
+    AppService,
     Envoy,
     FaultServer,
     Synapse,
@@ -103,8 +104,13 @@ def _failed(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(scope="session")
 def synapse() -> Synapse:
-    """A real Synapse with an admin account, started once for the whole run."""
-    server = Synapse()
+    """A real Synapse with an admin account, started once for the whole run.
+
+    lk-jwt-service is registered as its application service (tokens random per run:
+    ``synapse.appservice.hs_token``/``as_token``): Synapse forwards MatrixRTC token requests
+    (``rtc/livekit/...``) to ``synapse.proxy_url`` (``127.0.0.1:synapse.proxy_port``), where a
+    test starts the Envoy it wants in front of the stand-in (``start_envoy(listen_port=...)``)."""
+    server = Synapse(appservice=AppService())
     try:
         server.start()
     except Exception:
@@ -118,12 +124,13 @@ def synapse() -> Synapse:
 def standins(synapse: Synapse) -> Any:
     """lk-jwt-service and LiveKit for the whole run: the Go lk-jwt-service stand-in checking
     real OpenID tokens against the session's Synapse (and a stand-in for other homeservers),
-    the real LiveKit server, and real clients (see :class:`realstack.RealStandIns`)."""
+    the real LiveKit server, and real clients (see :class:`realstack.RealStandIns`). The
+    stand-in also serves the routes Synapse forwards to its application service."""
     missing = missing_binaries()
     if missing:
         pytest.skip(f"real LiveKit stack not built: {', '.join(missing)}")
     foreign = ForeignHomeserver(FOREIGN_SERVERS).start()
-    pair = RealStandIns(synapse.server_name, synapse.base_url, foreign)
+    pair = RealStandIns(synapse.server_name, synapse.base_url, foreign, appservice=synapse.appservice)
     try:
         pair.start()
     except Exception:

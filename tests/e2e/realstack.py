@@ -6,6 +6,8 @@
 - :class:`LkJwtService`: the lk-jwt-service stand-in (``tests/lkstack``, Go): it reads
   requests with Go's ``encoding/json`` and checks OpenID tokens against Synapse's federation
   userinfo endpoint, so test users need real OpenID tokens (:meth:`stack.Synapse.openid_token`).
+  Given an :class:`stack.AppService` it also serves the routes Synapse forwards to its
+  application service (``rtc/livekit/get_token``), and counts what it did (:meth:`LkJwtService.stats`).
 - :class:`LiveKitClients`: real clients (the LiveKit Go SDK) that connect with the tokens the
   guard let through, stay, and leave.
 
@@ -32,6 +34,7 @@ from stack import (
     LIVEKIT_KEY,
     LIVEKIT_SECRET,
     REPO,
+    AppService,
     OnLoopback,
     Process,
     StackError,
@@ -133,13 +136,23 @@ class LkJwtService(OnLoopback):
 
     def __init__(self, livekit_ws_url: str, homeservers: dict[str, str], key: str = LIVEKIT_KEY,
                  secret: str = LIVEKIT_SECRET, sfu_get_shapes: str = "both",
-                 run_dir: str | os.PathLike | None = None, name: str = "lk-jwt", port: int = 0):
+                 run_dir: str | os.PathLike | None = None, name: str = "lk-jwt", port: int = 0,
+                 appservice: AppService | None = None, server_name: str | None = None,
+                 synapse_url: str | None = None):
+        """With ``appservice`` (and our homeserver's ``server_name`` and ``synapse_url``, asked
+        for ``is_joined``) it serves the application-service routes as that service."""
         self.dir = run_dir_for(name, run_dir)
         self.argv = [LKSTACK_DIR / self.BINARY, "--listen", f"127.0.0.1:{port}", "--key", key,
                      "--secret", secret, "--livekit-url", livekit_ws_url,
                      "--sfu-get-shapes", sfu_get_shapes]
-        for server_name, base_url in homeservers.items():
-            self.argv += ["--homeserver", f"{server_name}={base_url}"]
+        for homeserver, base_url in homeservers.items():
+            self.argv += ["--homeserver", f"{homeserver}={base_url}"]
+        if appservice is not None:
+            if not server_name or not synapse_url:
+                raise ValueError("an application service needs server_name and synapse_url")
+            self.argv += ["--hs-token", appservice.hs_token, "--as-token", appservice.as_token,
+                          "--server-name", server_name, "--synapse", synapse_url]
+        self.appservice = appservice
         self.livekit_ws_url = livekit_ws_url
         self.port = 0
         self.process: Process | None = None
@@ -161,6 +174,14 @@ class LkJwtService(OnLoopback):
     def stop(self) -> None:
         if self.process:
             self.process.stop()
+
+    def stats(self) -> dict:
+        """What the stand-in did so far (``GET /stats``): ``requests`` per route, tokens
+        ``issued`` (``client``, ``federation``, ``legacy``), ``create_room`` calls and
+        ``create_room_failed`` (``client``, ``federation``)."""
+        resp = http().get(f"{self.url}/stats", timeout=5)
+        resp.raise_for_status()
+        return resp.json()
 
 
 class LiveKitClients:
@@ -317,8 +338,12 @@ class RealStandIns:
     def __init__(self, synapse_server_name: str, synapse_url: str,
                  foreign_homeserver: "ForeignHomeserver | None" = None,
                  key: str = LIVEKIT_KEY, secret: str = LIVEKIT_SECRET, sfu_get_shapes: str = "both",
-                 name: str = "real"):
+                 name: str = "real", appservice: AppService | None = None):
+        """``appservice``: the stand-in also serves the routes Synapse forwards to it, as
+        that application service of the Synapse named by ``synapse_server_name``."""
         self.key, self.secret = key, secret
+        self.synapse_server_name, self.synapse_url = synapse_server_name, synapse_url
+        self.appservice = appservice
         self.livekit = LiveKitServer(key, secret, name=f"{name}-livekit")
         self.proxy = LiveKitAPIProxy(self.livekit)
         self.clients = LiveKitClients(name=f"{name}-clients")
@@ -339,7 +364,9 @@ class RealStandIns:
             for server_name in self.foreign.server_names:
                 homeservers[server_name] = self.foreign.url
         self.jwt = LkJwtService(self.livekit.ws_url, homeservers, self.key, self.secret,
-                                self.sfu_get_shapes, name=f"{self.name}-lk-jwt").start()
+                                self.sfu_get_shapes, name=f"{self.name}-lk-jwt",
+                                appservice=self.appservice, server_name=self.synapse_server_name,
+                                synapse_url=self.synapse_url).start()
         return self
 
     def stop(self) -> None:

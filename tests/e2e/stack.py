@@ -9,8 +9,9 @@ no test-framework imports. Every component:
   deadline; a failure to start raises :class:`StackError` carrying the tail of
   the component's log, because a bare timeout says nothing about the cause.
 
-Components: :class:`Synapse` (a real homeserver), :class:`Envoy` (with or without the
-Wasm filter) and :class:`FaultServer` (a misbehaving upstream for fault injection).
+Components: :class:`Synapse` (a real homeserver, optionally with an application service
+registered: :class:`AppService`), :class:`Envoy` (with or without the Wasm filter) and
+:class:`FaultServer` (a misbehaving upstream for fault injection).
 The real LiveKit server, the lk-jwt-service stand-in and LiveKit clients are in
 :mod:`realstack`.
 """
@@ -50,6 +51,18 @@ LIVEKIT_SECRET = "devsecret-for-tests-only-0123456789abcdef"
 LIMIT_STATE_TYPE = "io.lotus.voice_limit"
 LEGACY_SLOT = "m.call#ROOM"
 TOKEN_PATHS = ("/sfu/get", "/get_token")
+# MatrixRTC token requests a homeserver forwards to lk-jwt-service registered as its application
+# service (MSC4512 proxy, prefix ``rtc/livekit``): clients' and other homeservers' paths.
+RTC_PROXY_PREFIX = "rtc/livekit"
+RTC_CLIENT_TOKEN_PATHS = {
+    "stable": "/_matrix/client/v1/rtc/livekit/get_token",
+    "unstable": "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/get_token",
+}
+RTC_FEDERATION_TOKEN_PATHS = {
+    "stable": "/_matrix/federation/v1/rtc/livekit/get_token",
+    "unstable": "/_matrix/federation/unstable/io.element.msc4195/rtc/livekit/get_token",
+}
+IS_JOINED_SCOPE = "urn:matrix:client:io.element.msc4502:rooms:is_joined"
 COUNTERS = (
     "token_requests",
     "allowed",
@@ -100,6 +113,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a listener could bind ``port`` on 127.0.0.1 now (as Envoy binds: SO_REUSEADDR,
+    so connections of an earlier listener left in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def run_dir_for(name: str, run_dir: str | os.PathLike | None = None, fresh: bool = True) -> Path:
@@ -357,6 +382,12 @@ def livekit_identity(user: str, device: str, member_id: str | None = None) -> st
     return _b64_sha256(go_json_string_list([user, device, member_id]))
 
 
+def rtc_identity(user: str, member_id: str) -> str:
+    """LiveKit identity lk-jwt-service issues on the routes a homeserver forwards (client and
+    federation ``get_token``): the hash of ``[user, member_id]``."""
+    return _b64_sha256(go_json_string_list([user, member_id]))
+
+
 # Gives a real OpenID token of a user of the test Synapse (set by the test session, see
 # ``Synapse.openid_token``); users of other servers get ``openid:@user`` tokens, which the
 # stack's stand-in for other homeservers vouches for.
@@ -430,6 +461,38 @@ def jwt_claims(token: str) -> dict:
 # --------------------------------------------------------------------------- Synapse
 
 
+class AppService:
+    """An application-service registration for lk-jwt-service (MSC4512 proxy, MSC4502 scope).
+
+    Synapse forwards requests under ``/_matrix/{client,federation}/<version>/rtc/livekit/`` to
+    ``proxy_url`` with ``Authorization: Bearer <hs_token>``; the service asks Synapse's
+    ``is_joined`` with ``as_token``. Both tokens are random unless given.
+    """
+
+    def __init__(self, id: str = "lk-jwt-service", sender_localpart: str = "lk-jwt-service",
+                 as_token: str | None = None, hs_token: str | None = None,
+                 proxy_prefix: str = RTC_PROXY_PREFIX):
+        self.id = id
+        self.sender_localpart = sender_localpart
+        self.as_token = as_token or secrets.token_urlsafe(24)
+        self.hs_token = hs_token or secrets.token_urlsafe(24)
+        self.proxy_prefix = proxy_prefix
+
+    def registration(self, proxy_url: str) -> dict:
+        """The registration file's content (``url`` null: no transactions are pushed)."""
+        return {
+            "id": self.id,
+            "url": None,
+            "as_token": self.as_token,
+            "hs_token": self.hs_token,
+            "sender_localpart": self.sender_localpart,
+            "namespaces": {"users": [], "aliases": [], "rooms": []},
+            "io.element.msc4512.proxy_prefix": self.proxy_prefix,
+            "io.element.msc4512.proxy_url": proxy_url,
+            "io.element.msc4502.scopes": [IS_JOINED_SCOPE],
+        }
+
+
 class Synapse:
     """A real Synapse homeserver on loopback with SQLite and an admin account.
 
@@ -445,9 +508,16 @@ class Synapse:
         admin_password: str = "admin-password",
         python: str | None = None,
         name: str = "synapse",
+        appservice: AppService | None = None,
+        proxy_port: int = 0,
     ):
+        """``appservice``: register it, with its proxy URL ``http://127.0.0.1:<proxy_port>``
+        (``proxy_port`` 0: a port free when Synapse starts, then kept in ``self.proxy_port``;
+        whatever listens there gets the requests Synapse forwards)."""
         self.dir = run_dir_for(name, run_dir)
         self.server_name = server_name
+        self.appservice = appservice
+        self.proxy_port = proxy_port
         self.admin_localpart = admin_user
         self.admin_password = admin_password
         self.python = python or _python_with_synapse()
@@ -467,6 +537,11 @@ class Synapse:
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
+
+    @property
+    def proxy_url(self) -> str:
+        """Where Synapse forwards the application service's requests (no trailing slash)."""
+        return f"http://127.0.0.1:{self.proxy_port}"
 
     def start(self, timeout: float = 60.0) -> "Synapse":
         """Generate the configuration, start the homeserver, register and log in the admin."""
@@ -544,6 +619,13 @@ class Synapse:
             "rc_federation": {"window_size": 1000, "sleep_limit": 10000, "sleep_delay": 0,
                               "reject_limit": 10000, "concurrent": 100},
         }
+        if self.appservice is not None:
+            if not self.proxy_port:
+                self.proxy_port = free_port()
+            registration = self.dir / "appservice.yaml"
+            registration.write_text(json.dumps(self.appservice.registration(self.proxy_url), indent=2))
+            overrides["app_service_config_files"] = [str(registration)]
+            overrides["experimental_features"] = {"msc4512_enabled": True, "msc4502_enabled": True}
         # JSON is YAML: no YAML library needed and no quoting pitfalls.
         (self.dir / "overrides.yaml").write_text(json.dumps(overrides, indent=2))
 
@@ -618,6 +700,26 @@ class Synapse:
         resp = self.request("POST", "/_matrix/client/v3/createRoom", token, json=body)
         self._check(resp, "createRoom")
         return resp.json()["room_id"]
+
+    def join_room(self, room_id: str, token: str) -> None:
+        """Join a room (one the user may join: public, or invited to) as the token's user."""
+        resp = self.request("POST", f"/_matrix/client/v3/join/{quote_segment(room_id)}", token, json={})
+        self._check(resp, f"join {room_id}")
+
+    def rtc_token(self, token: str, room_id: str, member_id: str, livekit_url: str,
+                  slot_id: str = LEGACY_SLOT, path: str = "stable", body: dict | None = None,
+                  headers: dict | None = None, **fields: Any) -> requests.Response:
+        """Ask a LiveKit token as current MatrixRTC clients do: ``POST`` to Synapse's
+        ``rtc/livekit/get_token`` (``path``: ``"stable"``, ``"unstable"`` or a path) with the
+        user's own access token; Synapse forwards it to the application service.
+
+        The body is ``{room_id, slot_id, member_id, url}`` plus ``fields`` (``server_name=...``),
+        or ``body`` as given."""
+        if body is None:
+            body = {"room_id": room_id, "slot_id": slot_id, "member_id": member_id,
+                    "url": livekit_url, **fields}
+        return self.request("POST", RTC_CLIENT_TOKEN_PATHS.get(path, path), token, json=body,
+                            headers=dict(headers or {}))
 
     def set_state(self, room_id: str, event_type: str, content: dict, state_key: str = "",
                   token: str | None = None) -> str:
@@ -722,8 +824,8 @@ class Envoy(OnLoopback):
 
     Clusters ``lk_jwt`` (the route's upstream), ``synapse`` and ``livekit`` are
     STATIC and point wherever the caller says, so a test can swap in a
-    :class:`FaultServer`. Admin and listener bind port 0; the real ports are
-    read back from the admin interface instead of being guessed.
+    :class:`FaultServer`. Admin and listener bind port 0 (the listener a fixed port if
+    asked); the real ports are read back from the admin interface instead of being guessed.
 
     ``Envoy.running`` holds the Envoys started and not stopped; ``Envoy.stopped`` those
     stopped since it was last cleared, with ``final_stats`` (the guard's counters at stop).
@@ -749,9 +851,13 @@ class Envoy(OnLoopback):
         concurrency: int = 2,
         log_level: str = "info",
         extra_clusters: dict[str, Any] | None = None,
+        listen_port: int = 0,
     ):
+        """``listen_port``: the listener's port (0: one the kernel chooses; a fixed one, such as
+        :attr:`Synapse.proxy_port`, is free again once :meth:`stop` returns)."""
         self.dir = run_dir_for(name, run_dir)
         self.name = name
+        self.listen_port = listen_port
         self.clusters: dict[str, tuple[str, int]] = {"lk_jwt": _address(lk_jwt)}
         # Unused clusters still need an address; a closed port stands in for them.
         for cluster, target in (("synapse", synapse), ("livekit", livekit)):
@@ -845,7 +951,7 @@ class Envoy(OnLoopback):
             "static_resources": {
                 "listeners": [{
                     "name": "main",
-                    "address": _socket_address("127.0.0.1", 0),
+                    "address": _socket_address("127.0.0.1", self.listen_port),
                     "filter_chains": [{"filters": [{
                         "name": "envoy.filters.network.http_connection_manager",
                         "typed_config": hcm,
@@ -871,6 +977,8 @@ class Envoy(OnLoopback):
         """
         if self.with_filter and not self.wasm_path.exists():
             raise StackError(f"Wasm module not built: {self.wasm_path} (make build)")
+        if self.listen_port and not port_is_free(self.listen_port):
+            raise StackError(f"{self.name}: port {self.listen_port} is in use (another Envoy on it?)")
         self.write_config()
         self.process = Process(
             self.name,
@@ -941,6 +1049,9 @@ class Envoy(OnLoopback):
             Envoy.stopped.append(self)
         if self.process:
             self.process.stop()
+            if self.listen_port:
+                wait_until(lambda: port_is_free(self.listen_port),
+                           f"port {self.listen_port} to be free after {self.name}", 10)
 
     def log_excerpt(self, lines: int = 30) -> str:
         """The end of Envoy's log without its start-up inventory, which would drown the interesting lines."""
@@ -1078,6 +1189,7 @@ class FaultServer(OnLoopback):
     - ``refused``: nothing listens on the port, so connections are refused.
 
     Each answer carries ``Connection: close``, so no pooled connection outlives a mode change.
+    It listens on ``port`` (0: a port free at construction).
     """
 
     MODES = ("ok", "status", "slow", "early", "reset", "garbage", "truncated", "huge", "refused")
@@ -1085,7 +1197,7 @@ class FaultServer(OnLoopback):
     def __init__(self, mode: str = "ok", body: Any = None, status: int = 500,
                  delay: float = 10.0, huge_size: int = 8 * 1024 * 1024,
                  name: str = "fault", run_dir: str | os.PathLike | None = None,
-                 upstream: tuple[str, int] | None = None):
+                 upstream: tuple[str, int] | None = None, port: int = 0):
         self.dir = run_dir_for(name, run_dir)
         self.upstream = upstream
         self.name = name
@@ -1094,7 +1206,7 @@ class FaultServer(OnLoopback):
         self.delay = delay
         self.huge_size = huge_size
         self.requests: list[dict] = []
-        self.port = free_port()
+        self.port = port or free_port()
         self._mode = "refused"
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
@@ -1301,6 +1413,7 @@ def huge_json(size: int) -> bytes:
 
 
 __all__ = [
+    "AppService",
     "ConfigRejected",
     "DELETE",
     "Envoy",
@@ -1314,6 +1427,7 @@ __all__ = [
     "http",
     "huge_json",
     "install_signal_handlers",
+    "port_is_free",
     "join_body",
     "jwt_claims",
     "livekit_admin_token",
@@ -1323,6 +1437,7 @@ __all__ = [
     "openid_token",
     "quote_segment",
     "rejection_lines",
+    "rtc_identity",
     "stats_delta",
     "wait_until",
 ]

@@ -8,6 +8,30 @@
 // and --homeserver server_name=base_url (repeatable): where the OpenID userinfo of a server
 // name is asked (lk-jwt-service finds it through Matrix server discovery). Once bound it
 // prints "listening on http://ADDRESS".
+//
+// Application service (MSC4512, the routes Synapse forwards to the service's proxy_url):
+// --hs-token (the routes are served only when it is given), --as-token, --server-name (our
+// homeserver's name) and --synapse (its base URL, asked for MSC4502 is_joined with the
+// as_token). Every route below wants "Authorization: Bearer <hs_token>" (401 M_MISSING_TOKEN
+// or M_UNKNOWN_TOKEN) and POST:
+//
+//	/_matrix/client/{unstable/io.element.msc4195,v1}/rtc/livekit/get_token
+//	    user from X-Matrix-User-Identifier; body {room_id, slot_id, member_id, url, server_name?};
+//	    a server_name of another homeserver is refused (502: no relaying over federation).
+//	/_matrix/federation/{unstable/io.element.msc4195,v1}/rtc/livekit/get_token
+//	    origin from X-Matrix-Origin; body {user_id, url, room_id, slot_id, member_id}; the
+//	    user's server must be the origin; the token is subscribe-only.
+//	/_matrix/client/{unstable/io.element.msc4195,v1}/rtc/livekit/delegate_delayed_leave, /_matrix/app/v1/ping
+//	    200 {}.
+//
+// A token route checks that url is --livekit-url, that the user is joined to the room (and,
+// for federation, that our server is), calls LiveKit's CreateRoom for the alias and answers
+// 200 {"jwt"}: identity b64(sha256(json [user_id, member_id])), room b64(sha256(json
+// [room_id, slot_id])).
+//
+// Routes served always: POST /sfu/get and /get_token (legacy, OpenID), GET /healthz, and
+// GET /stats: {"requests": {route: N}, "issued": {"client", "federation", "legacy"},
+// "create_room": {"client", "federation"}, "create_room_failed": {...}}.
 package main
 
 import (
@@ -22,8 +46,6 @@ import (
 	"os"
 	"strings"
 	"time"
-
-	"github.com/livekit/protocol/auth"
 
 	"vlg-oracle/lkjwt"
 )
@@ -46,6 +68,8 @@ type service struct {
 	legacyOnly              bool
 	servers                 homeservers
 	client                  *http.Client
+	as                      *appservice // nil: no application-service routes
+	stats                   *stats
 }
 
 func corsHeaders(w http.ResponseWriter) {
@@ -100,6 +124,7 @@ func (s *service) token(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusMethodNotAllowed)
 		return
 	}
+	s.stats.add(&s.stats.Requests, "legacy")
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "M_NOT_JSON", "Error reading request")
@@ -124,23 +149,12 @@ func (s *service) token(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnauthorized, "M_UNAUTHORIZED", "The request could not be authorised.")
 		return
 	}
-	canPublish, canSubscribe, canUpdate := true, true, true
-	grant := &auth.VideoGrant{
-		RoomJoin:             true,
-		Room:                 request.Alias(),
-		CanPublish:           &canPublish,
-		CanSubscribe:         &canSubscribe,
-		CanUpdateOwnMetadata: &canUpdate,
-	}
-	jwt, err := auth.NewAccessToken(s.key, s.secret).
-		SetIdentity(request.Identity(user)).
-		SetVideoGrant(grant).
-		SetValidFor(time.Hour).
-		ToJWT()
+	jwt, err := s.mint(request.Identity(user), request.Alias(), true)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "M_UNKNOWN", "Internal Server Error")
 		return
 	}
+	s.stats.add(&s.stats.Issued, "legacy")
 	w.WriteHeader(http.StatusOK)
 	_ = json.NewEncoder(w).Encode(struct {
 		URL string `json:"url"`
@@ -149,23 +163,39 @@ func (s *service) token(w http.ResponseWriter, r *http.Request) {
 }
 
 func main() {
-	s := &service{servers: homeservers{}, client: &http.Client{Timeout: 10 * time.Second}}
+	s := &service{servers: homeservers{}, client: &http.Client{Timeout: 10 * time.Second}, stats: newStats()}
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on")
 	shapes := flag.String("sfu-get-shapes", "both", "body shapes /sfu/get takes: both (0.4.0 to 0.5.0) or legacy")
 	flag.StringVar(&s.key, "key", "", "LiveKit API key")
 	flag.StringVar(&s.secret, "secret", "", "LiveKit API secret")
 	flag.StringVar(&s.livekitURL, "livekit-url", "", "LiveKit URL handed to clients")
 	flag.Var(s.servers, "homeserver", "server_name=base_url of a homeserver's federation API (repeatable)")
+	hsToken := flag.String("hs-token", "", "application service hs_token; serves the routes Synapse forwards")
+	asToken := flag.String("as-token", "", "application service as_token, for is_joined")
+	serverName := flag.String("server-name", "", "our homeserver's server name")
+	synapse := flag.String("synapse", "", "our homeserver's base URL, for is_joined")
 	flag.Parse()
 	if s.key == "" || s.secret == "" || s.livekitURL == "" || (*shapes != "both" && *shapes != "legacy") {
 		flag.Usage()
 		os.Exit(2)
 	}
 	s.legacyOnly = *shapes == "legacy"
+	if *hsToken != "" {
+		as, err := newAppservice(*hsToken, *asToken, *serverName, *synapse, s.livekitURL, s.key, s.secret)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		s.as = as
+	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("/sfu/get", s.token)
 	mux.HandleFunc("/get_token", s.token)
+	mux.HandleFunc("/stats", s.stats.serve)
+	if s.as != nil {
+		s.routeAppservice(mux)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			w.WriteHeader(http.StatusMethodNotAllowed)
