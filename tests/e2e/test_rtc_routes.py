@@ -318,17 +318,18 @@ def test_a_token_for_a_request_the_guard_cannot_read_is_answered_503(
 
 
 @pytest.mark.check_fails
+@pytest.mark.parametrize("service", ["synapse", "livekit"])
 @pytest.mark.parametrize("mode,expected", [("open", 200), ("closed", 503)])
-def test_a_synapse_failure_fails_per_failure_mode(mode, expected, synapse, people, call_room,
-                                                  fault_server, start_envoy, plugin_config,
-                                                  standins, real_lk_jwt):
-    """Synapse's admin API failing: the request goes on (open) or is answered 503 (closed), and
-    in closed mode lk-jwt-service never sees it."""
+def test_a_failing_service_fails_per_failure_mode(service, mode, expected, synapse, people,
+                                                  call_room, fault_server, start_envoy,
+                                                  plugin_config, standins, real_lk_jwt):
+    """Synapse's admin API or LiveKit's API failing: the request goes on (open) or is answered
+    503 (closed), and in closed mode lk-jwt-service never sees it."""
     alice = people[0]
     room = call_room(1, [alice])
     broken = fault_server("status", status=500)
-    envoy = start_envoy(plugin_config(failure_mode=mode), synapse=broken,
-                        listen_port=synapse.proxy_port)
+    envoy = start_envoy(plugin_config(failure_mode=mode), listen_port=synapse.proxy_port,
+                        **{service: broken})
     lk_before = real_lk_jwt.stats()
     resp = ask(synapse, alice, room, "m", standins)
     assert resp.status_code == expected, resp.text
