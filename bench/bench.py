@@ -449,14 +449,16 @@ def wasm_filter(name: str, wasm: Path, configuration: str | None) -> dict:
 
 def guard_configuration() -> str:
     """The default configuration: only the required keys of envoy/envoy.yaml's (the upstreams and
-    their secrets), every tunable at its default."""
+    their secrets; not the optional hs_token, which the baseline module does not know), every
+    tunable at its default."""
     import yaml  # PyYAML comes with matrix-synapse in the venv
 
     example = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
     hcm = example["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     wasm = next(f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.wasm")
     config = json.loads(wasm["typed_config"]["config"]["configuration"]["value"])
-    return json.dumps({"synapse": config["synapse"], "livekit": config["livekit"]})
+    synapse = {key: value for key, value in config["synapse"].items() if key != "hs_token_env"}
+    return json.dumps({"synapse": synapse, "livekit": config["livekit"]})
 
 
 # The front Envoys' connection manager settings, as in envoy/envoy.yaml.

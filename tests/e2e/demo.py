@@ -20,6 +20,7 @@ import re
 import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stack  # noqa: E402
 from realstack import LiveKitClients, LiveKitServer, LkJwtService, missing_binaries  # noqa: E402
 from stack import (  # noqa: E402  (the path above makes the harness importable)
+    LEGACY_SLOT,
     LIVEKIT_KEY,
     LIVEKIT_SECRET,
     LIMIT_STATE_TYPE,
@@ -38,6 +40,8 @@ from stack import (  # noqa: E402  (the path above makes the harness importable)
     SERVER_NAME,
     STACK_ROOT,
     WASM_PATH,
+    RTC_CLIENT_TOKEN_PATHS,
+    AppService,
     Process,
     StackError,
     Synapse,
@@ -161,10 +165,12 @@ class FixedPortSynapse(Synapse):
 class ExampleEnvoy:
     """Envoy running an operator's configuration file unchanged, from the repository root."""
 
-    def __init__(self, config: Path, ports: Ports, admin_token: str, secret: str, run_dir: Path):
+    def __init__(self, config: Path, ports: Ports, admin_token: str, hs_token: str, secret: str,
+                 run_dir: Path):
         self.config = config
         self.ports = ports
-        self.env = {"SYNAPSE_ADMIN_TOKEN": admin_token, "LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": secret}
+        self.env = {"SYNAPSE_ADMIN_TOKEN": admin_token, "LK_JWT_HS_TOKEN": hs_token,
+                    "LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": secret}
         self.dir = run_dir
         self.log_path = run_dir / "envoy.log"
         self.process: Process | None = None
@@ -323,6 +329,33 @@ class Walkthrough:
             return f" (but connecting to LiveKit failed: {exc})"
         return ""
 
+    def through_synapse(self, synapse: Synapse, livekit_url: str, room: str,
+                        steps: list[tuple[str, str, str, int, str]]) -> None:
+        """Token requests as current clients send them: to Synapse, with the user's access
+        token and a member id; a 200 connects a real LiveKit client with the token."""
+        for who, token, member, expect, meaning in steps:
+            label = f"{who:<5} (member {member}) POST {RTC_CLIENT_TOKEN_PATHS['stable']} (Synapse)"
+            try:
+                resp = synapse.rtc_token(token, room, member, livekit_url)
+            except requests.RequestException as exc:
+                self.out(f"  {label} -> no answer: {exc}")
+                self.failures.append(f"{label}: no answer from Synapse ({exc})")
+                continue
+            if resp.status_code != expect:
+                detail = f"UNEXPECTED (expected {expect}: {meaning}) {resp.text.strip()[:300]}"
+                self.failures.append(f"{label}: expected {expect}, got {resp.status_code}")
+            elif resp.status_code >= 400:
+                detail = resp.text.strip()
+            else:
+                detail = meaning
+                try:
+                    self.connected[(who, member)] = self.clients.join(
+                        {"url": livekit_url, "jwt": resp.json()["jwt"]})
+                except (StackError, requests.RequestException, ValueError, KeyError) as exc:
+                    self.failures.append(f"connecting to LiveKit with the issued token: {exc}")
+                    detail += f" (but connecting to LiveKit failed: {exc})"
+            self.out(f"  {label} -> {resp.status_code} {detail}")
+
     def leave(self, who: str, device: str) -> None:
         """The client of ``who`` on ``device`` hangs up."""
         handle = self.connected.pop((who, device), None)
@@ -351,18 +384,24 @@ class Demo:
 
     def start(self) -> None:
         """Synapse first (lk-jwt-service checks OpenID tokens with it, and Envoy needs the
-        admin's access token in its environment), then LiveKit and lk-jwt-service, then Envoy."""
+        admin's access token in its environment), then LiveKit and lk-jwt-service, then Envoy.
+        lk-jwt-service is Synapse's application service, whose proxy URL is Envoy's listener:
+        the MatrixRTC token requests Synapse forwards go through the guard."""
         started = time.monotonic()
-        self.synapse = FixedPortSynapse(self.ports.synapse, run_dir=self.run_dir / "synapse").start()
+        self.synapse = FixedPortSynapse(self.ports.synapse, run_dir=self.run_dir / "synapse",
+                                        appservice=AppService(),
+                                        proxy_port=self.ports.listener).start()
         stack.OPENID_PROVIDER = self.synapse.openid_token
         self.livekit = LiveKitServer(secret=LIVEKIT_SECRET, run_dir=self.run_dir / "livekit",
                                      port=self.ports.livekit).start()
         self.lk_jwt = LkJwtService(self.livekit.ws_url, {SERVER_NAME: self.synapse.base_url},
                                    secret=LIVEKIT_SECRET, run_dir=self.run_dir / "lk-jwt",
-                                   port=self.ports.lk_jwt).start()
+                                   port=self.ports.lk_jwt, appservice=self.synapse.appservice,
+                                   server_name=SERVER_NAME, synapse_url=self.synapse.base_url).start()
         self.clients = LiveKitClients(run_dir=self.run_dir / "clients").start()
         config = envoy_config_for(self.ports, self.run_dir)
-        self.envoy = ExampleEnvoy(config, self.ports, self.synapse.admin_token, LIVEKIT_SECRET,
+        self.envoy = ExampleEnvoy(config, self.ports, self.synapse.admin_token,
+                                  self.synapse.appservice.hs_token, LIVEKIT_SECRET,
                                   run_dir_for("envoy", self.run_dir / "envoy")).start()
         print(f"Stack up in {time.monotonic() - started:.1f}s: Synapse {self.synapse.base_url}, "
               f"LiveKit :{self.ports.livekit}, lk-jwt-service stand-in :{self.ports.lk_jwt}, "
@@ -386,7 +425,42 @@ class Demo:
         walk.run(open_room_steps(open_room))
         print("\nCORS preflight")
         walk.run([preflight_step()])
+        self.walk_through_synapse(walk)
         return walk.failures
+
+    def walk_through_synapse(self, walk: "Walkthrough") -> None:
+        """What current clients do: ask their homeserver (MSC4195), which forwards the request
+        to lk-jwt-service through Envoy and the guard; the guard decides before lk-jwt-service
+        sees it, and Synapse relays the answer."""
+        assert self.synapse and self.livekit
+        accounts = {name: self.account(name) for name in ("erin", "frank", "grace")}
+        room = self.synapse.create_room("Call through Synapse", preset="public_chat")
+        self.synapse.set_limit(room, LIMIT)
+        for token in accounts.values():
+            self.synapse.join_room(room, token)
+        self.rooms["Call through Synapse"] = room
+        print(f"\nRoom {room} (Call through Synapse): {LIMIT_STATE_TYPE} {json.dumps({'max_users': LIMIT})}; current clients "
+              f"ask Synapse's {RTC_CLIENT_TOKEN_PATHS['stable']} with their own access tokens")
+        issued = "token issued, connects to LiveKit"
+        walk.through_synapse(self.synapse, self.livekit.ws_url, room, [
+            ("erin", accounts["erin"], "E1", 200, f"{issued} (1 of {LIMIT})"),
+            ("frank", accounts["frank"], "F1", 200, f"{issued} (2 of {LIMIT})"),
+            ("grace", accounts["grace"], "G1", 403, "refused by the guard before lk-jwt-service saw it"),
+            ("erin", accounts["erin"], "E2", 200, "let in: erin is already in the call"),
+        ])
+        self.print_call(room, LEGACY_SLOT)
+
+    def account(self, name: str) -> str:
+        """A user of the demo's Synapse (made through the admin API); returns an access token."""
+        assert self.synapse
+        user = urllib.parse.quote(user_id(name), safe="")
+        admin = self.synapse.admin_token
+        for method, path, body in (("PUT", f"/_synapse/admin/v2/users/{user}", {"password": f"{name}-demo"}),
+                                   ("POST", f"/_synapse/admin/v1/users/{user}/login", {})):
+            resp = self.synapse.request(method, path, admin, json=body)
+            if resp.status_code not in (200, 201):
+                raise StackError(f"making {name}'s account: HTTP {resp.status_code} {resp.text[:300]}")
+        return resp.json()["access_token"]
 
     def new_room(self, name: str, limit: int | None) -> str:
         """A room created through the client API, with the limit set as a room admin would."""
@@ -397,10 +471,10 @@ class Demo:
         self.rooms[name] = room
         return room
 
-    def print_call(self, room: str) -> None:
+    def print_call(self, room: str, slot: str = LEGACY_SLOT) -> None:
         """Who LiveKit itself lists in the room's call (its ListParticipants API)."""
         assert self.livekit
-        listed = self.livekit.list_participants(livekit_alias(room))
+        listed = self.livekit.list_participants(livekit_alias(room, slot))
         print(f"  LiveKit lists {len(listed)} participants: "
               + ", ".join(f"{p['identity']} ({p.get('state', 'JOINING')})" for p in listed))
 

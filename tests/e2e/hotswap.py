@@ -91,7 +91,8 @@ class EcdsEnvoy(Envoy):
 
     def __init__(self, lk_jwt: Any, synapse: Any, livekit: Any, admin_token: str,
                  settings: dict[str, Any] | None = None, name: str = "envoy-ecds", **options: Any):
-        env = {"SYNAPSE_ADMIN_TOKEN": admin_token, "LIVEKIT_KEY": LIVEKIT_KEY,
+        env = {"SYNAPSE_ADMIN_TOKEN": admin_token, "LK_JWT_HS_TOKEN": "hs_token_unused_here",
+               "LIVEKIT_KEY": LIVEKIT_KEY,
                "LIVEKIT_SECRET": LIVEKIT_SECRET}
         super().__init__(lk_jwt=lk_jwt, synapse=synapse, livekit=livekit, env=env, name=name, **options)
         self.resource_path = self.dir / "ecds" / "voice_limit_guard.yaml"

@@ -852,9 +852,14 @@ class Envoy(OnLoopback):
         log_level: str = "info",
         extra_clusters: dict[str, Any] | None = None,
         listen_port: int = 0,
+        stop_iteration: bool = True,
+        stream_idle_timeout: float | None = None,
     ):
         """``listen_port``: the listener's port (0: one the kernel chooses; a fixed one, such as
-        :attr:`Synapse.proxy_port`, is free again once :meth:`stop` returns)."""
+        :attr:`Synapse.proxy_port`, is free again once :meth:`stop` returns).
+        ``stop_iteration=False`` leaves ``allow_on_headers_stop_iteration`` out of the Wasm
+        filter, as Istio's WasmPlugin and Envoy Gateway render it (Envoy's default, false);
+        ``stream_idle_timeout`` (seconds) replaces Envoy's default of 5 minutes."""
         self.dir = run_dir_for(name, run_dir)
         self.name = name
         self.listen_port = listen_port
@@ -873,6 +878,8 @@ class Envoy(OnLoopback):
         self.failure_policy = failure_policy
         self.concurrency = concurrency
         self.log_level = log_level
+        self.stop_iteration = stop_iteration
+        self.stream_idle_timeout = stream_idle_timeout
         self.config_path = self.dir / "envoy.yaml"
         self.log_path = self.dir / "envoy.log"
         self.access_log_path = self.dir / "access.log"
@@ -897,7 +904,7 @@ class Envoy(OnLoopback):
                 "config": {
                     "name": "voice_limit_guard",
                     "root_id": "voice_limit_guard",
-                    "allow_on_headers_stop_iteration": True,
+                    **({"allow_on_headers_stop_iteration": True} if self.stop_iteration else {}),
                     "failure_policy": self.failure_policy,
                     "vm_config": {
                         "vm_id": "voice_limit_guard",
@@ -946,6 +953,8 @@ class Envoy(OnLoopback):
             },
             "http_filters": http_filters,
         }
+        if self.stream_idle_timeout is not None:
+            hcm["stream_idle_timeout"] = f"{self.stream_idle_timeout}s"
         return {
             "admin": {"address": _socket_address("127.0.0.1", 0)},
             "static_resources": {

@@ -156,7 +156,8 @@ def test_no_secret_in_the_debug_log(start_envoy, standins, plugin_config, synaps
 # --------------------------------------------------------------------------- the example configuration
 
 
-EXAMPLE_ENV = {"SYNAPSE_ADMIN_TOKEN": "syt_example", "LIVEKIT_KEY": "devkey", "LIVEKIT_SECRET": "example-secret"}
+EXAMPLE_ENV = {"SYNAPSE_ADMIN_TOKEN": "syt_example", "LK_JWT_HS_TOKEN": "hs_example",
+               "LIVEKIT_KEY": "devkey", "LIVEKIT_SECRET": "example-secret"}
 
 
 def test_example_configuration_validates_and_a_broken_copy_does_not(tmp_path):

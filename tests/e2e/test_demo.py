@@ -42,17 +42,31 @@ def test_demo_walks_through_the_limit(tmp_path):
     assert "-> 200 let in: alice is already in the call" in _line(output, "alice (device A2, second device)")
     # LiveKit itself lists alice's two devices and bob, all connected by real clients.
     listings = [line for line in output.splitlines() if "LiveKit lists" in line]
-    assert len(listings) == 2, output
+    assert len(listings) == 3, output
     assert "3 participants" in listings[0] and "@alice:test.local:A2" in listings[0]
     assert "@carol:test.local:C1" not in listings[0] and "@carol:test.local:C1" in listings[1]
     _line(output, "bob   (device B1) leaves the call")
     _line(output, "carol (device C1)", "-> 200 token issued: bob's place is free")
     assert "-> 200" in _line(output, "OPTIONS /sfu/get")
-    assert "wasmcustom.voice_limit_guard.blocked: 1" in output
+    # Current clients, through Synapse's application-service proxy and the guard.
+    rtc = "POST /_matrix/client/v1/rtc/livekit/get_token (Synapse)"
+    assert "-> 200" in _line(output, "erin  (member E1)", rtc)
+    assert "-> 200" in _line(output, "frank (member F1)", rtc)
+    _line(output, "grace (member G1)", rtc, '-> 403 {"errcode":"M_FORBIDDEN","error":"This voice channel is full."}')
+    assert "-> 200 let in: erin is already in the call" in _line(output, "erin  (member E2)", rtc)
+    assert "3 participants" in listings_after(output, "Call through Synapse")
+    assert "wasmcustom.voice_limit_guard.blocked: 2" in output
+    assert "wasmcustom.voice_limit_guard.untrusted_requests: 0" in output
     assert "All steps answered as expected" in output
     assert "UNEXPECTED" not in output
     assert f"Logs: {tmp_path / 'demo'}/" in output
     assert _processes_using(tmp_path / "demo") == [], "the demo left processes running"
+
+
+def listings_after(output: str, marker: str) -> str:
+    """The first "LiveKit lists" line printed after the line holding ``marker``."""
+    rest = output[output.index(marker):]
+    return next(line for line in rest.splitlines() if "LiveKit lists" in line)
 
 
 def _processes_using(run_dir: Path) -> list[str]:

@@ -31,8 +31,8 @@ ISTIO = DEPLOY / "istio"
 COMPOSE = DEPLOY / "compose"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
-SECRET_NAMES = ("SYNAPSE_ADMIN_TOKEN", "LIVEKIT_KEY", "LIVEKIT_SECRET")
-FAKE_SECRETS = {"SYNAPSE_ADMIN_TOKEN": "syt_example", "LIVEKIT_KEY": "devkey",
+SECRET_NAMES = ("SYNAPSE_ADMIN_TOKEN", "LK_JWT_HS_TOKEN", "LIVEKIT_KEY", "LIVEKIT_SECRET")
+FAKE_SECRETS = {"SYNAPSE_ADMIN_TOKEN": "syt_example", "LK_JWT_HS_TOKEN": "hs_example", "LIVEKIT_KEY": "devkey",
                 "LIVEKIT_SECRET": "example-secret-of-thirty-two-characters"}
 
 LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -470,16 +470,9 @@ class EnvoyAsWasmPluginRendersIt(Envoy):
 
     STREAM_IDLE_TIMEOUT = 3.0
 
-    def wasm_filter(self) -> dict:
-        entry = super().wasm_filter()
-        del entry["typed_config"]["config"]["allow_on_headers_stop_iteration"]
-        return entry
-
-    def bootstrap(self) -> dict:
-        config = super().bootstrap()
-        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["stream_idle_timeout"] = f"{self.STREAM_IDLE_TIMEOUT}s"
-        return config
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, stop_iteration=False, stream_idle_timeout=self.STREAM_IDLE_TIMEOUT,
+                         **kwargs)
 
 
 @requires_wasm
@@ -495,8 +488,8 @@ def test_wasmplugin_configuration_without_stop_iteration_stalls_every_token_requ
     # The test stack's clusters instead of the mesh's, everything else as written.
     for upstream in ("synapse", "livekit"):
         plugin[upstream].update(cluster=upstream, authority=upstream)
-    env = {"SYNAPSE_ADMIN_TOKEN": synapse.admin_token, "LIVEKIT_KEY": LIVEKIT_KEY,
-           "LIVEKIT_SECRET": LIVEKIT_SECRET}
+    env = {"SYNAPSE_ADMIN_TOKEN": synapse.admin_token, "LK_JWT_HS_TOKEN": synapse.appservice.hs_token,
+           "LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": LIVEKIT_SECRET}
     assert set(env) == {e["name"] for e in spec["vmConfig"]["env"]}
     rooms = {"limited": new_room(limit=2), "unlimited": new_room()}
     idle = EnvoyAsWasmPluginRendersIt.STREAM_IDLE_TIMEOUT

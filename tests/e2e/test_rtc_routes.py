@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple
 import pytest
 
 from conftest import requires_standins
-from guard import CHANNEL_FULL, poll
+from guard import CHANNEL_FULL, elapsed, poll
 from stack import (
     LEGACY_SLOT,
     RTC_CLIENT_TOKEN_PATHS,
@@ -335,3 +335,29 @@ def test_a_failing_service_fails_per_failure_mode(service, mode, expected, synap
     assert resp.status_code == expected, resp.text
     assert envoy.stats().get(f"fail_{mode}") == 1
     assert issued(real_lk_jwt.stats()) - issued(lk_before) == (1 if mode == "open" else 0)
+
+
+def test_decided_in_a_host_without_allow_on_headers_stop_iteration(
+        synapse, people, call_room, start_envoy, plugin_config, livekit, standins):
+    """As Istio's WasmPlugin and Envoy Gateway render the filter (no
+    allow_on_headers_stop_iteration): the MatrixRTC routes never pause on headers, so the limit
+    holds and no request waits for the stream idle timeout."""
+    idle = 3.0
+    envoy = start_envoy(plugin_config(synapse={"hs_token": synapse.appservice.hs_token}),
+                        listen_port=synapse.proxy_port, stop_iteration=False,
+                        stream_idle_timeout=idle)
+    assert "allow_on_headers_stop_iteration" not in envoy.config_path.read_text()
+    alice, bob, carol = people[:3]
+    room = call_room(2, [alice, bob, carol])
+    open_room = call_room(None, [alice])
+    before = counts(envoy)
+    answers = []
+    for user, member, where in ((alice, "a", room), (bob, "b", room), (carol, "c", room),
+                                (alice, "a2", room), (alice, "o", open_room)):
+        resp, seconds = elapsed(lambda: ask(synapse, user, where, member, standins))
+        assert seconds < idle, f"{user.id} waited {seconds:.1f}s"
+        answers.append(resp.status_code)
+        if resp.status_code == 200 and where == room:
+            join(livekit, resp)
+    assert answers == [200, 200, 403, 200, 200]
+    assert delta(before, counts(envoy)) == {"token_requests": 5, "allowed": 4, "blocked": 1}
