@@ -9,6 +9,11 @@ configuration: limit cached 10 s, LiveKit asked for every token). Each join is a
 room limited to 1,000, so every token is let in; joins alternate between the two Envoys, each
 client leaving before the next join. The first join of each Envoy (a cold limit cache) is
 reported apart. Overrides: ``JOIN_ROUNDS`` (default 40 joins per Envoy).
+
+Then the same through Synapse, as current clients ask (MSC4195's client-server get_token,
+forwarded by Synapse to lk-jwt-service as its application service): Synapse's proxy URL is one
+port, so the two Envoys take turns on it, in blocks of ``BLOCK`` joins, each user joined to the
+room beforehand. The guard decides these before lk-jwt-service sees the request.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +33,7 @@ from realstack import LiveKitClients, LiveKitServer, LkJwtService, missing_binar
 from stack import (  # noqa: E402
     LIVEKIT_SECRET,
     SERVER_NAME,
+    AppService,
     Envoy,
     Synapse,
     default_plugin_config,
@@ -35,6 +42,7 @@ from stack import (  # noqa: E402
 )
 
 ROUNDS = int(os.environ.get("JOIN_ROUNDS", "40"))
+BLOCK = 10
 RESULTS = REPO / "bench" / "join-latency.md"
 
 
@@ -51,6 +59,63 @@ def join_once(envoy: Envoy, clients: LiveKitClients, body: dict) -> tuple[float,
     return (token_at - started) * 1000, (connected_at - started) * 1000
 
 
+def join_through_synapse(synapse: Synapse, token: str, room: str, livekit_url: str,
+                         clients: LiveKitClients) -> tuple[float, float]:
+    """One join as current clients make it: the token from Synapse's client-server route."""
+    started = time.perf_counter()
+    resp = synapse.rtc_token(token, room, "bench-member", livekit_url)
+    token_at = time.perf_counter()
+    if resp.status_code != 200:
+        raise RuntimeError(f"join refused: {resp.status_code} {resp.text[:200]}")
+    handle = clients.join({"url": livekit_url, "jwt": resp.json()["jwt"]})
+    connected_at = time.perf_counter()
+    clients.leave(handle)
+    return (token_at - started) * 1000, (connected_at - started) * 1000
+
+
+def account(synapse: Synapse, user_id: str, room: str) -> str:
+    """A user of ``synapse`` joined to ``room``; returns its access token."""
+    quoted = urllib.parse.quote(user_id, safe="")
+    for method, path, body in (("PUT", f"/_synapse/admin/v2/users/{quoted}", {"password": "x-bench"}),
+                               ("POST", f"/_synapse/admin/v1/users/{quoted}/login", {})):
+        resp = synapse.request(method, path, synapse.admin_token, json=body)
+        if resp.status_code not in (200, 201):
+            raise RuntimeError(f"account {user_id}: {resp.status_code} {resp.text[:200]}")
+    token = resp.json()["access_token"]
+    synapse.join_room(room, token)
+    return token
+
+
+def through_synapse(synapse: Synapse, lk_jwt: LkJwtService, livekit: LiveKitServer,
+                    clients: LiveKitClients, config: dict, room: str) -> tuple[dict, dict]:
+    """Joins through Synapse's proxy, plain Envoy and Envoy + guard taking turns at its port."""
+    names = ("plain Envoy", "Envoy + guard")
+    tokens = {name: [account(synapse, f"@rtc{i:03d}-{n}:{SERVER_NAME}", room) for i in range(ROUNDS + 1)]
+              for n, name in enumerate(names)}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    cold: dict[str, tuple[float, float]] = {}
+    done = {name: 0 for name in names}
+    while any(count <= ROUNDS for count in done.values()):
+        for name in names:
+            envoy = Envoy(lk_jwt=lk_jwt.address, synapse=synapse, livekit=livekit.address,
+                          with_filter=name != "plain Envoy", plugin_config=config,
+                          listen_port=synapse.proxy_port, name="bench-envoy-proxy").start()
+            try:
+                for _ in range(BLOCK):
+                    i = done[name]
+                    if i > ROUNDS:
+                        break
+                    result = join_through_synapse(synapse, tokens[name][i], room, livekit.ws_url, clients)
+                    if i == 0:
+                        cold[name] = result
+                    else:
+                        samples[name].append(result)
+                    done[name] += 1
+            finally:
+                envoy.stop()
+    return samples, cold
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -61,13 +126,15 @@ def main() -> int:
     if missing:
         print(f"join latency: not built: {', '.join(missing)}", file=sys.stderr)
         return 1
-    synapse = Synapse(name="bench-synapse").start()
+    synapse = Synapse(name="bench-synapse", appservice=AppService()).start()
     parts: list = [synapse]
     try:
         stack.OPENID_PROVIDER = synapse.openid_token
         livekit = LiveKitServer(name="bench-livekit").start()
         parts.append(livekit)
-        lk_jwt = LkJwtService(livekit.ws_url, {SERVER_NAME: synapse.base_url}, name="bench-lk-jwt").start()
+        lk_jwt = LkJwtService(livekit.ws_url, {SERVER_NAME: synapse.base_url}, name="bench-lk-jwt",
+                              appservice=synapse.appservice, server_name=SERVER_NAME,
+                              synapse_url=synapse.base_url).start()
         parts.append(lk_jwt)
         clients = LiveKitClients(name="bench-clients").start()
         parts.append(clients)
@@ -94,6 +161,16 @@ def main() -> int:
                 else:
                     samples[name].append(result)
         lines = report(samples, cold)
+        for envoy in envoys.values():
+            envoy.stop()
+        rtc_room = synapse.create_room("bench-rtc", preset="public_chat")
+        synapse.set_limit(rtc_room, 1000)
+        rtc_config = default_plugin_config(synapse.admin_token, LIVEKIT_SECRET,
+                                           synapse={"hs_token": synapse.appservice.hs_token})
+        rtc_samples, rtc_cold = through_synapse(synapse, lk_jwt, livekit, clients, rtc_config, rtc_room)
+        lines += ["", "Through Synapse's client-server get_token (its application-service proxy to the "
+                  "Envoy), the guard deciding on the request:", ""]
+        lines += report(rtc_samples, rtc_cold)[2:]
     finally:
         for part in reversed(parts):
             part.stop()
