@@ -416,12 +416,20 @@ mod tests {
     }
 
     fn new_stream(host: &Rc<Recorder>, config: &Rc<Config>) -> Rc<RefCell<Stream>> {
+        stream_of(host, config, Admission::new())
+    }
+
+    fn stream_of(
+        host: &Rc<Recorder>,
+        config: &Rc<Config>,
+        admission: Admission,
+    ) -> Rc<RefCell<Stream>> {
         let host: Rc<dyn Host> = Rc::clone(host) as Rc<dyn Host>;
         Rc::new(RefCell::new(Stream::new(
             CONTEXT,
             Rc::clone(config),
             host,
-            Admission::new(),
+            admission,
         )))
     }
 
@@ -497,14 +505,8 @@ mod tests {
     }
 
     fn rtc_stream(host: &Rc<Recorder>, config: &Rc<Config>) -> Rc<RefCell<Stream>> {
-        let host: Rc<dyn Host> = Rc::clone(host) as Rc<dyn Host>;
         let admission = Admission::for_route(crate::route::Route::Client);
-        let stream = Rc::new(RefCell::new(Stream::new(
-            CONTEXT,
-            Rc::clone(config),
-            host,
-            admission,
-        )));
+        let stream = stream_of(host, config, admission);
         let headers = crate::rtc_request::RtcHeaders {
             user_identifier: Some("@a:example.com".to_owned()),
             ..Default::default()
