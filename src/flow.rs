@@ -411,7 +411,7 @@ impl Admission {
             Ok(Cached::Claimed)
         } else {
             let pending_ms = cfg.synapse.upstream.timeout.as_millis() as u64;
-            limit_cache::read_or_claim(env.store, &room, env.now_ms(), pending_ms)
+            limit_cache::LIMITS.read_or_claim(env.store, &room, env.now_ms(), pending_ms)
         };
         match cached {
             Ok(Cached::Known(limit)) => {
@@ -671,7 +671,7 @@ impl Admission {
     fn limit_to_enforce(&mut self, room: &str, env: &Env) -> Result<u32, Vec<Effect>> {
         if matches!(self.limit, LimitState::AskedByOther) {
             // The other request's answer may be cached by now; if not, ask ourselves.
-            match limit_cache::peek(env.store, room, env.now_ms()) {
+            match limit_cache::LIMITS.peek(env.store, room, env.now_ms()) {
                 Some(Cached::Known(limit)) => self.limit = LimitState::Known(limit),
                 Some(Cached::Pending) => return Err(vec![Effect::AwaitSharedLimit]),
                 None | Some(Cached::Claimed) => {
@@ -896,12 +896,14 @@ fn settle_lookup(
     };
     match synapse::parse_state_response(status, body, &cfg.limit_state_type) {
         Ok(limit) => {
-            if let Err(e) = limit_cache::store_answer(env.store, room, limit, env.now_ms(), life) {
+            if let Err(e) =
+                limit_cache::LIMITS.store_answer(env.store, room, limit, env.now_ms(), life)
+            {
                 log::warn!("room {}: limit not cached: {e}", clip(room));
             }
             Ok(limit)
         }
-        Err(e) => match limit_cache::release_claim(env.store, room, env.now_ms(), life) {
+        Err(e) => match limit_cache::LIMITS.release_claim(env.store, room, env.now_ms(), life) {
             Ok(Some(limit)) => Err(Settled::Stale(limit, e.to_string())),
             Ok(None) => Err(Settled::Failed(e.to_string())),
             Err(store) => Err(Settled::Failed(format!("{e}; {store}"))),

@@ -343,11 +343,14 @@ impl RootContext for GuardRoot {
                 let store = HostStore {
                     metrics: Rc::clone(&metrics),
                 };
-                limit_cache::BUCKETS.create_all(&store);
+                limit_cache::LIMITS.0.create_all(&store);
+                limit_cache::POWER_LEVELS.0.create_all(&store);
                 occupancy::BUCKETS.create_all(&store);
                 if let Some(id) = metrics.shared_keys {
                     // Absolute: every VM copy creates the same buckets at start.
-                    let keys = limit_cache::BUCKETS.count + occupancy::BUCKETS.count;
+                    let keys = limit_cache::LIMITS.0.count
+                        + limit_cache::POWER_LEVELS.0.count
+                        + occupancy::BUCKETS.count;
                     let _ = hostcalls::record_metric(id, u64::from(keys));
                 }
                 self.metrics = Some(metrics);

@@ -544,17 +544,18 @@ mod tests {
     fn a_matrix_rtc_decision_known_at_once_lets_the_body_callback_continue() {
         let (host, config) = setup("");
         let stream = rtc_stream(&host, &config);
-        limit_cache::store_answer(
-            host.store(),
-            "!room:example.com",
-            Limit::None,
-            host.now_ms(),
-            limit_cache::Lifetimes {
-                ttl_ms: 60_000,
-                stale_ms: 0,
-            },
-        )
-        .unwrap();
+        limit_cache::LIMITS
+            .store_answer(
+                host.store(),
+                "!room:example.com",
+                Limit::None,
+                host.now_ms(),
+                limit_cache::Lifetimes {
+                    ttl_ms: 60_000,
+                    stale_ms: 0,
+                },
+            )
+            .unwrap();
         assert_eq!(request_body(&stream, RTC_BODY), Action::Continue);
         assert!(!host.take().contains(&Asked::ResumeRequest));
     }
@@ -776,7 +777,7 @@ mod tests {
         hand_over(gone, lookup(), Some(200), &limit_answer(3), &config, &*host);
         assert_eq!(host.take(), []);
         assert_eq!(
-            limit_cache::peek(&host.store, ROOM, host.now_ms()),
+            limit_cache::LIMITS.peek(&host.store, ROOM, host.now_ms()),
             Some(Cached::Known(Limit::MaxUsers(3)))
         );
     }

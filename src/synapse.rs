@@ -5,9 +5,11 @@
 //! and returns every state event, so the list is always scanned.
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::json::{self, Scalar};
+use crate::store::digest;
 use crate::upstream::{CallError, Request, Service};
 
 /// The path of the state lookup for `room`, the room id percent-encoded as one segment.
@@ -97,6 +99,226 @@ struct Content {
     max_users: Scalar,
 }
 
+/// Users above a room's default level kept per room: the highest levels first. A room with more
+/// privileged users than this has the lowest of them treated as default (so never exempt).
+pub const MAX_PRIVILEGED: usize = 64;
+
+/// What the guard keeps of a room's `m.room.power_levels`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PowerLevels {
+    /// The level needed to send the limit event: `events[<limit type>]`, else `state_default`
+    /// (50 when the event names none; 0 without a power-levels event, as the spec says).
+    pub send_level: i64,
+    /// `users_default` (0 when absent).
+    pub users_default: i64,
+    /// (digest of the user id, level) of the users above `users_default`, highest first.
+    pub users: Vec<(String, i64)>,
+}
+
+impl PowerLevels {
+    /// `user`'s level in the room.
+    pub fn level_of(&self, user: &str) -> i64 {
+        let user = digest(user);
+        self.users
+            .iter()
+            .find(|(known, _)| *known == user)
+            .map_or(self.users_default, |(_, level)| *level)
+    }
+}
+
+/// Stored as `[send level, users default, [[user digest, level]...]]`.
+impl Serialize for PowerLevels {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (self.send_level, self.users_default, &self.users).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for PowerLevels {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (send_level, users_default, users) = Deserialize::deserialize(deserializer)?;
+        Ok(PowerLevels {
+            send_level,
+            users_default,
+            users,
+        })
+    }
+}
+
+/// The lookup of `room`'s power levels, with the admin token.
+pub fn power_levels_request(room: &str, admin_token: &str) -> Request {
+    state_request(room, "m.room.power_levels", admin_token)
+}
+
+/// Interprets the answer to [`power_levels_request`]. A room Synapse does not know, or one
+/// without a power-levels event, has nobody above the default. Values that are not integers
+/// (nor integral strings, which old room versions allowed) are ignored, as is a `users` or
+/// `events` that is not an object: a malformed event makes nobody exempt.
+pub fn parse_power_levels(
+    status: Option<u32>,
+    body: &[u8],
+    limit_type: &str,
+) -> Result<PowerLevels, CallError> {
+    match status {
+        None => return Err(CallError::NoResponse(Service::Synapse)),
+        Some(200) => {}
+        Some(404) if is_not_found(body) => return Ok(PowerLevels::default()),
+        Some(other) => return Err(CallError::Status(Service::Synapse, other)),
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        state: Vec<PowerEvent>,
+    }
+    #[derive(Deserialize)]
+    struct PowerEvent {
+        #[serde(rename = "type", default)]
+        kind: Scalar,
+        #[serde(default)]
+        state_key: Scalar,
+        #[serde(default)]
+        content: PowerContent,
+    }
+    let answer: Answer = json::object(body).ok_or(CallError::BadBody(Service::Synapse))?;
+    let Some(event) = answer.state.into_iter().find(|e| {
+        e.kind.as_str() == Some("m.room.power_levels") && e.state_key.as_str() == Some("")
+    }) else {
+        return Ok(PowerLevels::default());
+    };
+    let content = event.content;
+    let users_default = level(&content.users_default).unwrap_or(0);
+    let send_level = content
+        .events
+        .0
+        .iter()
+        .find(|(kind, _)| kind == limit_type)
+        .and_then(|(_, value)| level(value))
+        .or_else(|| level(&content.state_default))
+        .unwrap_or(50);
+    let mut users: Vec<(String, i64)> = content
+        .users
+        .0
+        .iter()
+        .filter_map(|(user, value)| Some((digest(user), level(value)?)))
+        .filter(|(_, level)| *level > users_default)
+        .collect();
+    users.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    users.truncate(MAX_PRIVILEGED);
+    Ok(PowerLevels {
+        send_level,
+        users_default,
+        users,
+    })
+}
+
+/// A power level: an integer, an integral float, or an integral numeric string; negative
+/// levels read as -1 (below every level that can matter here).
+fn level(value: &Scalar) -> Option<i64> {
+    let whole = match value {
+        Scalar::Negative => return Some(-1),
+        Scalar::Text(text) => {
+            let text = text.trim();
+            if let Some(magnitude) = text.strip_prefix('-') {
+                return integral_value(magnitude).map(|_| -1);
+            }
+            integral_value(text)?
+        }
+        number => number.as_whole_number()?,
+    };
+    Some(i64::try_from(whole).unwrap_or(i64::MAX))
+}
+
+/// The fields of a power-levels event's content the guard reads.
+#[derive(Default)]
+struct PowerContent {
+    users: ScalarMap,
+    users_default: Scalar,
+    events: ScalarMap,
+    state_default: Scalar,
+}
+
+impl FromObject for PowerContent {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut content = PowerContent::default();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "users" => content.users = map.next_value()?,
+                "events" => content.events = map.next_value()?,
+                "users_default" => content.users_default = map.next_value()?,
+                "state_default" => content.state_default = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(content)
+    }
+}
+
+/// A JSON object of scalars.
+#[derive(Default)]
+struct ScalarMap(Vec<(String, Scalar)>);
+
+impl FromObject for ScalarMap {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = map.next_entry::<String, Scalar>()? {
+            entries.push(entry);
+        }
+        Ok(ScalarMap(entries))
+    }
+}
+
+/// A type read from a JSON object, and read as its default from any other JSON value (a
+/// malformed part of an event must not make the whole answer unreadable).
+trait FromObject: Default {
+    fn from_object<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+struct Lenient<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: FromObject> Visitor<'de> for Lenient<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::from_object(map)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(T::default())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+}
+
+impl<'de> Deserialize<'de> for PowerContent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Lenient(std::marker::PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for ScalarMap {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Lenient(std::marker::PhantomData))
+    }
+}
+
 /// Only Synapse's own "room not found" means no room; a 404 from a misrouted proxy is a failure.
 fn is_not_found(body: &[u8]) -> bool {
     #[derive(Deserialize)]
@@ -176,6 +398,68 @@ mod tests {
             r#"{{"state":[{{"type":"m.room.create","state_key":"","content":{{}}}},{{"type":"io.lotus.voice_limit","state_key":"","content":{content}}}]}}"#
         );
         parse_state_response(Some(200), body.as_bytes(), TYPE)
+    }
+
+    fn levels(content: &str) -> PowerLevels {
+        let body = format!(
+            r#"{{"state":[{{"type":"m.room.power_levels","state_key":"","content":{content}}}]}}"#
+        );
+        parse_power_levels(Some(200), body.as_bytes(), TYPE).unwrap()
+    }
+
+    #[test]
+    fn power_levels_give_each_users_level_and_the_level_to_set_the_limit() {
+        let pl = levels(
+            r#"{"users":{"@mod:x":50,"@admin:x":100,"@low:x":-5,"@str:x":"75"},"users_default":0,
+                "events":{"io.lotus.voice_limit":60},"state_default":50}"#,
+        );
+        assert_eq!(pl.send_level, 60);
+        assert_eq!(pl.level_of("@admin:x"), 100);
+        assert_eq!(pl.level_of("@mod:x"), 50);
+        assert_eq!(pl.level_of("@str:x"), 75, "old room versions allow strings");
+        assert_eq!(pl.level_of("@low:x"), 0, "kept only above the default");
+        assert_eq!(pl.level_of("@anyone:x"), 0);
+        // Without an entry for the limit event, state_default; without that, 50.
+        assert_eq!(levels(r#"{"state_default":30}"#).send_level, 30);
+        assert_eq!(levels(r#"{}"#).send_level, 50);
+        assert_eq!(levels(r#"{"users_default":10}"#).level_of("@a:x"), 10);
+    }
+
+    #[test]
+    fn malformed_power_levels_make_nobody_exempt_and_fail_nothing() {
+        for content in [
+            r#"{"users":[1,2],"events":"x","users_default":"high"}"#,
+            r#"{"users":{"@a:x":{"level":100}},"users_default":null}"#,
+            r#"{"users":{"@a:x":true}}"#,
+            r#""not an object""#,
+        ] {
+            let pl = levels(content);
+            assert_eq!(pl.level_of("@a:x"), 0, "{content}");
+        }
+        // No power-levels event, an unknown room: nobody above the default.
+        let none = parse_power_levels(Some(200), br#"{"state":[]}"#, TYPE).unwrap();
+        assert_eq!(none, PowerLevels::default());
+        let gone = br#"{"errcode":"M_NOT_FOUND","error":"Room not found"}"#;
+        assert_eq!(
+            parse_power_levels(Some(404), gone, TYPE),
+            Ok(PowerLevels::default())
+        );
+        assert!(parse_power_levels(Some(500), b"", TYPE).is_err());
+        assert!(parse_power_levels(None, b"", TYPE).is_err());
+    }
+
+    #[test]
+    fn only_the_highest_privileged_users_are_kept() {
+        let users: Vec<String> = (0..MAX_PRIVILEGED + 10)
+            .map(|i| format!(r#""@u{i}:x":{}"#, 10 + i))
+            .collect();
+        let pl = levels(&format!(r#"{{"users":{{{}}}}}"#, users.join(",")));
+        assert_eq!(pl.users.len(), MAX_PRIVILEGED);
+        assert_eq!(
+            pl.level_of(&format!("@u{}:x", MAX_PRIVILEGED + 9)),
+            10 + MAX_PRIVILEGED as i64 + 9
+        );
+        assert_eq!(pl.level_of("@u0:x"), 0);
     }
 
     #[test]

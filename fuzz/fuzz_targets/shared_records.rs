@@ -87,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
 
 fn limit_cache_ops(header: &Header, bucket: &[u8]) {
     let store = MemoryStore::default();
-    let key = limit_cache::BUCKETS.key_for(ROOM);
+    let key = limit_cache::LIMITS.0.key_for(ROOM);
     store.set(&key, bucket, None).expect("a first write");
     let mut now = header.u32(1);
     let pending_ms = header.u16(5);
@@ -101,15 +101,15 @@ fn limit_cache_ops(header: &Header, bucket: &[u8]) {
     };
     for &op in &header.0[12..16] {
         now += u64::from(op >> 2) * 100;
-        let before = limit_cache::peek(&store, ROOM, now);
+        let before = limit_cache::LIMITS.peek(&store, ROOM, now);
         match op & 3 {
-            0 => assert_eq!(limit_cache::peek(&store, ROOM, now), before),
-            1 => match limit_cache::read_or_claim(&store, ROOM, now, pending_ms) {
+            0 => assert_eq!(limit_cache::LIMITS.peek(&store, ROOM, now), before),
+            1 => match limit_cache::LIMITS.read_or_claim(&store, ROOM, now, pending_ms) {
                 Ok(Cached::Claimed) => {
                     assert_eq!(before, None, "claimed a lookup while the cache answers");
                     if pending_ms > 0 {
                         assert_eq!(
-                            limit_cache::peek(&store, ROOM, now),
+                            limit_cache::LIMITS.peek(&store, ROOM, now),
                             Some(Cached::Pending),
                             "a claim that is not seen"
                         );
@@ -119,18 +119,18 @@ fn limit_cache_ops(header: &Header, bucket: &[u8]) {
                 Err(e) => panic!("read_or_claim failed: {e:?}"),
             },
             2 => {
-                let stored = limit_cache::store_answer(&store, ROOM, limit, now, life);
+                let stored = limit_cache::LIMITS.store_answer(&store, ROOM, limit, now, life);
                 assert_eq!(stored, Ok(()), "store_answer failed");
                 let expected = (life.ttl_ms > 0).then_some(Cached::Known(limit));
                 assert_eq!(
-                    limit_cache::peek(&store, ROOM, now),
+                    limit_cache::LIMITS.peek(&store, ROOM, now),
                     expected,
                     "a stored answer that is not seen"
                 );
             }
-            _ => match limit_cache::release_claim(&store, ROOM, now, life) {
+            _ => match limit_cache::LIMITS.release_claim(&store, ROOM, now, life) {
                 Ok(Some(stale)) => {
-                    let after = limit_cache::peek(&store, ROOM, now);
+                    let after = limit_cache::LIMITS.peek(&store, ROOM, now);
                     if life.ttl_ms > 0 {
                         assert_eq!(after, Some(Cached::Known(stale)), "a stale limit not kept");
                     } else {
@@ -138,7 +138,7 @@ fn limit_cache_ops(header: &Header, bucket: &[u8]) {
                     }
                 }
                 Ok(None) => assert_eq!(
-                    limit_cache::peek(&store, ROOM, now),
+                    limit_cache::LIMITS.peek(&store, ROOM, now),
                     None,
                     "a released claim still answers"
                 ),
