@@ -80,6 +80,9 @@ pub struct Config {
     pub reservation: Duration,
     /// How long LiveKit's participant list of a room is reused (zero: asked for every token).
     pub participants_cache: Duration,
+    /// The power level that lets a user into a full room; `None`: each room's level to send
+    /// the limit event.
+    pub exempt_power_level: Option<i64>,
 }
 
 /// The routing-only configuration: an edge Envoy in front of several guard replicas names
@@ -193,6 +196,7 @@ mod raw {
         pub failure_mode: Option<FailureMode>,
         pub reservation_seconds: Option<u64>,
         pub participants_cache_ms: Option<u64>,
+        pub exempt_power_level: Option<i64>,
     }
 
     #[derive(Deserialize)]
@@ -315,6 +319,7 @@ impl Config {
                 raw.participants_cache_ms
                     .unwrap_or(DEFAULT_PARTICIPANTS_CACHE_MS),
             ),
+            exempt_power_level: raw.exempt_power_level,
         })
     }
 
@@ -342,6 +347,7 @@ impl EdgeConfig {
             failure_mode,
             reservation_seconds,
             participants_cache_ms,
+            exempt_power_level,
         } = raw;
         for (upstream, given) in [
             ("synapse", synapse.is_some()),
@@ -361,6 +367,7 @@ impl EdgeConfig {
             ("failure_mode", failure_mode.is_some()),
             ("reservation_seconds", reservation_seconds.is_some()),
             ("participants_cache_ms", participants_cache_ms.is_some()),
+            ("exempt_power_level", exempt_power_level.is_some()),
         ];
         if let Some((key, _)) = guard_only.iter().find(|(_, given)| *given) {
             return err(format!(

@@ -42,12 +42,13 @@ use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
 use crate::livekit_names::{requester_of_identity, room_alias};
+use crate::lookup::{self, Settled};
 use crate::occupancy::{self, Outcome, Reservation};
 use crate::reply::{self, LocalReply};
 use crate::route::Route;
 use crate::rtc_request::{self, Asked, RtcHeaders};
 use crate::store::SharedStore;
-use crate::synapse::{self, Limit};
+use crate::synapse::{self, Limit, PowerLevels};
 use crate::token_request::{self, Shape, TokenRequest};
 use crate::upstream::Request;
 use crate::watch::{issued_token, Watch};
@@ -123,10 +124,14 @@ pub enum Counter {
     /// A token issued after a request-phase admission for another room or participant than
     /// the one counted.
     TokenMismatches,
+    /// Power-level lookups sent to Synapse (made only for rooms that are full).
+    PowerLevelLookups,
+    /// Users let into a full room for their power level.
+    ExemptAdmissions,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 17] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -142,6 +147,8 @@ impl Counter {
         Counter::Relayed,
         Counter::Released,
         Counter::TokenMismatches,
+        Counter::PowerLevelLookups,
+        Counter::ExemptAdmissions,
     ];
 }
 
@@ -149,10 +156,21 @@ impl Counter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallKind {
     /// Synapse's state of this Matrix room. Its answer is kept in the shared cache even when
-    /// the request that asked has ended (see [`settle_orphaned_lookup`]).
+    /// the request that asked has ended (see [`lookup::settle_orphaned`]).
     LimitLookup(String),
     /// `ListParticipants` for this LiveKit room.
     ListParticipants(String),
+    /// Synapse's power levels of this Matrix room (full, so someone may be exempt). Kept in
+    /// the shared cache like a limit lookup's answer.
+    PowerLookup(String),
+}
+
+impl CallKind {
+    /// Whether the call asks Synapse for a room rule: made by the root context, and its answer
+    /// cached even when the request that asked has ended.
+    pub fn is_synapse_lookup(&self) -> bool {
+        matches!(self, CallKind::LimitLookup(_) | CallKind::PowerLookup(_))
+    }
 }
 
 /// An HTTP call to make with `dispatch_http_call`.
@@ -185,15 +203,16 @@ pub enum Effect {
     LogRefusal(String),
 }
 
+/// Where a Synapse lookup (the limit, the power levels) stands for this request.
 #[derive(Debug)]
-enum LimitState {
-    /// The request body has not been read yet.
+enum Lookup<V> {
+    /// Not looked for yet.
     Unknown,
     /// This request asked Synapse.
     Asking,
     /// Another request is asking Synapse for the same room.
     AskedByOther,
-    Known(Limit),
+    Known(V),
     Failed(String),
 }
 
@@ -217,6 +236,14 @@ struct Subject {
     requester: String,
     /// When the token expires (ms since the epoch).
     expires_ms: u64,
+}
+
+/// Whether a requester refused by the count may come in all the same.
+enum Exemption {
+    Exempt,
+    NotExempt,
+    /// The power levels are being looked up: these effects, then wait for the answer.
+    Wait(Vec<Effect>),
 }
 
 /// lk-jwt-service's tokens live an hour.
@@ -244,7 +271,9 @@ pub struct Admission {
     rtc_headers: RtcHeaders,
     /// `None` until the whole request body has been read.
     request: Option<Result<TokenRequest, String>>,
-    limit: LimitState,
+    limit: Lookup<Limit>,
+    /// The room's power levels, looked for only when the room is full.
+    power: Lookup<PowerLevels>,
     /// The LiveKit room asked about, and what is known of its participants.
     participants: Option<(String, ParticipantState)>,
     stage: Stage,
@@ -267,7 +296,8 @@ impl Admission {
             route,
             rtc_headers: RtcHeaders::default(),
             request: None,
-            limit: LimitState::Unknown,
+            limit: Lookup::Unknown,
+            power: Lookup::Unknown,
             participants: None,
             stage: Stage::Waiting,
         }
@@ -403,7 +433,7 @@ impl Admission {
                 "room {}: not a Matrix room id; no limit applies",
                 clip(&room)
             );
-            self.limit = LimitState::Known(Limit::None);
+            self.limit = Lookup::Known(Limit::None);
             return;
         }
         let cfg = env.config;
@@ -416,10 +446,10 @@ impl Admission {
         match cached {
             Ok(Cached::Known(limit)) => {
                 effects.push(Effect::Count(Counter::LimitCacheHits));
-                self.limit = LimitState::Known(limit);
+                self.limit = Lookup::Known(limit);
                 self.ask_livekit_early(env, effects);
             }
-            Ok(Cached::Pending) => self.limit = LimitState::AskedByOther,
+            Ok(Cached::Pending) => self.limit = Lookup::AskedByOther,
             Ok(Cached::Claimed) | Err(_) => self.ask_synapse(env, effects),
         }
     }
@@ -441,7 +471,7 @@ impl Admission {
             self.stage = Stage::Done;
             return vec![Effect::PassResponse];
         }
-        if let LimitState::Known(Limit::None) = self.limit {
+        if let Lookup::Known(Limit::None) = self.limit {
             self.stage = Stage::Done;
             return vec![Effect::Count(Counter::Allowed), Effect::PassResponse];
         }
@@ -574,7 +604,14 @@ impl Admission {
                 if matches!(&self.request, Some(Ok(r)) if r.room == room) {
                     self.on_limit_answer(status, body, env, &mut effects);
                 } else {
-                    settle_orphaned_lookup(&room, status, body, env);
+                    lookup::settle_orphaned(&CallKind::LimitLookup(room), status, body, env);
+                }
+            }
+            CallKind::PowerLookup(room) => {
+                if matches!(&self.request, Some(Ok(r)) if r.room == room) {
+                    self.on_power_answer(status, body, env, &mut effects);
+                } else {
+                    lookup::settle_orphaned(&CallKind::PowerLookup(room), status, body, env);
                 }
             }
             CallKind::ListParticipants(room) => {
@@ -602,7 +639,7 @@ impl Admission {
         effects: &mut Vec<Effect>,
     ) {
         let room = self.room().to_owned();
-        let limit = match settle_lookup(&room, status, body, env) {
+        let limit = match lookup::limit(&room, status, body, env) {
             Ok(limit) => limit,
             Err(Settled::Stale(limit, reason)) => {
                 log::warn!(
@@ -613,11 +650,11 @@ impl Admission {
                 limit
             }
             Err(Settled::Failed(reason)) => {
-                self.limit = LimitState::Failed(reason);
+                self.limit = Lookup::Failed(reason);
                 return;
             }
         };
-        self.limit = LimitState::Known(limit);
+        self.limit = Lookup::Known(limit);
         if matches!(self.stage, Stage::Waiting | Stage::Deciding(_)) {
             self.ask_livekit_early(env, effects);
         }
@@ -669,10 +706,10 @@ impl Admission {
     /// The limit to enforce, once known. Otherwise the effects that get it, or that end the
     /// request when there is nothing to enforce (no limit) or it cannot be known (a failure).
     fn limit_to_enforce(&mut self, room: &str, env: &Env) -> Result<u32, Vec<Effect>> {
-        if matches!(self.limit, LimitState::AskedByOther) {
+        if matches!(self.limit, Lookup::AskedByOther) {
             // The other request's answer may be cached by now; if not, ask ourselves.
             match limit_cache::LIMITS.peek(env.store, room, env.now_ms()) {
-                Some(Cached::Known(limit)) => self.limit = LimitState::Known(limit),
+                Some(Cached::Known(limit)) => self.limit = Lookup::Known(limit),
                 Some(Cached::Pending) => return Err(vec![Effect::AwaitSharedLimit]),
                 None | Some(Cached::Claimed) => {
                     let mut effects = Vec::new();
@@ -682,16 +719,16 @@ impl Admission {
             }
         }
         match &self.limit {
-            LimitState::Unknown | LimitState::Asking | LimitState::AskedByOther => Err(Vec::new()),
-            LimitState::Failed(reason) => {
+            Lookup::Unknown | Lookup::Asking | Lookup::AskedByOther => Err(Vec::new()),
+            Lookup::Failed(reason) => {
                 let reason = format!("limit lookup failed: {reason}");
                 Err(self.fail(reason, env))
             }
-            LimitState::Known(Limit::None) => {
+            Lookup::Known(Limit::None) => {
                 self.stage = Stage::Done;
                 Err(vec![Effect::Count(Counter::Allowed), self.pass()])
             }
-            LimitState::Known(Limit::MaxUsers(n)) => Ok(*n),
+            Lookup::Known(Limit::MaxUsers(n)) => Ok(*n),
         }
     }
 
@@ -704,7 +741,7 @@ impl Admission {
         env: &Env,
     ) -> Vec<Effect> {
         let requester = subject.requester.as_str();
-        let question = occupancy::Request {
+        let mut question = occupancy::Request {
             room: &subject.room,
             max_users,
             participants,
@@ -715,8 +752,9 @@ impl Admission {
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
             now_ms: env.now_ms(),
             releasable: self.route.decides_on_request(),
+            exempt: false,
         };
-        let verdict = match occupancy::admit(env.store, &question) {
+        let mut verdict = match occupancy::admit(env.store, &question) {
             Ok(Outcome::Decided(verdict)) => verdict,
             Ok(Outcome::NeedList) => {
                 // No fresh list cached: ask LiveKit after all.
@@ -726,8 +764,33 @@ impl Admission {
             }
             Err(e) => return self.fail(format!("room occupancy not updated: {e}"), env),
         };
+        let mut effects = Vec::with_capacity(4);
+        if !verdict.admitted && !verdict.too_many_devices {
+            // The room is full: its moderators may still come in.
+            match self.exemption(requester, env) {
+                Exemption::Exempt => {
+                    question.exempt = true;
+                    verdict = match occupancy::admit(env.store, &question) {
+                        Ok(Outcome::Decided(verdict)) => verdict,
+                        Ok(Outcome::NeedList) | Err(_) => {
+                            let reason = "room occupancy not updated".to_owned();
+                            return self.fail(reason, env);
+                        }
+                    };
+                    if verdict.admitted {
+                        log::info!(
+                            "room {}: {} let into the full room for their power level",
+                            clip(matrix_room),
+                            clip(requester)
+                        );
+                        effects.push(Effect::Count(Counter::ExemptAdmissions));
+                    }
+                }
+                Exemption::NotExempt => {}
+                Exemption::Wait(effects) => return effects,
+            }
+        }
         self.stage = Stage::Done;
-        let mut effects = Vec::with_capacity(3);
         if matches!(participants, occupancy::Participants::Cached) {
             effects.push(Effect::Count(Counter::LivekitCacheHits));
         }
@@ -760,6 +823,88 @@ impl Admission {
         )));
         effects.extend([Effect::Count(Counter::Blocked), Effect::Reply(answer)]);
         effects
+    }
+
+    /// Whether `requester` may come into the full room for their power level; asks Synapse
+    /// (or waits for the request of this process that asks) when the room's power levels are
+    /// not cached.
+    fn exemption(&mut self, requester: &str, env: &Env) -> Exemption {
+        let room = self.room().to_owned();
+        if matches!(self.power, Lookup::AskedByOther) {
+            match limit_cache::POWER_LEVELS.peek(env.store, &room, env.now_ms()) {
+                Some(Cached::Known(levels)) => self.power = Lookup::Known(levels),
+                Some(Cached::Pending) => return Exemption::Wait(vec![Effect::AwaitSharedLimit]),
+                None | Some(Cached::Claimed) => self.power = Lookup::Unknown,
+            }
+        }
+        if matches!(self.power, Lookup::Unknown) {
+            let cfg = env.config;
+            let cached = if cfg.limit_cache_ttl.is_zero() {
+                Ok(Cached::Claimed)
+            } else {
+                let pending_ms = cfg.synapse.upstream.timeout.as_millis() as u64;
+                limit_cache::POWER_LEVELS.read_or_claim(env.store, &room, env.now_ms(), pending_ms)
+            };
+            match cached {
+                Ok(Cached::Known(levels)) => self.power = Lookup::Known(levels),
+                Ok(Cached::Pending) => {
+                    self.power = Lookup::AskedByOther;
+                    return Exemption::Wait(vec![Effect::AwaitSharedLimit]);
+                }
+                Ok(Cached::Claimed) | Err(_) => {
+                    self.power = Lookup::Asking;
+                    let request =
+                        synapse::power_levels_request(&room, cfg.synapse.admin_token.expose());
+                    return Exemption::Wait(vec![
+                        Effect::Count(Counter::PowerLevelLookups),
+                        Effect::Dispatch(call(
+                            CallKind::PowerLookup(room),
+                            &cfg.synapse.upstream,
+                            request,
+                        )),
+                    ]);
+                }
+            }
+        }
+        match &self.power {
+            Lookup::Known(levels) if levels.exempts(requester, env.config.exempt_power_level) => {
+                Exemption::Exempt
+            }
+            Lookup::Known(_) => Exemption::NotExempt,
+            Lookup::Failed(reason) => {
+                // A failure never lifts a limit: without levels seen before, nobody is exempt.
+                log::warn!(
+                    "room {}: power level lookup failed: {}; {} is not let into the full room",
+                    clip(&room),
+                    clip(reason),
+                    clip(requester)
+                );
+                Exemption::NotExempt
+            }
+            Lookup::Unknown | Lookup::Asking | Lookup::AskedByOther => Exemption::Wait(Vec::new()),
+        }
+    }
+
+    fn on_power_answer(
+        &mut self,
+        status: Option<u32>,
+        body: &[u8],
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) {
+        let room = self.room().to_owned();
+        self.power = match lookup::power_levels(&room, status, body, env) {
+            Ok(levels) => Lookup::Known(levels),
+            Err(Settled::Stale(levels, reason)) => {
+                log::warn!(
+                    "room {}: power level lookup failed: {reason}; using the levels seen last",
+                    clip(&room)
+                );
+                effects.push(Effect::Count(Counter::StaleLimits));
+                Lookup::Known(levels)
+            }
+            Err(Settled::Failed(reason)) => Lookup::Failed(reason),
+        };
     }
 
     /// A token for a request the guard could not read is never passed, whatever
@@ -819,12 +964,12 @@ impl Admission {
             &cfg.synapse.upstream,
             request,
         )));
-        self.limit = LimitState::Asking;
+        self.limit = Lookup::Asking;
     }
 
     /// Asks LiveKit under the alias lk-jwt-service 0.4.3+ derives, before the token exists.
     fn ask_livekit_early(&mut self, env: &Env, effects: &mut Vec<Effect>) {
-        let (Some(Ok(request)), LimitState::Known(Limit::MaxUsers(_)), None) =
+        let (Some(Ok(request)), Lookup::Known(Limit::MaxUsers(_)), None) =
             (&self.request, &self.limit, &self.participants)
         else {
             return;
@@ -874,56 +1019,6 @@ fn requester_of<'a>(request: &'a TokenRequest, claims: &'a JoinClaims) -> &'a st
     }
 }
 
-/// Why a Synapse answer gave no fresh limit.
-enum Settled {
-    /// The lookup failed, but the last limit seen is still within `stale_limit_seconds`.
-    Stale(Limit, String),
-    Failed(String),
-}
-
-/// Puts a Synapse answer where every request of the process finds it: the limit in the shared
-/// cache, or, after a failure, the claim released (and the stale limit, if any, returned).
-fn settle_lookup(
-    room: &str,
-    status: Option<u32>,
-    body: &[u8],
-    env: &Env,
-) -> Result<Limit, Settled> {
-    let cfg = env.config;
-    let life = limit_cache::Lifetimes {
-        ttl_ms: cfg.limit_cache_ttl.as_millis() as u64,
-        stale_ms: cfg.stale_limit.as_millis() as u64,
-    };
-    match synapse::parse_state_response(status, body, &cfg.limit_state_type) {
-        Ok(limit) => {
-            if let Err(e) =
-                limit_cache::LIMITS.store_answer(env.store, room, limit, env.now_ms(), life)
-            {
-                log::warn!("room {}: limit not cached: {e}", clip(room));
-            }
-            Ok(limit)
-        }
-        Err(e) => match limit_cache::LIMITS.release_claim(env.store, room, env.now_ms(), life) {
-            Ok(Some(limit)) => Err(Settled::Stale(limit, e.to_string())),
-            Ok(None) => Err(Settled::Failed(e.to_string())),
-            Err(store) => Err(Settled::Failed(format!("{e}; {store}"))),
-        },
-    }
-}
-
-/// The answer to a limit lookup whose request has ended: it is cached all the same (or the
-/// claim released), so that requests waiting for it, and later ones, need not ask again.
-pub fn settle_orphaned_lookup(room: &str, status: Option<u32>, body: &[u8], env: &Env) {
-    if let Err(Settled::Failed(reason) | Settled::Stale(_, reason)) =
-        settle_lookup(room, status, body, env)
-    {
-        log::warn!(
-            "room {}: limit lookup failed: {reason} (its request had ended)",
-            clip(room)
-        );
-    }
-}
-
 /// Whether a Matrix room could have this id: the `!` sigil, at most 255 bytes (the spec's
 /// bound for every identifier), no control characters. Anything else costs no lookup.
 pub fn is_possible_room_id(room: &str) -> bool {
@@ -966,6 +1061,10 @@ fn call(kind: CallKind, upstream: &Upstream, request: Request) -> HttpCall {
 #[cfg(test)]
 #[path = "flow_rtc_tests.rs"]
 mod rtc_tests;
+
+#[cfg(test)]
+#[path = "flow_power_tests.rs"]
+mod power_tests;
 
 #[cfg(test)]
 mod tests {
@@ -1094,11 +1193,28 @@ mod tests {
                 .map(|c| c.kind.clone())
         }
 
-        /// LiveKit's answer to the last `ListParticipants` call.
+        /// LiveKit's answer to the last `ListParticipants` call. A refusal it leads to asks
+        /// for the room's power levels: they are answered too, with nobody privileged.
         pub(super) fn livekit(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
             let Some(kind) = self.livekit_call() else {
                 panic!("LiveKit was not asked: {:?}", self.all)
             };
+            let effects = self
+                .admission
+                .on_call_response(kind, status, body, &self.env);
+            let mut effects = self.keep(effects);
+            if dispatched(&effects)
+                .iter()
+                .any(|c| matches!(c.kind, CallKind::PowerLookup(_)))
+            {
+                effects.extend(self.power(Some(200), br#"{"state":[]}"#));
+            }
+            effects
+        }
+
+        /// Synapse's answer to the power-level lookup.
+        pub(super) fn power(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
+            let kind = CallKind::PowerLookup(ROOM.to_owned());
             let effects = self
                 .admission
                 .on_call_response(kind, status, body, &self.env);
@@ -1576,7 +1692,8 @@ mod tests {
         let mut waiting = Drive::new(&cfg, &store, 0);
         assert!(dispatched(&waiting.request(&legacy_body("@b:example.com", "D"))).is_empty());
         // ...whose answer the host settles without the request that asked.
-        settle_orphaned_lookup(ROOM, Some(200), &limit_answer(4), &Env::at(&cfg, &store, 0));
+        let env = Env::at(&cfg, &store, 0);
+        lookup::settle_orphaned(&lookup(), Some(200), &limit_answer(4), &env);
         let effects = waiting.token(&legacy_token("@b:example.com", "D"));
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);

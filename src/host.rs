@@ -86,6 +86,8 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::Relayed => "voice_limit_guard.relayed_requests",
         Counter::Released => "voice_limit_guard.released_reservations",
         Counter::TokenMismatches => "voice_limit_guard.token_mismatches",
+        Counter::PowerLevelLookups => "voice_limit_guard.power_level_lookups",
+        Counter::ExemptAdmissions => "voice_limit_guard.exempt_admissions",
     }
 }
 

@@ -27,6 +27,7 @@ mod key_path;
 pub mod limit_cache;
 pub mod livekit;
 pub mod livekit_names;
+pub mod lookup;
 pub mod occupancy;
 pub mod reply;
 pub mod route;

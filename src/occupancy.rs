@@ -223,6 +223,9 @@ pub struct Request<'a> {
     /// The admission is taken before lk-jwt-service has answered: its reservation is marked so
     /// that it can be undone ([`release`]) should lk-jwt-service refuse the token.
     pub releasable: bool,
+    /// The requester may come in whatever the count (a moderator of the room); they still
+    /// count, and the device caps still apply.
+    pub exempt: bool,
 }
 
 /// The decision, with what it was based on.
@@ -384,7 +387,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
     let requester = digest(q.requester);
     let mut occupied = present.clone();
     occupied.extend(record.r.iter().map(|(user, _)| user.as_str()));
-    let admitted = !should_block(q.max_users, &occupied, &requester);
+    let admitted = q.exempt || !should_block(q.max_users, &occupied, &requester);
     if !admitted && matches!(q.participants, Participants::Cached) {
         // A refusal is decided on a fresh list only: users who left since the list was taken
         // would otherwise keep their places, and a user refused would never see why not.
@@ -479,6 +482,7 @@ mod tests {
             reservation_ms: 30_000,
             list_cache_ms: 0,
             releasable: false,
+            exempt: false,
             now_ms,
         }
     }

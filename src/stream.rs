@@ -12,7 +12,8 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::flow::{settle_orphaned_lookup, Admission, CallKind, Counter, Effect, Env, HttpCall};
+use crate::flow::{Admission, CallKind, Counter, Effect, Env, HttpCall};
+use crate::lookup::settle_orphaned;
 use crate::reply::LocalReply;
 use crate::store::SharedStore;
 
@@ -57,7 +58,7 @@ pub const LOOKUP_DELAY: Duration = Duration::from_millis(1);
 /// of a stream when it ends, and the SDK drops answers addressed to a stream it deleted, so a
 /// lookup made by the stream would be lost whenever its client went away, and every request
 /// waiting for it would have to ask again. Made by the root, its answer always arrives and is
-/// cached ([`settle_orphaned_lookup`]).
+/// cached ([`settle_orphaned`]). Power-level lookups go the same way.
 #[derive(Default)]
 struct Pending {
     calls: Vec<(u32, Weak<RefCell<Stream>>, CallKind)>,
@@ -75,9 +76,7 @@ pub fn expect_answer(token: u32, stream: &Weak<RefCell<Stream>>, kind: CallKind)
         let calls = &mut p.borrow_mut().calls;
         // Envoy cancels the calls of a stream that ends, so their answers never come: forget
         // them here, or the list would grow with every abandoned request. Lookups are kept.
-        calls.retain(|(_, stream, kind)| {
-            stream.strong_count() > 0 || matches!(kind, CallKind::LimitLookup(_))
-        });
+        calls.retain(|(_, stream, kind)| stream.strong_count() > 0 || kind.is_synapse_lookup());
         calls.push((token, Weak::clone(stream), kind));
     });
 }
@@ -263,12 +262,12 @@ impl Stream {
         action
     }
 
-    /// Makes a call for the stream; a limit lookup is left to the root (see [`Pending`]). A
+    /// Makes a call for the stream; a Synapse lookup is left to the root (see [`Pending`]). A
     /// call the host refuses is answered to the admission as failed at once. Inside a
     /// response callback, that answer's outcome is carried out as on a call's answer (a pass
     /// by resuming): what the callback returns comes from its own event's effects only.
     fn dispatch(this: &Rc<RefCell<Stream>>, host: &dyn Host, call: HttpCall, phase: Phase) {
-        if matches!(call.kind, CallKind::LimitLookup(_)) {
+        if call.kind.is_synapse_lookup() {
             PENDING.with(|p| p.borrow_mut().lookups.push((Rc::downgrade(this), call)));
             host.set_tick_period(LOOKUP_DELAY);
             return;
@@ -303,9 +302,9 @@ pub fn hand_over(
         Stream::run(&stream, Phase::CallAnswer, |admission, env| {
             admission.on_call_response(kind, status, body, env)
         });
-    } else if let CallKind::LimitLookup(room) = kind {
+    } else {
         let clock = || host.now_ms();
-        settle_orphaned_lookup(&room, status, body, &Env::new(config, host.store(), &clock));
+        settle_orphaned(&kind, status, body, &Env::new(config, host.store(), &clock));
     }
 }
 

@@ -116,6 +116,14 @@ pub struct PowerLevels {
 }
 
 impl PowerLevels {
+    /// Whether `user` may come into the room when it is full: at the level needed to set the
+    /// limit (or `threshold`, when configured) and above the room's default level (so a room
+    /// where everyone may set the limit exempts nobody).
+    pub fn exempts(&self, user: &str, threshold: Option<i64>) -> bool {
+        let level = self.level_of(user);
+        level >= threshold.unwrap_or(self.send_level) && level > self.users_default
+    }
+
     /// `user`'s level in the room.
     pub fn level_of(&self, user: &str) -> i64 {
         let user = digest(user);

@@ -180,6 +180,7 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
         reservation_ms: header.u16(9) * 10,
         list_cache_ms: header.u16(11) * 10,
         releasable: now_ms % 2 == 1,
+        exempt: now_ms % 3 == 1,
         now_ms,
     };
     let verdict = match occupancy::admit(&store, &q) {

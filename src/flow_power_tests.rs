@@ -1,0 +1,201 @@
+//! Moderators in a full room: the power levels, looked up only when the room is full.
+
+use super::tests::{counters, dispatched, outcome, participants, Drive};
+use super::*;
+use crate::store::MemoryStore;
+use crate::test_support::{config, issued, legacy_alias, legacy_body, limit_answer, lookup};
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+/// Synapse's answer with a power-levels event of this content.
+fn power_answer(content: &str) -> Vec<u8> {
+    format!(r#"{{"state":[{{"type":"m.room.power_levels","state_key":"","content":{content}}}]}}"#)
+        .into_bytes()
+}
+
+const LEVELS: &str = r#"{"users":{"@mod:example.com":50,"@admin:example.com":100,"@vip:example.com":20},
+    "users_default":0,"state_default":50}"#;
+
+/// `user` (device `D`) asks for a token of a room limited to 1 that alice is in, at `now_ms`;
+/// the power-level lookup, if asked, is answered with `levels` (`None`: Synapse fails).
+fn ask_full_room(
+    cfg: &Config,
+    store: &MemoryStore,
+    user: &str,
+    levels: Option<&str>,
+    now_ms: u64,
+) -> Vec<Effect> {
+    let mut d = Drive::new(cfg, store, now_ms);
+    let effects = d.request(&legacy_body(user, "D"));
+    if dispatched(&effects).iter().any(|c| c.kind == lookup()) {
+        d.synapse(Some(200), &limit_answer(1));
+    }
+    d.token(&issued(&legacy_alias(), &format!("{user}:D")));
+    let kind = d.livekit_call();
+    let effects = match kind {
+        Some(kind) => {
+            let effects = d.admission.on_call_response(
+                kind,
+                Some(200),
+                &participants(&["@alice:example.com:A"]),
+                &d.env,
+            );
+            d.keep(effects)
+        }
+        None => Vec::new(),
+    };
+    if dispatched(&effects)
+        .iter()
+        .any(|c| matches!(c.kind, CallKind::PowerLookup(_)))
+    {
+        match levels {
+            Some(content) => d.power(Some(200), &power_answer(content)),
+            None => d.power(Some(502), b""),
+        };
+    }
+    d.all
+}
+
+#[test]
+fn a_moderator_gets_into_a_full_room_and_then_counts() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let effects = ask_full_room(&cfg, &store, "@mod:example.com", Some(LEVELS), 1_000);
+    assert_eq!(outcome(&effects), Some(200));
+    assert_eq!(
+        counters(&effects),
+        [
+            Counter::TokenRequests,
+            Counter::SynapseLookups,
+            Counter::LivekitLookups,
+            Counter::PowerLevelLookups,
+            Counter::ExemptAdmissions,
+            Counter::Allowed
+        ]
+    );
+    // The moderator holds a place: others are refused while they are in, and the cached
+    // levels serve the next refusal without asking Synapse.
+    let effects = ask_full_room(&cfg, &store, "@vip:example.com", Some(LEVELS), 2_000);
+    assert_eq!(outcome(&effects), Some(403));
+    assert!(!counters(&effects).contains(&Counter::PowerLevelLookups));
+}
+
+#[test]
+fn below_the_level_to_set_the_limit_is_refused() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    for user in ["@vip:example.com", "@nobody:example.com"] {
+        let effects = ask_full_room(&cfg, &MemoryStore::default(), user, Some(LEVELS), 1_000);
+        assert_eq!(outcome(&effects), Some(403), "{user}");
+        assert!(!counters(&effects).contains(&Counter::ExemptAdmissions));
+    }
+}
+
+#[test]
+fn the_level_to_send_the_limit_event_is_the_threshold_unless_configured() {
+    let content = r#"{"users":{"@mod:example.com":50},"events":{"io.lotus.voice_limit":75}}"#;
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let effects = ask_full_room(
+        &cfg,
+        &MemoryStore::default(),
+        "@mod:example.com",
+        Some(content),
+        1,
+    );
+    assert_eq!(outcome(&effects), Some(403), "75 needed to set the limit");
+    let cfg = config(r#", "participants_cache_ms": 0, "exempt_power_level": 50"#);
+    let effects = ask_full_room(
+        &cfg,
+        &MemoryStore::default(),
+        "@mod:example.com",
+        Some(content),
+        1,
+    );
+    assert_eq!(outcome(&effects), Some(200), "the configured level");
+}
+
+#[test]
+fn a_room_where_everyone_may_set_the_limit_exempts_nobody() {
+    let content = r#"{"users":{"@mod:example.com":50},"users_default":50,"state_default":50}"#;
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let effects = ask_full_room(
+        &cfg,
+        &MemoryStore::default(),
+        "@mod:example.com",
+        Some(content),
+        1,
+    );
+    assert_eq!(outcome(&effects), Some(403));
+}
+
+#[test]
+fn rooms_with_space_never_ask_for_power_levels() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let mut d = Drive::new(&cfg, &store, 1);
+    d.request(&legacy_body("@b:example.com", "D"));
+    d.synapse(Some(200), &limit_answer(2));
+    d.token(&issued(&legacy_alias(), "@b:example.com:D"));
+    d.livekit(Some(200), &participants(&["@alice:example.com:A"]));
+    assert_eq!(outcome(&d.all), Some(200));
+    assert!(!counters(&d.all).contains(&Counter::PowerLevelLookups));
+}
+
+#[test]
+fn a_failed_lookup_never_lifts_the_limit_and_levels_seen_before_are_kept() {
+    for mode in [
+        "",
+        r#", "failure_mode": "open""#,
+        r#", "failure_mode": "closed""#,
+    ] {
+        let cfg = config(&format!(r#", "participants_cache_ms": 0{mode}"#));
+        let store = MemoryStore::default();
+        // Synapse fails the power-level lookup: nobody is exempt, whatever the mode.
+        let effects = ask_full_room(&cfg, &store, "@mod:example.com", None, 1_000);
+        assert_eq!(outcome(&effects), Some(403), "{mode}");
+        assert!(!counters(&effects).contains(&Counter::FailOpen));
+        // Levels seen once are kept through a later outage (past their TTL).
+        ask_full_room(&cfg, &store, "@nobody:example.com", Some(LEVELS), 2_000);
+        let effects = ask_full_room(&cfg, &store, "@mod:example.com", None, 60_000);
+        assert_eq!(outcome(&effects), Some(200), "{mode}");
+        assert!(counters(&effects).contains(&Counter::StaleLimits));
+    }
+}
+
+#[test]
+fn concurrent_refusals_share_one_power_lookup() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let full = participants(&["@alice:example.com:A"]);
+    let mut drives: Vec<Drive> = ["@x:example.com", "@mod:example.com"]
+        .iter()
+        .map(|user| {
+            let mut d = Drive::new(&cfg, &store, 1_000);
+            let effects = d.request(&legacy_body(user, "D"));
+            if dispatched(&effects).iter().any(|c| c.kind == lookup()) {
+                d.synapse(Some(200), &limit_answer(1));
+            } else {
+                d.retry();
+            }
+            d.token(&issued(&legacy_alias(), &format!("{user}:D")));
+            d
+        })
+        .collect();
+    let mut asked = 0;
+    for d in &mut drives {
+        let Some(kind) = d.livekit_call() else {
+            panic!("LiveKit not asked")
+        };
+        let effects = d.admission.on_call_response(kind, Some(200), &full, &d.env);
+        let effects = d.keep(effects);
+        asked += dispatched(&effects)
+            .iter()
+            .filter(|c| matches!(c.kind, CallKind::PowerLookup(_)))
+            .count();
+    }
+    assert_eq!(asked, 1, "one lookup for the room");
+    drives[0].power(Some(200), &power_answer(LEVELS));
+    assert_eq!(outcome(&drives[0].all), Some(403));
+    // The other request finds the answer in the shared cache when it looks again.
+    drives[1].retry();
+    assert_eq!(outcome(&drives[1].all), Some(200));
+}
