@@ -6,10 +6,11 @@
 //!   answering with effects. Start reading there.
 //! - [`route`] tells the token routes apart; [`token_request`] (on [`gojson`]) reads the
 //!   legacy routes' bodies and [`rtc_request`] the MatrixRTC routes' requests; [`watch`]
-//!   checks a token issued after a request-phase admission; [`jwt`], [`livekit_names`], [`synapse`], [`livekit`]
-//!   (both on [`upstream`] and [`json`]),
-//!   [`decision`], [`occupancy`] and [`limit_cache`] (both on [`store`]), [`reply`] and
-//!   [`config`] each hold one concern.
+//!   checks a token issued after a request-phase admission.
+//! - [`synapse`] (limits, power levels) and [`livekit`] (participants) ask the services, both
+//!   on [`upstream`] and [`json`]; [`lookup`] settles Synapse's answers into [`limit_cache`].
+//! - [`jwt`], [`livekit_names`], [`decision`], [`occupancy`] and [`limit_cache`] (both on
+//!   [`store`]), [`reply`] and [`config`] each hold one concern.
 //! - [`affinity`] is the edge role: it names a token request's room in a header, so that
 //!   Envoy's consistent hashing sends each room to one guard replica.
 //! - [`stream`] carries a stream's effects out through a small `Host` trait (tested natively);
