@@ -31,7 +31,7 @@ impl Watch {
         }
     }
 
-    /// Keeps a part of the answer body (up to [`MAX_BODY`] in all).
+    /// Keeps a part of the answer body (up to 64 KiB in all).
     pub fn read(&mut self, chunk: &[u8]) {
         if self.body.len() + chunk.len() > MAX_BODY {
             self.too_long = true;
