@@ -14,7 +14,10 @@ fn check(config: &Config) {
     assert!(!config.token_paths.is_empty(), "no token path");
     for path in &config.token_paths {
         assert!(path.starts_with('/'), "token path {path:?}");
-        assert!(config.route_of(path).is_some(), "{path:?} is not a token path");
+        assert!(
+            config.route_of(path).is_some(),
+            "{path:?} is not a token path"
+        );
     }
     assert!(!config.limit_state_type.is_empty());
     assert!(!config.synapse.upstream.cluster.is_empty());
@@ -27,7 +30,10 @@ fn check(config: &Config) {
 fn check_edge(edge: &EdgeConfig) {
     assert!(!edge.room_header.is_empty() && !edge.room_header.starts_with(':'));
     for path in &edge.token_paths {
-        assert!(edge.route_of(path).is_some(), "{path:?} is not a token path");
+        assert!(
+            edge.route_of(path).is_some(),
+            "{path:?} is not a token path"
+        );
     }
 }
 

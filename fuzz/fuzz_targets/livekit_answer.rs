@@ -21,5 +21,8 @@ fuzz_target!(|data: &[u8]| {
         parse_list_response(Some(503), data),
         Err(CallError::Status(Service::LiveKit, 503))
     );
-    assert_eq!(parse_list_response(None, data), Err(CallError::NoResponse(Service::LiveKit)));
+    assert_eq!(
+        parse_list_response(None, data),
+        Err(CallError::NoResponse(Service::LiveKit))
+    );
 });

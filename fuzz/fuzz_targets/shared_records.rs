@@ -207,8 +207,7 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
     // that, asking again changes nothing: the same verdict, and the same stored bytes.
     if let (true, Some(reservation)) = (q.releasable, verdict.reservation) {
         // A releasable admission's reservation can be undone, and is then gone.
-        occupancy::release(&store, ALIAS, q.requester, reservation, now_ms)
-            .expect("a release");
+        occupancy::release(&store, ALIAS, q.requester, reservation, now_ms).expect("a release");
         occupancy::release(&store, ALIAS, q.requester, reservation, now_ms)
             .expect("a second release changes nothing");
         return;

@@ -1,9 +1,10 @@
-//! Synapse's answers to the room state lookup (`/_synapse/admin/v1/rooms/{room}/state`).
+//! Synapse's answers to the room state lookups (`/_synapse/admin/v1/rooms/{room}/state`):
+//! the limit, and the power levels.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::synapse::{parse_state_response, Limit};
+use voice_limit_guard::synapse::{parse_power_levels, parse_state_response, Limit, MAX_PRIVILEGED};
 use voice_limit_guard::upstream::{CallError, Service};
 
 const STATE_TYPE: &str = "io.lotus.voice_limit";
@@ -23,4 +24,17 @@ fuzz_target!(|data: &[u8]| {
         parse_state_response(None, data, STATE_TYPE),
         Err(CallError::NoResponse(Service::Synapse))
     );
+    // Power levels: the users kept are above the default, highest first, and few.
+    match parse_power_levels(Some(200), data, STATE_TYPE) {
+        Ok(levels) => {
+            assert!(levels.users.len() <= MAX_PRIVILEGED);
+            assert!(levels
+                .users
+                .iter()
+                .all(|(_, level)| *level > levels.users_default));
+            assert!(levels.users.windows(2).all(|w| w[0].1 >= w[1].1));
+        }
+        Err(CallError::BadBody(Service::Synapse)) => {}
+        Err(other) => panic!("a 200 answer gave {other:?}"),
+    }
 });
