@@ -345,13 +345,13 @@ impl RootContext for GuardRoot {
                 let store = HostStore {
                     metrics: Rc::clone(&metrics),
                 };
-                limit_cache::LIMITS.0.create_all(&store);
-                limit_cache::POWER_LEVELS.0.create_all(&store);
+                limit_cache::LIMITS.buckets.create_all(&store);
+                limit_cache::POWER_LEVELS.buckets.create_all(&store);
                 occupancy::BUCKETS.create_all(&store);
                 if let Some(id) = metrics.shared_keys {
                     // Absolute: every VM copy creates the same buckets at start.
-                    let keys = limit_cache::LIMITS.0.count
-                        + limit_cache::POWER_LEVELS.0.count
+                    let keys = limit_cache::LIMITS.buckets.count
+                        + limit_cache::POWER_LEVELS.buckets.count
                         + occupancy::BUCKETS.count;
                     let _ = hostcalls::record_metric(id, u64::from(keys));
                 }

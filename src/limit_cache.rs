@@ -14,111 +14,151 @@
 //! most the Synapse timeout, so concurrent requests for the same room wait for that answer
 //! instead of each asking Synapse.
 
-use serde::de::DeserializeOwned;
+use std::marker::PhantomData;
+
+use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::store::{Buckets, Change, Eviction, Record, SharedStore, StoreError};
 use crate::synapse::{Limit, PowerLevels};
 
-/// A Synapse answer the cache can hold.
-pub trait Answer: Clone + PartialEq + Serialize + DeserializeOwned {
-    /// Whether the answer is kept, stale, through a Synapse outage.
-    fn keeps_stale(&self) -> bool;
-    /// How readily the entry is evicted for another room's.
-    fn eviction(&self) -> Eviction;
+/// A Synapse answer either cache holds. One type for both, so that the shared-data code is in
+/// the module once; [`Cache`] keeps each cache to its own kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    Limit(Limit),
+    Power(PowerLevels),
+}
+
+impl Rule {
+    /// Whether the answer is kept, stale, through a Synapse outage: a positive limit (a room
+    /// never seen limited is not held to one), power levels.
+    fn keeps_stale(&self) -> bool {
+        !matches!(self, Rule::Limit(Limit::None))
+    }
+}
+
+/// A kind of answer a [`Cache`] holds.
+pub trait Answer: Sized {
+    fn into_rule(self) -> Rule;
+    fn from_rule(rule: Rule) -> Option<Self>;
 }
 
 impl Answer for Limit {
-    fn keeps_stale(&self) -> bool {
-        matches!(self, Limit::MaxUsers(_))
+    fn into_rule(self) -> Rule {
+        Rule::Limit(self)
     }
-
-    /// Unlimited rooms go first; a limit only when nothing else can.
-    fn eviction(&self) -> Eviction {
-        Eviction::Rank(u8::from(self.keeps_stale()))
-    }
-}
-
-impl Answer for PowerLevels {
-    fn keeps_stale(&self) -> bool {
-        true
-    }
-
-    fn eviction(&self) -> Eviction {
-        Eviction::Rank(1)
-    }
-}
-
-/// Stored as the number: `0` for no limit.
-impl Serialize for Limit {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Limit::None => 0u32.serialize(serializer),
-            Limit::MaxUsers(n) => n.serialize(serializer),
+    fn from_rule(rule: Rule) -> Option<Limit> {
+        match rule {
+            Rule::Limit(limit) => Some(limit),
+            Rule::Power(_) => None,
         }
     }
 }
 
-impl<'de> Deserialize<'de> for Limit {
+impl Answer for PowerLevels {
+    fn into_rule(self) -> Rule {
+        Rule::Power(self)
+    }
+    fn from_rule(rule: Rule) -> Option<PowerLevels> {
+        match rule {
+            Rule::Power(levels) => Some(levels),
+            Rule::Limit(_) => None,
+        }
+    }
+}
+
+/// A limit is stored as its number (`0`: no limit), power levels as `[send level, users
+/// default, [[user digest, level]...]]`.
+impl Serialize for Rule {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Rule::Limit(Limit::None) => 0u32.serialize(serializer),
+            Rule::Limit(Limit::MaxUsers(n)) => n.serialize(serializer),
+            Rule::Power(levels) => {
+                (levels.send_level, levels.users_default, &levels.users).serialize(serializer)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Rule {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match u32::deserialize(deserializer)? {
-            0 => Limit::None,
-            n => Limit::MaxUsers(n),
-        })
+        struct RuleVisitor;
+        impl<'de> Visitor<'de> for RuleVisitor {
+            type Value = Rule;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a limit or power levels")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Rule, E> {
+                Ok(Rule::Limit(match u32::try_from(n) {
+                    Ok(0) => Limit::None,
+                    Ok(n) => Limit::MaxUsers(n),
+                    Err(_) => return Err(E::custom("limit out of range")),
+                }))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rule, A::Error> {
+                let missing = || de::Error::custom("power levels have three parts");
+                Ok(Rule::Power(PowerLevels {
+                    send_level: seq.next_element()?.ok_or_else(missing)?,
+                    users_default: seq.next_element()?.ok_or_else(missing)?,
+                    users: seq.next_element()?.ok_or_else(missing)?,
+                }))
+            }
+        }
+        deserializer.deserialize_any(RuleVisitor)
     }
 }
 
 /// The rooms' limits. Entries are about 70 bytes (ids are stored as digests), so this holds
 /// some 28,000 rooms; entries without a limit are evicted first, limits last. Many small
 /// buckets: a lookup decodes one bucket, so its size is the per-request cost.
-pub const LIMITS: Cache<Limit> = Cache(Buckets::new("voice_limit_guard.limits", 512, 4 * 1024));
+pub const LIMITS: Cache<Limit> = Cache::new("voice_limit_guard.limits", 512, 4 * 1024);
 
 /// The power levels of rooms that were full when someone asked to join. An entry holds the
 /// few users above the room's default level ([`crate::synapse::MAX_PRIVILEGED`] at most), a
 /// few hundred bytes.
-pub const POWER_LEVELS: Cache<PowerLevels> = Cache(Buckets::new(
-    "voice_limit_guard.power_levels",
-    256,
-    16 * 1024,
-));
+pub const POWER_LEVELS: Cache<PowerLevels> =
+    Cache::new("voice_limit_guard.power_levels", 256, 16 * 1024);
 
 /// One kind of room rule, in shared data (its buckets are created when the VM starts).
-pub struct Cache<V>(pub Buckets<Entry<V>>);
+pub struct Cache<V> {
+    pub buckets: Buckets<Entry>,
+    kind: PhantomData<fn() -> V>,
+}
 
 /// What the shared cache holds for one room. Times are ms since the epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry<V> {
+pub struct Entry {
     /// The last answer Synapse gave, if any.
-    seen: Option<V>,
+    seen: Option<Rule>,
     /// Until when `seen` is served without asking Synapse.
     fresh_until: u64,
-    /// Until when `seen` is used if Synapse cannot be asked (when it [`Answer::keeps_stale`]).
+    /// Until when `seen` is used if Synapse cannot be asked (when it [`Rule::keeps_stale`]).
     stale_until: u64,
     /// Until when another request's lookup is awaited (0: none pending).
     pending_until: u64,
 }
 
-impl<V: Answer> Entry<V> {
+impl Entry {
     fn expires_at(&self) -> u64 {
         let stale = match &self.seen {
-            Some(answer) if answer.keeps_stale() => self.stale_until,
+            Some(rule) if rule.keeps_stale() => self.stale_until,
             _ => 0,
         };
         self.fresh_until.max(stale).max(self.pending_until)
     }
 
-    fn stale_answer(&self, now_ms: u64) -> Option<V> {
+    fn stale_rule(&self, now_ms: u64) -> Option<Rule> {
         match &self.seen {
-            Some(answer) if answer.keeps_stale() && self.stale_until > now_ms => {
-                Some(answer.clone())
-            }
+            Some(rule) if rule.keeps_stale() && self.stale_until > now_ms => Some(rule.clone()),
             _ => None,
         }
     }
 }
 
 /// Stored as `[answer or null, fresh until, stale until, pending until]`.
-impl<V: Serialize> Serialize for Entry<V> {
+impl Serialize for Entry {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         (
             &self.seen,
@@ -130,7 +170,7 @@ impl<V: Serialize> Serialize for Entry<V> {
     }
 }
 
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entry<V> {
+impl<'de> Deserialize<'de> for Entry {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let (seen, fresh_until, stale_until, pending_until) =
             Deserialize::deserialize(deserializer)?;
@@ -143,13 +183,10 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entry<V> {
     }
 }
 
-impl<V: Answer> Record for Entry<V> {
-    /// Bare pending marks go first; otherwise as the answer says.
+impl Record for Entry {
+    /// Unlimited rooms and bare pending marks go first; limits and levels last.
     fn eviction(&self) -> Eviction {
-        match &self.seen {
-            Some(answer) => answer.eviction(),
-            None => Eviction::Rank(0),
-        }
+        Eviction::Rank(u8::from(self.seen.as_ref().is_some_and(Rule::keeps_stale)))
     }
 }
 
@@ -163,9 +200,9 @@ pub enum Cached<V = Limit> {
     Claimed,
 }
 
-fn classify<V: Answer>(entry: &Entry<V>, now_ms: u64) -> Option<Cached<V>> {
+fn classify(entry: &Entry, now_ms: u64) -> Option<Cached<Rule>> {
     match &entry.seen {
-        Some(answer) if entry.fresh_until > now_ms => Some(Cached::Known(answer.clone())),
+        Some(rule) if entry.fresh_until > now_ms => Some(Cached::Known(rule.clone())),
         _ if entry.pending_until > now_ms => Some(Cached::Pending),
         _ => None,
     }
@@ -176,11 +213,18 @@ fn classify<V: Answer>(entry: &Entry<V>, now_ms: u64) -> Option<Cached<V>> {
 pub struct Lifetimes {
     /// Served without asking again (0: every request asks).
     pub ttl_ms: u64,
-    /// An answer's further life for when Synapse fails (see [`Answer::keeps_stale`]).
+    /// An answer's further life for when Synapse fails (see [`Rule::keeps_stale`]).
     pub stale_ms: u64,
 }
 
 impl<V: Answer> Cache<V> {
+    const fn new(prefix: &'static str, count: u32, max_bytes: usize) -> Cache<V> {
+        Cache {
+            buckets: Buckets::new(prefix, count, max_bytes),
+            kind: PhantomData,
+        }
+    }
+
     /// Reads the room's answer, or claims the lookup for the caller when nobody holds it.
     /// `pending_ms` bounds how long the claim holds off others (the Synapse timeout).
     pub fn read_or_claim(
@@ -190,34 +234,15 @@ impl<V: Answer> Cache<V> {
         now_ms: u64,
         pending_ms: u64,
     ) -> Result<Cached<V>, StoreError> {
-        if let Some(cached) = self.peek(store, room, now_ms) {
-            return Ok(cached);
-        }
-        self.0
-            .update(store, room, now_ms, |old: Option<(&Entry<V>, u64)>| {
-                let old = old.map(|(entry, _)| entry.clone());
-                if let Some(cached) = old.as_ref().and_then(|entry| classify(entry, now_ms)) {
-                    return (Change::Keep, cached);
-                }
-                let claimed = Entry {
-                    pending_until: now_ms.saturating_add(pending_ms),
-                    ..old.unwrap_or(Entry {
-                        seen: None,
-                        fresh_until: 0,
-                        stale_until: 0,
-                        pending_until: 0,
-                    })
-                };
-                let until = claimed.expires_at();
-                (Change::Put(claimed, until), Cached::Claimed)
-            })
+        read_or_claim(&self.buckets, store, room, now_ms, pending_ms).map(typed)
     }
 
     /// Reads the room's entry without claiming anything: a fresh answer or a pending lookup.
     pub fn peek(&self, store: &dyn SharedStore, room: &str, now_ms: u64) -> Option<Cached<V>> {
-        self.0
+        self.buckets
             .get(store, room, now_ms)
             .and_then(|entry| classify(&entry, now_ms))
+            .map(typed)
     }
 
     /// Stores a Synapse answer: fresh for the TTL, stale for `stale_ms` after that.
@@ -229,23 +254,7 @@ impl<V: Answer> Cache<V> {
         now_ms: u64,
         life: Lifetimes,
     ) -> Result<(), StoreError> {
-        let entry = Entry {
-            seen: Some(answer),
-            fresh_until: now_ms.saturating_add(life.ttl_ms),
-            stale_until: now_ms
-                .saturating_add(life.ttl_ms)
-                .saturating_add(life.stale_ms),
-            pending_until: 0,
-        };
-        let until = entry.expires_at();
-        self.0
-            .update(store, room, now_ms, |_: Option<(&Entry<V>, u64)>| {
-                if until <= now_ms {
-                    (Change::Remove, ())
-                } else {
-                    (Change::Put(entry.clone(), until), ())
-                }
-            })
+        store_answer(&self.buckets, store, room, answer.into_rule(), now_ms, life)
     }
 
     /// After a failed lookup: drops the pending mark, so the next request asks Synapse again,
@@ -259,31 +268,109 @@ impl<V: Answer> Cache<V> {
         now_ms: u64,
         life: Lifetimes,
     ) -> Result<Option<V>, StoreError> {
-        self.0
-            .update(store, room, now_ms, |old: Option<(&Entry<V>, u64)>| {
-                let Some((entry, _)) = old else {
-                    return (Change::Keep, None);
-                };
-                if let Some(Cached::Known(answer)) = classify(entry, now_ms) {
-                    // Another request stored an answer meanwhile.
-                    return (Change::Keep, Some(answer));
-                }
-                let stale = entry.stale_answer(now_ms);
-                let mut next = Entry {
-                    pending_until: 0,
-                    ..entry.clone()
-                };
-                if stale.is_some() {
-                    next.fresh_until = now_ms.saturating_add(life.ttl_ms).min(entry.stale_until);
-                }
-                let until = next.expires_at();
-                if until <= now_ms {
-                    (Change::Remove, stale)
-                } else {
-                    (Change::Put(next, until), stale)
-                }
-            })
+        release_claim(&self.buckets, store, room, now_ms, life)
+            .map(|rule| rule.and_then(V::from_rule))
     }
+}
+
+/// A cached rule as the cache's own kind (another kind, which its buckets never hold, reads
+/// as nothing fresh).
+fn typed<V: Answer>(cached: Cached<Rule>) -> Cached<V> {
+    match cached {
+        Cached::Known(rule) => V::from_rule(rule).map_or(Cached::Claimed, Cached::Known),
+        Cached::Pending => Cached::Pending,
+        Cached::Claimed => Cached::Claimed,
+    }
+}
+
+fn read_or_claim(
+    buckets: &Buckets<Entry>,
+    store: &dyn SharedStore,
+    room: &str,
+    now_ms: u64,
+    pending_ms: u64,
+) -> Result<Cached<Rule>, StoreError> {
+    if let Some(cached) = buckets
+        .get(store, room, now_ms)
+        .and_then(|entry| classify(&entry, now_ms))
+    {
+        return Ok(cached);
+    }
+    buckets.update(store, room, now_ms, |old: Option<(&Entry, u64)>| {
+        let old = old.map(|(entry, _)| entry.clone());
+        if let Some(cached) = old.as_ref().and_then(|entry| classify(entry, now_ms)) {
+            return (Change::Keep, cached);
+        }
+        let claimed = Entry {
+            pending_until: now_ms.saturating_add(pending_ms),
+            ..old.unwrap_or(Entry {
+                seen: None,
+                fresh_until: 0,
+                stale_until: 0,
+                pending_until: 0,
+            })
+        };
+        let until = claimed.expires_at();
+        (Change::Put(claimed, until), Cached::Claimed)
+    })
+}
+
+fn store_answer(
+    buckets: &Buckets<Entry>,
+    store: &dyn SharedStore,
+    room: &str,
+    rule: Rule,
+    now_ms: u64,
+    life: Lifetimes,
+) -> Result<(), StoreError> {
+    let entry = Entry {
+        seen: Some(rule),
+        fresh_until: now_ms.saturating_add(life.ttl_ms),
+        stale_until: now_ms
+            .saturating_add(life.ttl_ms)
+            .saturating_add(life.stale_ms),
+        pending_until: 0,
+    };
+    let until = entry.expires_at();
+    buckets.update(store, room, now_ms, |_: Option<(&Entry, u64)>| {
+        if until <= now_ms {
+            (Change::Remove, ())
+        } else {
+            (Change::Put(entry.clone(), until), ())
+        }
+    })
+}
+
+fn release_claim(
+    buckets: &Buckets<Entry>,
+    store: &dyn SharedStore,
+    room: &str,
+    now_ms: u64,
+    life: Lifetimes,
+) -> Result<Option<Rule>, StoreError> {
+    buckets.update(store, room, now_ms, |old: Option<(&Entry, u64)>| {
+        let Some((entry, _)) = old else {
+            return (Change::Keep, None);
+        };
+        if let Some(Cached::Known(rule)) = classify(entry, now_ms) {
+            // Another request stored an answer meanwhile.
+            return (Change::Keep, Some(rule));
+        }
+        let stale = entry.stale_rule(now_ms);
+        let mut next = Entry {
+            pending_until: 0,
+            ..entry.clone()
+        };
+        if stale.is_some() {
+            next.fresh_until = now_ms.saturating_add(life.ttl_ms).min(entry.stale_until);
+        }
+        let until = next.expires_at();
+        if until <= now_ms {
+            (Change::Remove, stale)
+        } else {
+            (Change::Put(next, until), stale)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -429,6 +516,6 @@ mod tests {
             LIMITS.peek(&store, "!limited", 2),
             Some(Cached::Known(Limit::MaxUsers(3)))
         );
-        assert!(store.byte_count() <= (LIMITS.0.count as usize) * LIMITS.0.max_bytes);
+        assert!(store.byte_count() <= (LIMITS.buckets.count as usize) * LIMITS.buckets.max_bytes);
     }
 }

@@ -36,7 +36,7 @@ pub fn power_levels(
     settle(&POWER_LEVELS, room, parsed, env)
 }
 
-fn settle<V: Answer>(
+fn settle<V: Answer + Clone>(
     cache: &Cache<V>,
     room: &str,
     parsed: Result<V, CallError>,

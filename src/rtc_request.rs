@@ -14,9 +14,10 @@
 //! ignored, a duplicate key, a wrong type or trailing data make the body unreadable. The
 //! member id is `member_id`, or `member.id` in the bodies of versions before 0.8.
 
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess};
+use serde::{Deserialize, Deserializer};
 
-use crate::json;
+use crate::json::{self, FromObject};
 use crate::livekit_names::{hash_of_strings, room_alias};
 use crate::route::Route;
 
@@ -82,11 +83,14 @@ impl std::fmt::Display for RtcError {
     }
 }
 
-#[derive(Deserialize)]
+/// The fields of a MatrixRTC body the guard reads, as serde reads a struct: exact keys, unknown
+/// keys skipped, a duplicate key or a wrong type an error.
+#[derive(Default)]
 struct Body {
     room_id: Option<String>,
     slot_id: Option<String>,
     member_id: Option<String>,
+    /// `{"id"}` in the bodies of versions before 0.8.
     member: Option<Member>,
     /// Federation only.
     user_id: Option<String>,
@@ -94,9 +98,72 @@ struct Body {
     server_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default)]
 struct Member {
     id: Option<String>,
+}
+
+impl FromObject for Body {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut body = Body::default();
+        let mut seen = [false; 6];
+        while let Some(key) = map.next_key::<String>()? {
+            let field = match key.as_str() {
+                "room_id" => 0,
+                "slot_id" => 1,
+                "member_id" => 2,
+                "member" => 3,
+                "user_id" => 4,
+                "server_name" => 5,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if std::mem::replace(&mut seen[field], true) {
+                return Err(de::Error::custom("duplicate field"));
+            }
+            match field {
+                0 => body.room_id = map.next_value()?,
+                1 => body.slot_id = map.next_value()?,
+                2 => body.member_id = map.next_value()?,
+                3 => body.member = map.next_value()?,
+                4 => body.user_id = map.next_value()?,
+                _ => body.server_name = map.next_value()?,
+            }
+        }
+        Ok(body)
+    }
+}
+
+impl FromObject for Member {
+    fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut member = Member::default();
+        let mut seen = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "id" {
+                if std::mem::replace(&mut seen, true) {
+                    return Err(de::Error::custom("duplicate field"));
+                }
+                member.id = map.next_value()?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(member)
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        json::lenient(deserializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Member {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        json::lenient(deserializer)
+    }
 }
 
 /// Reads a MatrixRTC token request of `route` (not [`Route::Legacy`]).

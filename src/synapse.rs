@@ -5,10 +5,10 @@
 //! and returns every state event, so the list is always scanned.
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::de::{IgnoredAny, MapAccess};
+use serde::{Deserialize, Deserializer};
 
-use crate::json::{self, Scalar};
+use crate::json::{self, FromObject, Scalar};
 use crate::store::digest;
 use crate::upstream::{CallError, Request, Service};
 
@@ -59,20 +59,30 @@ pub fn parse_state_response(
     body: &[u8],
     state_type: &str,
 ) -> Result<Limit, CallError> {
+    let Some(event) = state_event(status, body, state_type)? else {
+        return Ok(Limit::None);
+    };
+    Ok(max_users(&event.content.max_users).map_or(Limit::None, Limit::MaxUsers))
+}
+
+/// The event of `state_type` with an empty state key in a state answer; `None` when there is
+/// none, or Synapse does not know the room.
+fn state_event(
+    status: Option<u32>,
+    body: &[u8],
+    state_type: &str,
+) -> Result<Option<StateEvent>, CallError> {
     match status {
         None => return Err(CallError::NoResponse(Service::Synapse)),
         Some(200) => {}
-        Some(404) if is_not_found(body) => return Ok(Limit::None),
+        Some(404) if is_not_found(body) => return Ok(None),
         Some(other) => return Err(CallError::Status(Service::Synapse, other)),
     }
     let answer: StateAnswer = json::object(body).ok_or(CallError::BadBody(Service::Synapse))?;
-    let event = answer
+    Ok(answer
         .state
-        .iter()
-        .find(|e| e.kind.as_str() == Some(state_type) && e.state_key.as_str() == Some(""));
-    Ok(event
-        .and_then(|e| max_users(&e.content.max_users))
-        .map_or(Limit::None, Limit::MaxUsers))
+        .into_iter()
+        .find(|e| e.kind.as_str() == Some(state_type) && e.state_key.as_str() == Some("")))
 }
 
 /// The admin API's state list; of each event only what identifies the limit event is typed,
@@ -90,13 +100,6 @@ struct StateEvent {
     state_key: Scalar,
     #[serde(default)]
     content: Content,
-}
-
-/// An event's content; of the limit event only `max_users` is read.
-#[derive(Deserialize, Default)]
-struct Content {
-    #[serde(default)]
-    max_users: Scalar,
 }
 
 /// Users above a room's default level kept per room: the highest levels first. A room with more
@@ -134,24 +137,6 @@ impl PowerLevels {
     }
 }
 
-/// Stored as `[send level, users default, [[user digest, level]...]]`.
-impl Serialize for PowerLevels {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        (self.send_level, self.users_default, &self.users).serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for PowerLevels {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let (send_level, users_default, users) = Deserialize::deserialize(deserializer)?;
-        Ok(PowerLevels {
-            send_level,
-            users_default,
-            users,
-        })
-    }
-}
-
 /// The lookup of `room`'s power levels, with the admin token.
 pub fn power_levels_request(room: &str, admin_token: &str) -> Request {
     state_request(room, "m.room.power_levels", admin_token)
@@ -166,29 +151,7 @@ pub fn parse_power_levels(
     body: &[u8],
     limit_type: &str,
 ) -> Result<PowerLevels, CallError> {
-    match status {
-        None => return Err(CallError::NoResponse(Service::Synapse)),
-        Some(200) => {}
-        Some(404) if is_not_found(body) => return Ok(PowerLevels::default()),
-        Some(other) => return Err(CallError::Status(Service::Synapse, other)),
-    }
-    #[derive(Deserialize)]
-    struct Answer {
-        state: Vec<PowerEvent>,
-    }
-    #[derive(Deserialize)]
-    struct PowerEvent {
-        #[serde(rename = "type", default)]
-        kind: Scalar,
-        #[serde(default)]
-        state_key: Scalar,
-        #[serde(default)]
-        content: PowerContent,
-    }
-    let answer: Answer = json::object(body).ok_or(CallError::BadBody(Service::Synapse))?;
-    let Some(event) = answer.state.into_iter().find(|e| {
-        e.kind.as_str() == Some("m.room.power_levels") && e.state_key.as_str() == Some("")
-    }) else {
+    let Some(event) = state_event(status, body, "m.room.power_levels")? else {
         return Ok(PowerLevels::default());
     };
     let content = event.content;
@@ -234,20 +197,23 @@ fn level(value: &Scalar) -> Option<i64> {
     Some(i64::try_from(whole).unwrap_or(i64::MAX))
 }
 
-/// The fields of a power-levels event's content the guard reads.
+/// The fields of a state event's content the guard reads: `max_users` of the limit event,
+/// the levels of the power-levels event. One type for both, so the module holds one reader.
 #[derive(Default)]
-struct PowerContent {
+struct Content {
+    max_users: Scalar,
     users: ScalarMap,
     users_default: Scalar,
     events: ScalarMap,
     state_default: Scalar,
 }
 
-impl FromObject for PowerContent {
+impl FromObject for Content {
     fn from_object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut content = PowerContent::default();
+        let mut content = Content::default();
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
+                "max_users" => content.max_users = map.next_value()?,
                 "users" => content.users = map.next_value()?,
                 "events" => content.events = map.next_value()?,
                 "users_default" => content.users_default = map.next_value()?,
@@ -275,55 +241,15 @@ impl FromObject for ScalarMap {
     }
 }
 
-/// A type read from a JSON object, and read as its default from any other JSON value (a
-/// malformed part of an event must not make the whole answer unreadable).
-trait FromObject: Default {
-    fn from_object<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
-}
-
-struct Lenient<T>(std::marker::PhantomData<T>);
-
-impl<'de, T: FromObject> Visitor<'de> for Lenient<T> {
-    type Value = T;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-        T::from_object(map)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(T::default())
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
-        Ok(T::default())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
-        Ok(T::default())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
-        Ok(T::default())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
-        Ok(T::default())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<T, E> {
-        Ok(T::default())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
-        Ok(T::default())
-    }
-}
-
-impl<'de> Deserialize<'de> for PowerContent {
+impl<'de> Deserialize<'de> for Content {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(Lenient(std::marker::PhantomData))
+        json::lenient(deserializer)
     }
 }
 
 impl<'de> Deserialize<'de> for ScalarMap {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(Lenient(std::marker::PhantomData))
+        json::lenient(deserializer)
     }
 }
 

@@ -87,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
 
 fn limit_cache_ops(header: &Header, bucket: &[u8]) {
     let store = MemoryStore::default();
-    let key = limit_cache::LIMITS.0.key_for(ROOM);
+    let key = limit_cache::LIMITS.buckets.key_for(ROOM);
     store.set(&key, bucket, None).expect("a first write");
     let mut now = header.u32(1);
     let pending_ms = header.u16(5);
