@@ -972,8 +972,8 @@ def results_table(run: Run, subjects: list[Subject]) -> list[str]:
 
 
 def counters_table(run: Run) -> list[str]:
-    names = ["token_requests", "synapse_lookups", "limit_cache_hits", "livekit_lookups", "allowed",
-             "blocked", "fail_open"]
+    names = ["token_requests", "synapse_lookups", "power_level_lookups", "limit_cache_hits",
+             "livekit_lookups", "allowed", "blocked", "fail_open"]
     lines = ["| scenario | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for scenario in SCENARIOS:
         deltas = run.guard_counters.get(scenario.key, {})

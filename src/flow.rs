@@ -609,7 +609,7 @@ impl Admission {
             }
             CallKind::PowerLookup(room) => {
                 if matches!(&self.request, Some(Ok(r)) if r.room == room) {
-                    self.on_power_answer(status, body, env, &mut effects);
+                    self.on_power_answer(status, body, env);
                 } else {
                     lookup::settle_orphaned(&CallKind::PowerLookup(room), status, body, env);
                 }
@@ -885,13 +885,7 @@ impl Admission {
         }
     }
 
-    fn on_power_answer(
-        &mut self,
-        status: Option<u32>,
-        body: &[u8],
-        env: &Env,
-        effects: &mut Vec<Effect>,
-    ) {
+    fn on_power_answer(&mut self, status: Option<u32>, body: &[u8], env: &Env) {
         let room = self.room().to_owned();
         self.power = match lookup::power_levels(&room, status, body, env) {
             Ok(levels) => Lookup::Known(levels),
@@ -900,7 +894,6 @@ impl Admission {
                     "room {}: power level lookup failed: {reason}; using the levels seen last",
                     clip(&room)
                 );
-                effects.push(Effect::Count(Counter::StaleLimits));
                 Lookup::Known(levels)
             }
             Err(Settled::Failed(reason)) => Lookup::Failed(reason),
