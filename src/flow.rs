@@ -43,7 +43,7 @@ use crate::limit_cache::{self, Cached};
 use crate::livekit;
 use crate::livekit_names::{requester_of_identity, room_alias};
 use crate::lookup::{self, Settled};
-use crate::occupancy::{self, Outcome, Reservation};
+use crate::occupancy::{self, Outcome};
 use crate::reply::{self, LocalReply};
 use crate::route::Route;
 use crate::rtc_request::{self, Asked, RtcHeaders};
@@ -259,7 +259,9 @@ enum Stage {
     /// request, and a 200 for it is answered 503.
     Unchecked(String),
     /// MatrixRTC: the request went on with a place; its answer is watched.
-    Watching(Watch, Option<Reservation>),
+    /// MatrixRTC: the request went on with a place; its answer is watched (and the admission's
+    /// hold on the requester's reservation is given back if lk-jwt-service refuses it).
+    Watching(Watch, bool),
     /// Passed or replaced; nothing more to do.
     Done,
 }
@@ -496,11 +498,11 @@ impl Admission {
                     effects.push(Effect::PassResponse);
                     return effects;
                 }
-                self.stage = Stage::Watching(watch, None);
+                self.stage = Stage::Watching(watch, false);
                 vec![Effect::PassResponse]
             }
-            Stage::Watching(watch, reservation) => {
-                let mut effects = self.release(&watch, reservation, env);
+            Stage::Watching(watch, holds) => {
+                let mut effects = self.release(&watch, holds, env);
                 effects.push(Effect::PassResponse);
                 effects
             }
@@ -513,14 +515,14 @@ impl Admission {
         }
     }
 
-    /// Gives back the place a request-phase admission reserved, as lk-jwt-service refused
-    /// its token.
-    fn release(&self, watch: &Watch, reservation: Option<Reservation>, env: &Env) -> Vec<Effect> {
-        let (Some(reservation), Some(Ok(request))) = (reservation, &self.request) else {
+    /// Gives back the hold a request-phase admission took on its requester's reservation, as
+    /// lk-jwt-service refused its token; the place is free once no admission holds it.
+    fn release(&self, watch: &Watch, holds: bool, env: &Env) -> Vec<Effect> {
+        let (true, Some(Ok(request))) = (holds, &self.request) else {
             return Vec::new();
         };
         let requester = &request.claimed_user_id;
-        match occupancy::release(env.store, &watch.room, requester, reservation, env.now_ms()) {
+        match occupancy::release(env.store, &watch.room, requester, env.now_ms()) {
             Ok(true) => vec![Effect::Count(Counter::Released)],
             Ok(false) => Vec::new(),
             Err(e) => {
@@ -797,7 +799,7 @@ impl Admission {
         if verdict.admitted {
             if self.route.decides_on_request() {
                 let watch = Watch::new(subject.room.clone(), subject.identity.clone());
-                self.stage = Stage::Watching(watch, verdict.reservation);
+                self.stage = Stage::Watching(watch, verdict.holds);
             }
             effects.extend([Effect::Count(Counter::Allowed), self.pass()]);
             return effects;

@@ -53,14 +53,16 @@ pub const MAX_IDENTITIES_PER_USER: usize = 16;
 /// Longer participant lists are not cached (the cache is an optimisation).
 const MAX_CACHED_LIST: usize = 256;
 
-/// The shared record of one LiveKit room, stored as `[[[user, until]...], [[identity, user,
-/// until]...], [fresh until, [identity...]]]` (the last part only while a list is cached).
+/// The shared record of one LiveKit room, stored as `[[[user, until, holds]...], [[identity,
+/// user, until]...], [fresh until, [identity...]]]` (the last part only while a list is cached).
 /// Users and identities are kept as [`digest`]s: the record's size does not depend on what
 /// ids clients choose.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RoomRecord {
-    /// Users admitted and not yet seen in LiveKit: (user, reserved until).
-    r: Vec<(String, u64)>,
+    /// Users admitted and not yet seen in LiveKit: (user, reserved until, holds). `holds`
+    /// counts the admissions taken before lk-jwt-service answered that have not been refused
+    /// since ([`release`]); [`PINNED`] once an admission was decided on an issued token.
+    r: Vec<(String, u64, u32)>,
     /// Identities of tokens let through: (identity, user, remembered until).
     i: Vec<(String, String, u64)>,
     /// LiveKit's last participant list and until when it may be reused.
@@ -130,7 +132,7 @@ impl RoomRecord {
     }
 
     fn expires_at(&self) -> u64 {
-        let reservations = self.r.iter().map(|(_, until)| *until);
+        let reservations = self.r.iter().map(|(_, until, _)| *until);
         let identities = self.i.iter().map(|(_, _, until)| *until);
         let list = self.p.iter().map(|(until, _)| *until);
         reservations
@@ -239,18 +241,14 @@ pub struct Verdict {
     pub present: usize,
     /// Users admitted but not yet in LiveKit (the requester excluded).
     pub reserved: usize,
-    /// The requester's reservation as a releasable admission left it (see [`release`]).
-    pub reservation: Option<Reservation>,
+    /// A releasable admission holds the requester's reservation: [`release`] it if
+    /// lk-jwt-service refuses the token.
+    pub holds: bool,
 }
 
-/// What a releasable admission did to its user's reservation: set it to `until`, from
-/// `previous` (`None`: it made it). Every releasable admission sets a later `until` than the
-/// one before it, so a reservation still at `until` was touched by no admission since.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reservation {
-    pub until: u64,
-    pub previous: Option<u64>,
-}
+/// The `holds` of a reservation that no refusal may end: an admission decided on the token
+/// lk-jwt-service issued.
+pub const PINNED: u32 = u32::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -289,15 +287,14 @@ pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Outcome, StoreError
         .and_then(|outcome| outcome)
 }
 
-/// Undoes what a releasable admission did to `requester`'s reservation in `room`, when
-/// lk-jwt-service refused its token: unless a later admission of the same user renewed it
-/// since (that admission's token may be live), the reservation goes back to what it was.
-/// Whether it did.
+/// Gives back the hold a releasable admission took on `requester`'s reservation in `room`,
+/// when lk-jwt-service refused its token. The reservation ends with its last hold: once every
+/// admission of the user that took one was refused, and none was decided on an issued token.
+/// Whether the reservation ended.
 pub fn release(
     store: &dyn SharedStore,
     room: &str,
     requester: &str,
-    reservation: Reservation,
     now_ms: u64,
 ) -> Result<bool, StoreError> {
     let requester = digest(requester);
@@ -305,19 +302,19 @@ pub fn release(
         let Some((old, _)) = old else {
             return (Change::Keep, false);
         };
-        let Some(index) = old
-            .r
-            .iter()
-            .position(|(user, until)| *user == requester && *until == reservation.until)
-        else {
+        let Some(index) = old.r.iter().position(|(user, _, _)| *user == requester) else {
             return (Change::Keep, false);
         };
         let mut record = old.clone();
-        match reservation.previous.filter(|until| *until > now_ms) {
-            Some(previous) => record.r[index].1 = previous,
-            None => {
-                record.r.remove(index);
+        let ended = match record.r.get_mut(index) {
+            Some((_, _, holds)) if *holds != PINNED => {
+                *holds = holds.saturating_sub(1);
+                *holds == 0
             }
+            _ => false,
+        };
+        if ended {
+            record.r.remove(index);
         }
         let change = if record.is_empty() {
             Change::Remove
@@ -325,12 +322,12 @@ pub fn release(
             let until = record.expires_at();
             Change::Put(record, until)
         };
-        (change, true)
+        (change, ended)
     })
 }
 
 fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, StoreError> {
-    record.r.retain(|(_, until)| *until > q.now_ms);
+    record.r.retain(|(_, until, _)| *until > q.now_ms);
     record.i.retain(|(_, _, until)| *until > q.now_ms);
     if record
         .p
@@ -382,24 +379,24 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
     // A reservation ends once its user is in LiveKit.
     record
         .r
-        .retain(|(user, _)| !present.contains(user.as_str()));
+        .retain(|(user, _, _)| !present.contains(user.as_str()));
 
     let requester = digest(q.requester);
     let mut occupied = present.clone();
-    occupied.extend(record.r.iter().map(|(user, _)| user.as_str()));
+    occupied.extend(record.r.iter().map(|(user, _, _)| user.as_str()));
     let admitted = q.exempt || !should_block(q.max_users, &occupied, &requester);
     if !admitted && matches!(q.participants, Participants::Cached) {
         // A refusal is decided on a fresh list only: users who left since the list was taken
         // would otherwise keep their places, and a user refused would never see why not.
         return Ok(None);
     }
-    let reserved = record.r.iter().filter(|(u, _)| *u != requester).count();
+    let reserved = record.r.iter().filter(|(u, _, _)| *u != requester).count();
     let mut verdict = Verdict {
         admitted,
         too_many_devices: false,
         present: present.len(),
         reserved,
-        reservation: None,
+        holds: false,
     };
     if admitted {
         // A pairing lives while its token does, but never longer than a day: the token's
@@ -419,37 +416,24 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
         if !present.contains(requester.as_str()) {
             let until = q.now_ms.saturating_add(q.reservation_ms);
             let full = record.r.len() >= MAX_RESERVATIONS;
-            let entry = record.r.iter_mut().find(|(user, _)| *user == requester);
-            if q.releasable {
-                verdict.reservation = Some(match entry {
-                    Some(entry) => {
-                        let previous = entry.1;
-                        entry.1 = until.max(previous.saturating_add(1));
-                        Reservation {
-                            until: entry.1,
-                            previous: Some(previous),
-                        }
-                    }
-                    None if full => return Err(StoreError::Full),
-                    None => {
-                        record.r.push((requester, until));
-                        Reservation {
-                            until,
-                            previous: None,
-                        }
-                    }
-                });
-                return Ok(Some(verdict));
-            }
+            let entry = record.r.iter_mut().find(|(user, _, _)| *user == requester);
+            let hold = if q.releasable { 1 } else { PINNED };
             match entry {
-                // A repeated request renews the reservation once half of it has passed.
-                Some(entry) if entry.1 < q.now_ms.saturating_add(q.reservation_ms / 2) => {
-                    entry.1 = until
+                Some((_, reserved_until, holds)) => {
+                    // A repeated request renews the reservation once half of it has passed.
+                    if *reserved_until < q.now_ms.saturating_add(q.reservation_ms / 2) {
+                        *reserved_until = until;
+                    }
+                    *holds = if *holds == PINNED || hold == PINNED {
+                        PINNED
+                    } else {
+                        holds.saturating_add(1)
+                    };
                 }
-                Some(_) => {}
                 None if full => return Err(StoreError::Full),
-                None => record.r.push((requester, until)),
+                None => record.r.push((requester, until, hold)),
             }
+            verdict.holds = q.releasable;
         }
     }
     Ok(Some(verdict))
@@ -607,10 +591,66 @@ mod tests {
         assert_eq!(admit(&store, &q), Ok(Outcome::NeedList));
     }
 
+    /// A releasable admission (the MatrixRTC routes) of `requester` at `now_ms`, no one in
+    /// LiveKit.
+    fn ask_releasable(
+        store: &MemoryStore,
+        max_users: u32,
+        requester: &str,
+        now_ms: u64,
+    ) -> Verdict {
+        let q = Request {
+            releasable: true,
+            ..question(max_users, Participants::Fresh(&[]), requester, "", now_ms)
+        };
+        match admit(store, &q) {
+            Ok(Outcome::Decided(verdict)) => verdict,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_token_gives_the_place_back() {
+        let store = MemoryStore::default();
+        assert!(ask_releasable(&store, 1, "@stranger:x", 0).holds);
+        assert!(!ask_releasable(&store, 1, "@member:x", 1).admitted);
+        assert_eq!(release(&store, ROOM, "@stranger:x", 2), Ok(true));
+        assert!(ask_releasable(&store, 1, "@member:x", 3).admitted);
+    }
+
+    #[test]
+    fn concurrent_refused_requests_leave_no_place_behind() {
+        // Two requests of one account, both refused by lk-jwt-service: the place is held while
+        // either may still get a token, and free once both are refused.
+        let store = MemoryStore::default();
+        assert!(ask_releasable(&store, 1, "@hoarder:x", 0).holds);
+        assert!(ask_releasable(&store, 1, "@hoarder:x", 1).holds);
+        assert_eq!(release(&store, ROOM, "@hoarder:x", 2), Ok(false));
+        assert!(!ask_releasable(&store, 1, "@member:x", 3).admitted);
+        assert_eq!(release(&store, ROOM, "@hoarder:x", 4), Ok(true));
+        assert!(ask_releasable(&store, 1, "@member:x", 5).admitted);
+    }
+
+    #[test]
+    fn a_refusal_never_frees_the_place_of_a_token_issued_to_the_same_user() {
+        let store = MemoryStore::default();
+        // Two requests; one gets its token (no release), the other is refused.
+        ask_releasable(&store, 1, "@a:x", 0);
+        ask_releasable(&store, 1, "@a:x", 1);
+        assert_eq!(release(&store, ROOM, "@a:x", 2), Ok(false));
+        assert!(!ask_releasable(&store, 1, "@b:x", 3).admitted);
+        // An admission decided on an issued token (the legacy routes) pins the place.
+        let store = MemoryStore::default();
+        ask(&store, 1, &[], "@a:x", "@a:x:D", 0);
+        ask_releasable(&store, 1, "@a:x", 1);
+        assert_eq!(release(&store, ROOM, "@a:x", 2), Ok(false));
+        assert!(!ask_releasable(&store, 1, "@b:x", 3).admitted);
+    }
+
     #[test]
     fn records_read_back_what_they_wrote() {
         let record = RoomRecord {
-            r: vec![("@a:x".into(), 5), ("@\"b\":x".into(), 6)],
+            r: vec![("@a:x".into(), 5, 1), ("@\"b\":x".into(), 6, PINNED)],
             i: vec![("hash/+=".into(), "@a:x".into(), 7)],
             p: Some((9, vec!["@a:x:D".into(), "hash/+=".into()])),
         };

@@ -205,11 +205,11 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
     // An admission is recorded: asking again at once is admitted too. The first answer may
     // have taught the record who an identity is, which can change the count once; after
     // that, asking again changes nothing: the same verdict, and the same stored bytes.
-    if let (true, Some(reservation)) = (q.releasable, verdict.reservation) {
-        // A releasable admission's reservation can be undone, and is then gone.
-        occupancy::release(&store, ALIAS, q.requester, reservation, now_ms).expect("a release");
-        occupancy::release(&store, ALIAS, q.requester, reservation, now_ms)
-            .expect("a second release changes nothing");
+    if verdict.holds {
+        // A releasable admission's hold can be given back; releasing more than was held
+        // changes nothing.
+        occupancy::release(&store, ALIAS, q.requester, now_ms).expect("a release");
+        occupancy::release(&store, ALIAS, q.requester, now_ms).expect("a second release");
         return;
     }
     if verdict.admitted && q.reservation_ms > 0 {
