@@ -163,13 +163,18 @@ pub enum CallKind {
     /// Synapse's power levels of this Matrix room (full, so someone may be exempt). Kept in
     /// the shared cache like a limit lookup's answer.
     PowerLookup(String),
+    /// The create event of this Matrix room: its creators, exempt in room version 12.
+    CreatorsLookup(String),
 }
 
 impl CallKind {
     /// Whether the call asks Synapse for a room rule: made by the root context, and its answer
     /// cached even when the request that asked has ended.
     pub fn is_synapse_lookup(&self) -> bool {
-        matches!(self, CallKind::LimitLookup(_) | CallKind::PowerLookup(_))
+        matches!(
+            self,
+            CallKind::LimitLookup(_) | CallKind::PowerLookup(_) | CallKind::CreatorsLookup(_)
+        )
     }
 }
 
@@ -238,6 +243,74 @@ struct Subject {
     expires_ms: u64,
 }
 
+/// Finds a room rule a refusal needs (power levels, creators) under `key` of the power-level
+/// cache: from the cache, by waiting for the request of this process that asks, or by asking
+/// Synapse (`call`). Whether the rule is settled (known or failed); otherwise `effects` say
+/// what to do meanwhile.
+fn look_up(
+    state: &mut Lookup<PowerLevels>,
+    key: &str,
+    call_for: impl FnOnce() -> (CallKind, Request),
+    env: &Env,
+    effects: &mut Vec<Effect>,
+) -> bool {
+    let cache = &limit_cache::POWER_LEVELS;
+    if matches!(state, Lookup::AskedByOther) {
+        match cache.peek(env.store, key, env.now_ms()) {
+            Some(Cached::Known(levels)) => *state = Lookup::Known(levels),
+            Some(Cached::Pending) => {
+                effects.push(Effect::AwaitSharedLimit);
+                return false;
+            }
+            None | Some(Cached::Claimed) => *state = Lookup::Unknown,
+        }
+    }
+    if matches!(state, Lookup::Unknown) {
+        let cfg = env.config;
+        let cached = if cfg.limit_cache_ttl.is_zero() {
+            Ok(Cached::Claimed)
+        } else {
+            let pending_ms = cfg.synapse.upstream.timeout.as_millis() as u64;
+            cache.read_or_claim(env.store, key, env.now_ms(), pending_ms)
+        };
+        match cached {
+            Ok(Cached::Known(levels)) => *state = Lookup::Known(levels),
+            Ok(Cached::Pending) => {
+                *state = Lookup::AskedByOther;
+                effects.push(Effect::AwaitSharedLimit);
+                return false;
+            }
+            Ok(Cached::Claimed) | Err(_) => {
+                *state = Lookup::Asking;
+                let (kind, request) = call_for();
+                effects.push(Effect::Count(Counter::PowerLevelLookups));
+                effects.push(Effect::Dispatch(call(kind, &cfg.synapse.upstream, request)));
+                return false;
+            }
+        }
+    }
+    matches!(state, Lookup::Known(_) | Lookup::Failed(_))
+}
+
+/// A power-level (or creators) lookup's answer as the admission keeps it: the levels, the
+/// levels seen last when Synapse failed, or the failure.
+fn levels_known(
+    room: &str,
+    answer: Result<PowerLevels, Settled<PowerLevels>>,
+) -> Lookup<PowerLevels> {
+    match answer {
+        Ok(levels) => Lookup::Known(levels),
+        Err(Settled::Stale(levels, reason)) => {
+            log::warn!(
+                "room {}: power level lookup failed: {reason}; using the levels seen last",
+                clip(room)
+            );
+            Lookup::Known(levels)
+        }
+        Err(Settled::Failed(reason)) => Lookup::Failed(reason),
+    }
+}
+
 /// Whether a requester refused by the count may come in all the same.
 enum Exemption {
     Exempt,
@@ -276,6 +349,8 @@ pub struct Admission {
     limit: Lookup<Limit>,
     /// The room's power levels, looked for only when the room is full.
     power: Lookup<PowerLevels>,
+    /// The room's creators (room version 12), as power levels; looked for with `power`.
+    creators: Lookup<PowerLevels>,
     /// The LiveKit room asked about, and what is known of its participants.
     participants: Option<(String, ParticipantState)>,
     stage: Stage,
@@ -300,6 +375,7 @@ impl Admission {
             request: None,
             limit: Lookup::Unknown,
             power: Lookup::Unknown,
+            creators: Lookup::Unknown,
             participants: None,
             stage: Stage::Waiting,
         }
@@ -609,12 +685,15 @@ impl Admission {
                     lookup::settle_orphaned(&CallKind::LimitLookup(room), status, body, env);
                 }
             }
+            CallKind::PowerLookup(ref room) | CallKind::CreatorsLookup(ref room) if !matches!(&self.request, Some(Ok(r)) if r.room == *room) =>
+            {
+                lookup::settle_orphaned(&kind, status, body, env);
+            }
             CallKind::PowerLookup(room) => {
-                if matches!(&self.request, Some(Ok(r)) if r.room == room) {
-                    self.on_power_answer(status, body, env);
-                } else {
-                    lookup::settle_orphaned(&CallKind::PowerLookup(room), status, body, env);
-                }
+                self.power = levels_known(&room, lookup::power_levels(&room, status, body, env));
+            }
+            CallKind::CreatorsLookup(room) => {
+                self.creators = levels_known(&room, lookup::creators(&room, status, body, env));
             }
             CallKind::ListParticipants(room) => {
                 let Some((asked, state)) = &mut self.participants else {
@@ -827,79 +906,61 @@ impl Admission {
         effects
     }
 
-    /// Whether `requester` may come into the full room for their power level; asks Synapse
-    /// (or waits for the request of this process that asks) when the room's power levels are
-    /// not cached.
+    /// Whether `requester` may come into the full room for their power level (or as one of
+    /// its creators); asks Synapse (or waits for the request of this process that asks) for
+    /// what is not cached. Both lookups are made at once.
     fn exemption(&mut self, requester: &str, env: &Env) -> Exemption {
         let room = self.room().to_owned();
-        if matches!(self.power, Lookup::AskedByOther) {
-            match limit_cache::POWER_LEVELS.peek(env.store, &room, env.now_ms()) {
-                Some(Cached::Known(levels)) => self.power = Lookup::Known(levels),
-                Some(Cached::Pending) => return Exemption::Wait(vec![Effect::AwaitSharedLimit]),
-                None | Some(Cached::Claimed) => self.power = Lookup::Unknown,
-            }
+        let token = env.config.synapse.admin_token.expose();
+        let mut effects = Vec::new();
+        let power = look_up(
+            &mut self.power,
+            &room,
+            || {
+                (
+                    CallKind::PowerLookup(room.clone()),
+                    synapse::power_levels_request(&room, token),
+                )
+            },
+            env,
+            &mut effects,
+        );
+        let creators = look_up(
+            &mut self.creators,
+            &lookup::creators_key(&room),
+            || {
+                (
+                    CallKind::CreatorsLookup(room.clone()),
+                    synapse::create_request(&room, token),
+                )
+            },
+            env,
+            &mut effects,
+        );
+        if !(power && creators) {
+            effects.dedup();
+            return Exemption::Wait(effects);
         }
-        if matches!(self.power, Lookup::Unknown) {
-            let cfg = env.config;
-            let cached = if cfg.limit_cache_ttl.is_zero() {
-                Ok(Cached::Claimed)
-            } else {
-                let pending_ms = cfg.synapse.upstream.timeout.as_millis() as u64;
-                limit_cache::POWER_LEVELS.read_or_claim(env.store, &room, env.now_ms(), pending_ms)
-            };
-            match cached {
-                Ok(Cached::Known(levels)) => self.power = Lookup::Known(levels),
-                Ok(Cached::Pending) => {
-                    self.power = Lookup::AskedByOther;
-                    return Exemption::Wait(vec![Effect::AwaitSharedLimit]);
-                }
-                Ok(Cached::Claimed) | Err(_) => {
-                    self.power = Lookup::Asking;
-                    let request =
-                        synapse::power_levels_request(&room, cfg.synapse.admin_token.expose());
-                    return Exemption::Wait(vec![
-                        Effect::Count(Counter::PowerLevelLookups),
-                        Effect::Dispatch(call(
-                            CallKind::PowerLookup(room),
-                            &cfg.synapse.upstream,
-                            request,
-                        )),
-                    ]);
-                }
-            }
-        }
-        match &self.power {
-            Lookup::Known(levels) if levels.exempts(requester, env.config.exempt_power_level) => {
-                Exemption::Exempt
-            }
-            Lookup::Known(_) => Exemption::NotExempt,
-            Lookup::Failed(reason) => {
+        let threshold = env.config.exempt_power_level;
+        let mut exempt = false;
+        for (what, lookup) in [("power level", &self.power), ("creators", &self.creators)] {
+            match lookup {
+                Lookup::Known(levels) => exempt |= levels.exempts(requester, threshold),
                 // A failure never lifts a limit: without levels seen before, nobody is exempt.
-                log::warn!(
-                    "room {}: power level lookup failed: {}; {} is not let into the full room",
+                Lookup::Failed(reason) => log::warn!(
+                    "room {}: {what} lookup failed: {}; not counted for {}",
                     clip(&room),
                     clip(reason),
                     clip(requester)
-                );
-                Exemption::NotExempt
+                ),
+                _ => {}
             }
-            Lookup::Unknown | Lookup::Asking | Lookup::AskedByOther => Exemption::Wait(Vec::new()),
         }
-    }
-
-    fn on_power_answer(&mut self, status: Option<u32>, body: &[u8], env: &Env) {
-        let room = self.room().to_owned();
-        self.power = match lookup::power_levels(&room, status, body, env) {
-            Ok(levels) => Lookup::Known(levels),
-            Err(Settled::Stale(levels, reason)) => {
-                log::warn!(
-                    "room {}: power level lookup failed: {reason}; using the levels seen last",
-                    clip(&room)
-                );
-                Lookup::Known(levels)
-            }
-            Err(Settled::Failed(reason)) => Lookup::Failed(reason),
-        };
+        if exempt {
+            Exemption::Exempt
+        } else {
+            Exemption::NotExempt
+        }
     }
 
     /// A token for a request the guard could not read is never passed, whatever
@@ -1203,6 +1264,7 @@ mod tests {
                 .any(|c| matches!(c.kind, CallKind::PowerLookup(_)))
             {
                 effects.extend(self.power(Some(200), br#"{"state":[]}"#));
+                effects.extend(self.creators(Some(200), br#"{"state":[]}"#));
             }
             effects
         }
@@ -1210,6 +1272,15 @@ mod tests {
         /// Synapse's answer to the power-level lookup.
         pub(super) fn power(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
             let kind = CallKind::PowerLookup(ROOM.to_owned());
+            let effects = self
+                .admission
+                .on_call_response(kind, status, body, &self.env);
+            self.keep(effects)
+        }
+
+        /// Synapse's answer to the creators lookup.
+        pub(super) fn creators(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
+            let kind = CallKind::CreatorsLookup(ROOM.to_owned());
             let effects = self
                 .admission
                 .on_call_response(kind, status, body, &self.env);

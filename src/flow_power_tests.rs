@@ -13,6 +13,14 @@ fn power_answer(content: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// Synapse's answer with a create event of this room version and sender.
+fn create_answer(version: &str, sender: &str) -> Vec<u8> {
+    format!(
+        r#"{{"state":[{{"type":"m.room.create","state_key":"","sender":"{sender}","content":{{"room_version":"{version}","additional_creators":["@co:example.com"]}}}}]}}"#
+    )
+    .into_bytes()
+}
+
 const LEVELS: &str = r#"{"users":{"@mod:example.com":50,"@admin:example.com":100,"@vip:example.com":20},
     "users_default":0,"state_default":50}"#;
 
@@ -52,6 +60,7 @@ fn ask_full_room(
             Some(content) => d.power(Some(200), &power_answer(content)),
             None => d.power(Some(502), b""),
         };
+        d.creators(Some(200), &create_answer("10", "@creator:example.com"));
     }
     d.all
 }
@@ -68,6 +77,7 @@ fn a_moderator_gets_into_a_full_room_and_then_counts() {
             Counter::TokenRequests,
             Counter::SynapseLookups,
             Counter::LivekitLookups,
+            Counter::PowerLevelLookups,
             Counter::PowerLevelLookups,
             Counter::ExemptAdmissions,
             Counter::Allowed
@@ -192,10 +202,43 @@ fn concurrent_refusals_share_one_power_lookup() {
             .filter(|c| matches!(c.kind, CallKind::PowerLookup(_)))
             .count();
     }
-    assert_eq!(asked, 1, "one lookup for the room");
+    assert_eq!(asked, 1, "one power-level lookup for the room");
     drives[0].power(Some(200), &power_answer(LEVELS));
+    drives[0].creators(Some(200), br#"{"state":[]}"#);
     assert_eq!(outcome(&drives[0].all), Some(403));
     // The other request finds the answer in the shared cache when it looks again.
     drives[1].retry();
     assert_eq!(outcome(&drives[1].all), Some(200));
+}
+
+#[test]
+fn the_creators_of_a_version_12_room_get_in_and_those_of_older_rooms_by_their_level() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    for (version, user, expected) in [
+        ("12", "@creator:example.com", 200),
+        ("12", "@co:example.com", 200),
+        ("12", "@nobody:example.com", 403),
+        ("10", "@creator:example.com", 403),
+    ] {
+        let store = MemoryStore::default();
+        let mut d = Drive::new(&cfg, &store, 1_000);
+        d.request(&legacy_body(user, "D"));
+        d.synapse(Some(200), &limit_answer(1));
+        d.token(&issued(&legacy_alias(), &format!("{user}:D")));
+        let Some(kind) = d.livekit_call() else {
+            panic!("LiveKit not asked")
+        };
+        let full = participants(&["@alice:example.com:A"]);
+        let effects = d.admission.on_call_response(kind, Some(200), &full, &d.env);
+        let effects = d.keep(effects);
+        let asked: Vec<_> = dispatched(&effects)
+            .iter()
+            .map(|c| c.kind.clone())
+            .collect();
+        assert!(asked.contains(&CallKind::CreatorsLookup(crate::test_support::ROOM.into())));
+        assert!(asked.contains(&CallKind::PowerLookup(crate::test_support::ROOM.into())));
+        d.power(Some(200), br#"{"state":[]}"#);
+        d.creators(Some(200), &create_answer(version, "@creator:example.com"));
+        assert_eq!(outcome(&d.all), Some(expected), "{version} {user}");
+    }
 }

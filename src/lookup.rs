@@ -1,5 +1,5 @@
-//! Synapse's answers to the guard's lookups (a room's limit, and its power levels when it is
-//! full), put where every request of the process finds them: the answer in the shared cache,
+//! Synapse's answers to the guard's lookups (a room's limit, and its power levels and creators
+//! when it is full), put where every request of the process finds them: the answer in the shared cache,
 //! or, after a failure, the claim released and the stale answer, if any, returned.
 
 use crate::flow::{clip, CallKind, Env};
@@ -34,6 +34,22 @@ pub fn power_levels(
 ) -> Result<PowerLevels, Settled<PowerLevels>> {
     let parsed = synapse::parse_power_levels(status, body, &env.config.limit_state_type);
     settle(&POWER_LEVELS, room, parsed, env)
+}
+
+/// A creators lookup's answer, settled (kept with the power levels, under [`creators_key`]).
+pub fn creators(
+    room: &str,
+    status: Option<u32>,
+    body: &[u8],
+    env: &Env,
+) -> Result<PowerLevels, Settled<PowerLevels>> {
+    let parsed = synapse::parse_creators(status, body);
+    settle(&POWER_LEVELS, &creators_key(room), parsed, env)
+}
+
+/// Where a room's creators are cached, next to its power levels.
+pub fn creators_key(room: &str) -> String {
+    format!("{room}\u{0}creators")
 }
 
 fn settle<V: Answer + Clone>(
@@ -72,6 +88,9 @@ pub fn settle_orphaned(kind: &CallKind, status: Option<u32>, body: &[u8], env: &
             room,
             power_levels(room, status, body, env).err().map(reason),
         ),
+        CallKind::CreatorsLookup(room) => {
+            (room, creators(room, status, body, env).err().map(reason))
+        }
         CallKind::ListParticipants(_) => return,
     };
     if let Some(failure) = failure {

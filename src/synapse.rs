@@ -99,6 +99,8 @@ struct StateEvent {
     #[serde(default)]
     state_key: Scalar,
     #[serde(default)]
+    sender: Scalar,
+    #[serde(default)]
     content: Content,
 }
 
@@ -135,6 +137,44 @@ impl PowerLevels {
             .find(|(known, _)| *known == user)
             .map_or(self.users_default, |(_, level)| *level)
     }
+}
+
+/// The lookup of `room`'s create event, with the admin token.
+pub fn create_request(room: &str, admin_token: &str) -> Request {
+    state_request(room, "m.room.create", admin_token)
+}
+
+/// The room's creators where they hold unlimited power outside `m.room.power_levels` (room
+/// version 12 and later: the create event's sender and `additional_creators`), as power levels
+/// in which they stand above any threshold and nobody else above the default. Other room
+/// versions, and rooms Synapse does not know, have none.
+pub fn parse_creators(status: Option<u32>, body: &[u8]) -> Result<PowerLevels, CallError> {
+    let mut creators = PowerLevels {
+        send_level: i64::MAX,
+        users_default: i64::MIN,
+        users: Vec::new(),
+    };
+    let Some(event) = state_event(status, body, "m.room.create")? else {
+        return Ok(creators);
+    };
+    if !creators_have_unlimited_power(&event.content.room_version) {
+        return Ok(creators);
+    }
+    let named = std::iter::once(&event.sender).chain(&event.content.additional_creators);
+    creators.users = named
+        .filter_map(|user| user.as_str())
+        .map(|user| (digest(user), i64::MAX))
+        .take(MAX_PRIVILEGED)
+        .collect();
+    Ok(creators)
+}
+
+/// Room version 12 and later, and the versions that previewed it (`org.matrix.hydra.*`).
+fn creators_have_unlimited_power(version: &Scalar) -> bool {
+    let Some(version) = version.as_str() else {
+        return false;
+    };
+    version.starts_with("org.matrix.hydra.") || version.parse::<u32>().is_ok_and(|v| v >= 12)
 }
 
 /// The lookup of `room`'s power levels, with the admin token.
@@ -206,6 +246,9 @@ struct Content {
     users_default: Scalar,
     events: ScalarMap,
     state_default: Scalar,
+    /// `m.room.create`'s.
+    room_version: Scalar,
+    additional_creators: Vec<Scalar>,
 }
 
 impl FromObject for Content {
@@ -218,6 +261,8 @@ impl FromObject for Content {
                 "events" => content.events = map.next_value()?,
                 "users_default" => content.users_default = map.next_value()?,
                 "state_default" => content.state_default = map.next_value()?,
+                "room_version" => content.room_version = map.next_value()?,
+                "additional_creators" => content.additional_creators = map.next_value()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }

@@ -73,8 +73,24 @@ def test_a_moderator_joins_a_full_room_and_then_holds_a_place(synapse, guard, fu
     after = counters(guard)
     assert after["exempt_admissions"] - before["exempt_admissions"] == 1
     assert after["blocked"] - before["blocked"] == 1
-    # One lookup of the room's levels served both refusals.
-    assert after["power_level_lookups"] - before["power_level_lookups"] == 1
+    # One lookup of the room's levels and one of its create event served both refusals.
+    assert after["power_level_lookups"] - before["power_level_lookups"] == 2
+
+
+def test_the_creator_of_a_version_12_room_gets_into_it_when_full(synapse, guard, standins):
+    """Room version 12 (Synapse's default) gives the room's creator unlimited power outside
+    m.room.power_levels: read from the create event, the creator gets in."""
+    password = secrets.token_hex(8)
+    owner = synapse.register_user("owner-" + secrets.token_hex(3), password)
+    token = synapse.login(owner.split(":")[0][1:], password)
+    room = synapse.create_room(token=token)
+    (create,) = synapse.room_state(room, "m.room.create")
+    assert create["content"].get("room_version") == "12"
+    synapse.set_limit(room, 1, token=token)
+    fill_room(standins, room, "legacy", [("alice", "A1")])
+    owner_name = owner.split(":")[0][1:]
+    assert ask(guard, "/sfu/get", "legacy", owner_name, "O1", room).status_code == 200
+    assert_channel_full(ask(guard, "/sfu/get", "legacy", "bob", "B1", room))
 
 
 def test_rooms_with_space_cost_no_power_level_lookup(synapse, guard, new_room, standins):
