@@ -245,12 +245,12 @@ struct Subject {
 
 /// Finds a room rule a refusal needs (power levels, creators) under `key` of the power-level
 /// cache: from the cache, by waiting for the request of this process that asks, or by asking
-/// Synapse (`call`). Whether the rule is settled (known or failed); otherwise `effects` say
+/// Synapse (`kind`). Whether the rule is settled (known or failed); otherwise `effects` say
 /// what to do meanwhile.
 fn look_up(
     state: &mut Lookup<PowerLevels>,
     key: &str,
-    call_for: impl FnOnce() -> (CallKind, Request),
+    kind: CallKind,
     env: &Env,
     effects: &mut Vec<Effect>,
 ) -> bool {
@@ -282,7 +282,11 @@ fn look_up(
             }
             Ok(Cached::Claimed) | Err(_) => {
                 *state = Lookup::Asking;
-                let (kind, request) = call_for();
+                let token = cfg.synapse.admin_token.expose();
+                let request = match &kind {
+                    CallKind::CreatorsLookup(room) => synapse::create_request(room, token),
+                    _ => synapse::power_levels_request(key, token),
+                };
                 effects.push(Effect::Count(Counter::PowerLevelLookups));
                 effects.push(Effect::Dispatch(call(kind, &cfg.synapse.upstream, request)));
                 return false;
@@ -911,29 +915,18 @@ impl Admission {
     /// what is not cached. Both lookups are made at once.
     fn exemption(&mut self, requester: &str, env: &Env) -> Exemption {
         let room = self.room().to_owned();
-        let token = env.config.synapse.admin_token.expose();
         let mut effects = Vec::new();
         let power = look_up(
             &mut self.power,
             &room,
-            || {
-                (
-                    CallKind::PowerLookup(room.clone()),
-                    synapse::power_levels_request(&room, token),
-                )
-            },
+            CallKind::PowerLookup(room.clone()),
             env,
             &mut effects,
         );
         let creators = look_up(
             &mut self.creators,
             &lookup::creators_key(&room),
-            || {
-                (
-                    CallKind::CreatorsLookup(room.clone()),
-                    synapse::create_request(&room, token),
-                )
-            },
+            CallKind::CreatorsLookup(room.clone()),
             env,
             &mut effects,
         );
