@@ -160,10 +160,10 @@ pub fn parse_creators(status: Option<u32>, body: &[u8]) -> Result<PowerLevels, C
     if !creators_have_unlimited_power(&event.content.room_version) {
         return Ok(creators);
     }
-    let named = std::iter::once(&event.sender).chain(&event.content.additional_creators);
+    let sender = event.sender.as_str().map(str::to_owned);
+    let named = sender.into_iter().chain(event.content.additional_creators);
     creators.users = named
-        .filter_map(|user| user.as_str())
-        .map(|user| (digest(user), i64::MAX))
+        .map(|user| (digest(&user), i64::MAX))
         .take(MAX_PRIVILEGED)
         .collect();
     Ok(creators)
@@ -248,7 +248,7 @@ struct Content {
     state_default: Scalar,
     /// `m.room.create`'s.
     room_version: Scalar,
-    additional_creators: Vec<Scalar>,
+    additional_creators: Vec<String>,
 }
 
 impl FromObject for Content {
