@@ -103,24 +103,15 @@ fn below_the_level_to_set_the_limit_is_refused() {
 #[test]
 fn the_level_to_send_the_limit_event_is_the_threshold_unless_configured() {
     let content = r#"{"users":{"@mod:example.com":50},"events":{"io.lotus.voice_limit":75}}"#;
-    let cfg = config(r#", "participants_cache_ms": 0"#);
-    let effects = ask_full_room(
-        &cfg,
-        &MemoryStore::default(),
-        "@mod:example.com",
-        Some(content),
-        1,
-    );
-    assert_eq!(outcome(&effects), Some(403), "75 needed to set the limit");
-    let cfg = config(r#", "participants_cache_ms": 0, "exempt_power_level": 50"#);
-    let effects = ask_full_room(
-        &cfg,
-        &MemoryStore::default(),
-        "@mod:example.com",
-        Some(content),
-        1,
-    );
-    assert_eq!(outcome(&effects), Some(200), "the configured level");
+    for (extra, expected) in [
+        ("", 403),                              // 75 needed to set the limit
+        (r#", "exempt_power_level": 50"#, 200), // the configured level
+    ] {
+        let cfg = config(&format!(r#", "participants_cache_ms": 0{extra}"#));
+        let store = MemoryStore::default();
+        let effects = ask_full_room(&cfg, &store, "@mod:example.com", Some(content), 1);
+        assert_eq!(outcome(&effects), Some(expected), "{extra}");
+    }
 }
 
 #[test]
