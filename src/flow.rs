@@ -813,7 +813,7 @@ impl Admission {
                 self.stage = Stage::Done;
                 Err(vec![Effect::Count(Counter::Allowed), self.pass()])
             }
-            Lookup::Known(Limit::MaxUsers(n)) => Ok(*n),
+            Lookup::Known(Limit::MaxUsers(n, _)) => Ok(*n),
         }
     }
 
@@ -934,7 +934,12 @@ impl Admission {
             effects.dedup();
             return Exemption::Wait(effects);
         }
-        let threshold = env.config.exempt_power_level;
+        // The limit event's own level, else the configured one, else the room's level to send
+        // the limit event.
+        let threshold = match self.limit {
+            Lookup::Known(Limit::MaxUsers(_, Some(level))) => Some(level),
+            _ => env.config.exempt_power_level,
+        };
         let mut exempt = false;
         for (what, lookup) in [("power level", &self.power), ("creators", &self.creators)] {
             match lookup {
@@ -1018,7 +1023,7 @@ impl Admission {
 
     /// Asks LiveKit under the alias lk-jwt-service 0.4.3+ derives, before the token exists.
     fn ask_livekit_early(&mut self, env: &Env, effects: &mut Vec<Effect>) {
-        let (Some(Ok(request)), Lookup::Known(Limit::MaxUsers(_)), None) =
+        let (Some(Ok(request)), Lookup::Known(Limit::MaxUsers(..)), None) =
             (&self.request, &self.limit, &self.participants)
         else {
             return;

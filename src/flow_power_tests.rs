@@ -33,10 +33,22 @@ fn ask_full_room(
     levels: Option<&str>,
     now_ms: u64,
 ) -> Vec<Effect> {
+    ask_room_limited_by(&limit_answer(1), cfg, store, user, levels, now_ms)
+}
+
+/// [`ask_full_room`] with Synapse's answer for the limit event.
+fn ask_room_limited_by(
+    limit: &[u8],
+    cfg: &Config,
+    store: &MemoryStore,
+    user: &str,
+    levels: Option<&str>,
+    now_ms: u64,
+) -> Vec<Effect> {
     let mut d = Drive::new(cfg, store, now_ms);
     let effects = d.request(&legacy_body(user, "D"));
     if dispatched(&effects).iter().any(|c| c.kind == lookup()) {
-        d.synapse(Some(200), &limit_answer(1));
+        d.synapse(Some(200), limit);
     }
     d.token(&issued(&legacy_alias(), &format!("{user}:D")));
     let kind = d.livekit_call();
@@ -101,16 +113,43 @@ fn below_the_level_to_set_the_limit_is_refused() {
 }
 
 #[test]
-fn the_level_to_send_the_limit_event_is_the_threshold_unless_configured() {
-    let content = r#"{"users":{"@mod:example.com":50},"events":{"io.lotus.voice_limit":75}}"#;
-    for (extra, expected) in [
-        ("", 403),                              // 75 needed to set the limit
-        (r#", "exempt_power_level": 50"#, 200), // the configured level
+fn the_limit_event_names_the_threshold_else_the_configuration_else_the_room() {
+    let content = r#"{"users":{"@mod:example.com":50,"@mod2:example.com":50},
+        "events":{"io.lotus.voice_limit":75}}"#;
+    let limit = |level: &str| {
+        format!(
+            r#"{{"state":[{{"type":"io.lotus.voice_limit","state_key":"","content":{{"max_users":1{level}}}}}]}}"#
+        )
+    };
+    for (event_level, configured, expected) in [
+        ("", "", 403),                              // 75 needed to set the limit
+        ("", r#", "exempt_power_level": 50"#, 200), // the configured level
+        (r#","exempt_power_level":50"#, "", 200),   // the event's level
+        (r#","exempt_power_level":"50""#, "", 200), // as old rooms write it
+        (
+            r#","exempt_power_level":60"#,
+            r#", "exempt_power_level": 50"#,
+            403,
+        ), // the event wins
+        (r#","exempt_power_level":"high""#, "", 403), // not a level: the room's
     ] {
-        let cfg = config(&format!(r#", "participants_cache_ms": 0{extra}"#));
+        let cfg = config(&format!(r#", "participants_cache_ms": 0{configured}"#));
         let store = MemoryStore::default();
-        let effects = ask_full_room(&cfg, &store, "@mod:example.com", Some(content), 1);
-        assert_eq!(outcome(&effects), Some(expected), "{extra}");
+        let limit = limit(event_level).into_bytes();
+        let effects =
+            ask_room_limited_by(&limit, &cfg, &store, "@mod:example.com", Some(content), 1);
+        assert_eq!(
+            outcome(&effects),
+            Some(expected),
+            "{event_level} {configured}"
+        );
+        // The level is kept with the cached limit: another moderator's request reads it there.
+        let effects = ask_full_room(&cfg, &store, "@mod2:example.com", Some(content), 2);
+        assert_eq!(
+            outcome(&effects),
+            Some(expected),
+            "cached: {event_level} {configured}"
+        );
     }
 }
 

@@ -68,13 +68,17 @@ impl Answer for PowerLevels {
     }
 }
 
-/// A limit is stored as its number (`0`: no limit), power levels as `[send level, users
+/// A limit is stored as its number (`0`: no limit), or `[number, exempt level]` when its event
+/// names a level; power levels as `[send level, users
 /// default, [[user digest, level]...]]`.
 impl Serialize for Rule {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Rule::Limit(Limit::None) => 0u32.serialize(serializer),
-            Rule::Limit(Limit::MaxUsers(n)) => n.serialize(serializer),
+            Rule::Limit(Limit::MaxUsers(n, None)) => n.serialize(serializer),
+            Rule::Limit(Limit::MaxUsers(n, Some(level))) => {
+                [(*n).into(), *level].serialize(serializer)
+            }
             Rule::Power(levels) => {
                 (levels.send_level, levels.users_default, &levels.users).serialize(serializer)
             }
@@ -93,16 +97,25 @@ impl<'de> Deserialize<'de> for Rule {
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<Rule, E> {
                 Ok(Rule::Limit(match u32::try_from(n) {
                     Ok(0) => Limit::None,
-                    Ok(n) => Limit::MaxUsers(n),
+                    Ok(n) => Limit::MaxUsers(n, None),
                     Err(_) => return Err(E::custom("limit out of range")),
                 }))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rule, A::Error> {
-                let missing = || de::Error::custom("power levels have three parts");
+                let missing = || de::Error::custom("a rule has two or three parts");
+                let first: i64 = seq.next_element()?.ok_or_else(missing)?;
+                let second: i64 = seq.next_element()?.ok_or_else(missing)?;
+                let Some(users) = seq.next_element()? else {
+                    let max = u32::try_from(first)
+                        .ok()
+                        .filter(|max| *max > 0)
+                        .ok_or_else(|| de::Error::custom("limit out of range"))?;
+                    return Ok(Rule::Limit(Limit::MaxUsers(max, Some(second))));
+                };
                 Ok(Rule::Power(PowerLevels {
-                    send_level: seq.next_element()?.ok_or_else(missing)?,
-                    users_default: seq.next_element()?.ok_or_else(missing)?,
-                    users: seq.next_element()?.ok_or_else(missing)?,
+                    send_level: first,
+                    users_default: second,
+                    users,
                 }))
             }
         }
@@ -408,11 +421,11 @@ mod tests {
         let store = MemoryStore::default();
         LIMITS.read_or_claim(&store, "!r", 0, 5000).unwrap();
         LIMITS
-            .store_answer(&store, "!r", Limit::MaxUsers(3), 100, LIFE)
+            .store_answer(&store, "!r", Limit::MaxUsers(3, None), 100, LIFE)
             .unwrap();
         assert_eq!(
             LIMITS.read_or_claim(&store, "!r", 10_099, 5000),
-            Ok(Cached::Known(Limit::MaxUsers(3)))
+            Ok(Cached::Known(Limit::MaxUsers(3, None)))
         );
         assert_eq!(
             LIMITS.read_or_claim(&store, "!r", 10_100, 5000),
@@ -442,7 +455,7 @@ mod tests {
     fn a_limit_seen_before_outlives_a_failed_refresh() {
         let store = MemoryStore::default();
         LIMITS
-            .store_answer(&store, "!r", Limit::MaxUsers(2), 0, LIFE)
+            .store_answer(&store, "!r", Limit::MaxUsers(2, None), 0, LIFE)
             .unwrap();
         // Long past the TTL, the refresh fails: the stale limit is enforced...
         let later = 1_000_000;
@@ -452,12 +465,12 @@ mod tests {
         );
         assert_eq!(
             LIMITS.release_claim(&store, "!r", later + 1, LIFE),
-            Ok(Some(Limit::MaxUsers(2)))
+            Ok(Some(Limit::MaxUsers(2, None)))
         );
         // ...and served as cached for one TTL, so the outage costs one lookup per TTL.
         assert_eq!(
             LIMITS.read_or_claim(&store, "!r", later + 2, 5000),
-            Ok(Cached::Known(Limit::MaxUsers(2)))
+            Ok(Cached::Known(Limit::MaxUsers(2, None)))
         );
         assert_eq!(
             LIMITS.read_or_claim(&store, "!r", later + 1 + 10_000, 5000),
@@ -487,12 +500,12 @@ mod tests {
             stale_ms: 60_000,
         };
         LIMITS
-            .store_answer(&store, "!r", Limit::MaxUsers(2), 1, life)
+            .store_answer(&store, "!r", Limit::MaxUsers(2, None), 1, life)
             .unwrap();
         assert_eq!(LIMITS.peek(&store, "!r", 1), None);
         assert_eq!(
             LIMITS.release_claim(&store, "!r", 2, life),
-            Ok(Some(Limit::MaxUsers(2)))
+            Ok(Some(Limit::MaxUsers(2, None)))
         );
         LIMITS
             .store_answer(&store, "!s", Limit::None, 1, life)
@@ -504,7 +517,7 @@ mod tests {
     fn limits_survive_a_flood_of_unlimited_rooms() {
         let store = MemoryStore::default();
         LIMITS
-            .store_answer(&store, "!limited", Limit::MaxUsers(3), 0, LIFE)
+            .store_answer(&store, "!limited", Limit::MaxUsers(3, None), 0, LIFE)
             .unwrap();
         for i in 0..40_000u32 {
             let room = format!("!flood{i}");
@@ -514,7 +527,7 @@ mod tests {
         }
         assert_eq!(
             LIMITS.peek(&store, "!limited", 2),
-            Some(Cached::Known(Limit::MaxUsers(3)))
+            Some(Cached::Known(Limit::MaxUsers(3, None)))
         );
         assert!(store.byte_count() <= (LIMITS.buckets.count as usize) * LIMITS.buckets.max_bytes);
     }

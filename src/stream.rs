@@ -777,7 +777,7 @@ mod tests {
         assert_eq!(host.take(), []);
         assert_eq!(
             limit_cache::LIMITS.peek(&host.store, ROOM, host.now_ms()),
-            Some(Cached::Known(Limit::MaxUsers(3)))
+            Some(Cached::Known(Limit::MaxUsers(3, None)))
         );
     }
 

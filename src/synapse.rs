@@ -49,8 +49,9 @@ pub fn percent_encode(s: &str) -> String {
 pub enum Limit {
     /// No limit: no event, or a value that is not a positive integer.
     None,
-    /// At most this many distinct users.
-    MaxUsers(u32),
+    /// At most this many distinct users; the power level that lets a user into the full room
+    /// when the event names one (`exempt_power_level`).
+    MaxUsers(u32, Option<i64>),
 }
 
 /// Interprets the answer to [`state_path`]. A room Synapse does not know (404) has no limit.
@@ -62,7 +63,9 @@ pub fn parse_state_response(
     let Some(event) = state_event(status, body, state_type)? else {
         return Ok(Limit::None);
     };
-    Ok(max_users(&event.content.max_users).map_or(Limit::None, Limit::MaxUsers))
+    let exempt_level = level(&event.content.exempt_power_level);
+    Ok(max_users(&event.content.max_users)
+        .map_or(Limit::None, |max| Limit::MaxUsers(max, exempt_level)))
 }
 
 /// The event of `state_type` with an empty state key in a state answer; `None` when there is
@@ -237,11 +240,13 @@ fn level(value: &Scalar) -> Option<i64> {
     Some(i64::try_from(whole).unwrap_or(i64::MAX))
 }
 
-/// The fields of a state event's content the guard reads: `max_users` of the limit event,
-/// the levels of the power-levels event. One type for both, so the module holds one reader.
+/// The fields of a state event's content the guard reads: `max_users` and
+/// `exempt_power_level` of the limit event, the levels of the power-levels event. One type for
+/// all, so the module holds one reader.
 #[derive(Default)]
 struct Content {
     max_users: Scalar,
+    exempt_power_level: Scalar,
     users: ScalarMap,
     users_default: Scalar,
     events: ScalarMap,
@@ -257,6 +262,7 @@ impl FromObject for Content {
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "max_users" => content.max_users = map.next_value()?,
+                "exempt_power_level" => content.exempt_power_level = map.next_value()?,
                 "users" => content.users = map.next_value()?,
                 "events" => content.events = map.next_value()?,
                 "users_default" => content.users_default = map.next_value()?,
@@ -456,13 +462,16 @@ mod tests {
 
     #[test]
     fn reads_the_limit_in_all_accepted_forms() {
-        assert_eq!(answer(r#"{"max_users":3}"#), Ok(Limit::MaxUsers(3)));
-        assert_eq!(answer(r#"{"max_users":3.0}"#), Ok(Limit::MaxUsers(3)));
-        assert_eq!(answer(r#"{"max_users":"4"}"#), Ok(Limit::MaxUsers(4)));
-        assert_eq!(answer(r#"{"max_users":" 5.0 "}"#), Ok(Limit::MaxUsers(5)));
+        assert_eq!(answer(r#"{"max_users":3}"#), Ok(Limit::MaxUsers(3, None)));
+        assert_eq!(answer(r#"{"max_users":3.0}"#), Ok(Limit::MaxUsers(3, None)));
+        assert_eq!(answer(r#"{"max_users":"4"}"#), Ok(Limit::MaxUsers(4, None)));
+        assert_eq!(
+            answer(r#"{"max_users":" 5.0 "}"#),
+            Ok(Limit::MaxUsers(5, None))
+        );
         assert_eq!(
             answer(r#"{"max_users":1e12}"#),
-            Ok(Limit::MaxUsers(u32::MAX))
+            Ok(Limit::MaxUsers(u32::MAX, None))
         );
     }
 

@@ -138,6 +138,16 @@ def test_the_level_to_set_the_limit_and_users_default(synapse, guard, full_call)
     assert_channel_full(ask(guard, "/sfu/get", "legacy", "gus", "G1", room))
 
 
+def test_the_limit_event_can_name_its_own_threshold(synapse, guard, full_call):
+    """``exempt_power_level`` in the limit event replaces the level to send it: here 30, below
+    the room's 50, so a user at 40 gets in and one at 20 does not."""
+    room = full_call()
+    set_levels(synapse, room, users={user("hal"): 40, user("ivy"): 20})
+    synapse.set_state(room, "io.lotus.voice_limit", {"max_users": 1, "exempt_power_level": 30})
+    assert ask(guard, "/sfu/get", "legacy", "hal", "H1", room).status_code == 200
+    assert_channel_full(ask(guard, "/sfu/get", "legacy", "ivy", "I1", room))
+
+
 def test_an_unusual_power_levels_event_is_read_and_fails_nothing(synapse, guard, full_call):
     """Synapse refuses levels that are not integers (the parser's unit tests cover those), so
     here: negative levels, a limit event anyone above the default may send, and keys of other
