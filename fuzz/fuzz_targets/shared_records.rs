@@ -97,7 +97,8 @@ fn limit_cache_ops(header: &Header, bucket: &[u8]) {
     };
     let limit = match header.0[11] {
         0 => Limit::None,
-        n => Limit::MaxUsers(u32::from(n)),
+        // Even limits name their own exemption level (negative ones too).
+        n => Limit::MaxUsers(u32::from(n), (n % 2 == 0).then_some(i64::from(n) * 7 - 500)),
     };
     for &op in &header.0[12..16] {
         now += u64::from(op >> 2) * 100;

@@ -11,7 +11,7 @@ const STATE_TYPE: &str = "io.lotus.voice_limit";
 
 fuzz_target!(|data: &[u8]| {
     match parse_state_response(Some(200), data, STATE_TYPE) {
-        Ok(Limit::MaxUsers(n)) => assert!(n >= 1, "a limit of zero users"),
+        Ok(Limit::MaxUsers(n, _)) => assert!(n >= 1, "a limit of zero users"),
         Ok(Limit::None) | Err(CallError::BadBody(Service::Synapse)) => {}
         Err(other) => panic!("a 200 answer gave {other:?}"),
     }
