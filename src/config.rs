@@ -20,6 +20,10 @@ use crate::route::{self, Route};
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -48,6 +52,9 @@ pub struct SynapseConfig {
     /// The application service's `hs_token`: Synapse's bearer token on the MatrixRTC routes
     /// it forwards. When set, only requests carrying it are trusted to name their requester.
     pub hs_token: Option<Secret>,
+    /// The homeserver's own server name: the OpenID tokens of its users can be checked with
+    /// its userinfo endpoint (`/sfu/get` decided on the request).
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +90,20 @@ pub struct Config {
     /// The power level that lets a user into a full room; `None`: each room's level to send
     /// the limit event.
     pub exempt_power_level: Option<i64>,
+    /// When a legacy-route request is decided (MatrixRTC requests always are on the request).
+    pub decision_phase: DecisionPhase,
+}
+
+/// When the guard decides on a legacy-route (`/sfu/get`, `/get_token`) token request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionPhase {
+    /// Once the request body is read, before lk-jwt-service sees it: the requester is the
+    /// body's claimed user (`/get_token`) or the OpenID token's user, asked of Synapse
+    /// (`/sfu/get`). Needs nothing of the host beyond body buffering: works in every host.
+    Request,
+    /// On lk-jwt-service's 200, reading the token it issued. Holds the response headers, so
+    /// the host must honour `allow_on_headers_stop_iteration: true` (Envoy 1.35+, set by hand).
+    Response,
 }
 
 /// The routing-only configuration: an edge Envoy in front of several guard replicas names
@@ -197,6 +218,7 @@ mod raw {
         pub reservation_seconds: Option<u64>,
         pub participants_cache_ms: Option<u64>,
         pub exempt_power_level: Option<i64>,
+        pub decision_phase: Option<DecisionPhase>,
     }
 
     #[derive(Deserialize)]
@@ -209,6 +231,7 @@ mod raw {
         pub admin_token_env: Option<String>,
         pub hs_token: Option<String>,
         pub hs_token_env: Option<String>,
+        pub server_name: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -228,6 +251,13 @@ mod raw {
     pub enum FailureMode {
         Open,
         Closed,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum DecisionPhase {
+        Request,
+        Response,
     }
 }
 
@@ -268,6 +298,14 @@ impl Config {
             hs_token: match (synapse.hs_token, synapse.hs_token_env) {
                 (None, None) => None,
                 (inline, from_env) => Some(secret("synapse.hs_token", inline, from_env, env)?),
+            },
+            server_name: match synapse.server_name {
+                Some(name) if name.is_empty() || name.contains(['/', '@', ' ']) => {
+                    return err(format!(
+                        "synapse.server_name: expected a Matrix server name, got {name:?}"
+                    ))
+                }
+                name => name,
             },
         };
         let livekit = LiveKitConfig {
@@ -320,6 +358,10 @@ impl Config {
                     .unwrap_or(DEFAULT_PARTICIPANTS_CACHE_MS),
             ),
             exempt_power_level: raw.exempt_power_level,
+            decision_phase: match raw.decision_phase {
+                None | Some(raw::DecisionPhase::Request) => DecisionPhase::Request,
+                Some(raw::DecisionPhase::Response) => DecisionPhase::Response,
+            },
         })
     }
 
@@ -348,6 +390,7 @@ impl EdgeConfig {
             reservation_seconds,
             participants_cache_ms,
             exempt_power_level,
+            decision_phase,
         } = raw;
         for (upstream, given) in [
             ("synapse", synapse.is_some()),
@@ -368,6 +411,7 @@ impl EdgeConfig {
             ("reservation_seconds", reservation_seconds.is_some()),
             ("participants_cache_ms", participants_cache_ms.is_some()),
             ("exempt_power_level", exempt_power_level.is_some()),
+            ("decision_phase", decision_phase.is_some()),
         ];
         if let Some((key, _)) = guard_only.iter().find(|(_, given)| *given) {
             return err(format!(

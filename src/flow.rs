@@ -4,20 +4,24 @@
 //! out the [`Effect`]s it returns. Nothing here touches the host, so the whole flow is tested
 //! natively. Where the decision is taken depends on the route ([`Route`]):
 //!
-//! **MatrixRTC routes** (Synapse forwarding `.../rtc/livekit/get_token`): the requester comes
-//! with the request, so the decision is taken before lk-jwt-service sees the body.
-//! 1. Request headers ([`Admission::on_request_headers`]): with the application service's
-//!    `hs_token` configured, a request without it is answered 401 at once.
+//! **Decided on the request**: the MatrixRTC routes (Synapse forwarding
+//! `.../rtc/livekit/get_token`), and the legacy routes with `decision_phase: request` (the
+//! default). Nothing reaches lk-jwt-service's handler but the headers before the decision.
+//! 1. Request headers ([`Admission::on_request_headers`], MatrixRTC): with the application
+//!    service's `hs_token` configured, a request without it is answered 401 at once.
 //! 2. Request body complete ([`Admission::on_request_body`]): who asks, the LiveKit room and
-//!    the participant identity lk-jwt-service will give ([`crate::rtc_request`]); the limit
+//!    the participant identity lk-jwt-service will give (`flow_requester.rs`: the trusted
+//!    headers of a MatrixRTC request, `/get_token`'s claimed user, or for `/sfu/get` Synapse's
+//!    word on its OpenID token, asked only once the room turns out to have a limit); the limit
 //!    from the shared cache or Synapse, the participants from LiveKit; then the request goes on
 //!    with a place reserved, or is answered 403 `M_FORBIDDEN` (step 4).
 //! 3. Response: a refusal by lk-jwt-service (anything but a 200) gives the place back; the
 //!    token of a 200 is read as it passes ([`crate::watch`]) and checked against what was
-//!    counted. A body the guard could not read goes on undecided, and a 200 for it is
-//!    answered 503.
+//!    counted. A body the guard could not read goes on undecided, and a 200 for it (or any
+//!    200 before the decision) is answered 503.
 //!
-//! **Legacy routes** (`/sfu/get`, `/get_token`): who asks is only known from the token.
+//! **Decided on the response** (legacy routes, `decision_phase: response`): who asks is
+//! learnt from the token.
 //! 1. Request body complete: read the room the way lk-jwt-service does; find its limit in the
 //!    shared cache, or ask Synapse. The request goes on to lk-jwt-service at once: the lookups
 //!    run while it works. With a known limit, LiveKit is asked who is in the room under the
@@ -37,16 +41,17 @@
 
 use std::time::Duration;
 
-use crate::config::{Config, FailureMode, Upstream};
+use crate::config::{Config, DecisionPhase, FailureMode, Upstream};
 use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
 use crate::livekit;
 use crate::livekit_names::{requester_of_identity, room_alias};
 use crate::lookup::{self, Settled};
 use crate::occupancy::{self, Outcome};
+use crate::openid::{self, Userinfo};
 use crate::reply::{self, LocalReply};
 use crate::route::Route;
-use crate::rtc_request::{self, Asked, RtcHeaders};
+use crate::rtc_request::{self, RtcHeaders};
 use crate::store::SharedStore;
 use crate::synapse::{self, Limit, PowerLevels};
 use crate::token_request::{self, Shape, TokenRequest};
@@ -128,10 +133,16 @@ pub enum Counter {
     PowerLevelLookups,
     /// Users let into a full room for their power level.
     ExemptAdmissions,
+    /// OpenID userinfo lookups sent to Synapse, to learn who asks on `/sfu/get` (made only
+    /// for rooms with a limit, on the request phase).
+    OpenidLookups,
+    /// `/sfu/get` requests decided without knowing who asks (another homeserver's OpenID
+    /// token, or Synapse's userinfo failed): they may only take a free place.
+    UnverifiedRequesters,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 19] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -149,6 +160,8 @@ impl Counter {
         Counter::TokenMismatches,
         Counter::PowerLevelLookups,
         Counter::ExemptAdmissions,
+        Counter::OpenidLookups,
+        Counter::UnverifiedRequesters,
     ];
 }
 
@@ -165,6 +178,8 @@ pub enum CallKind {
     PowerLookup(String),
     /// The create event of this Matrix room: its creators, exempt in room version 12.
     CreatorsLookup(String),
+    /// Synapse's userinfo for the OpenID token of this request (`/sfu/get`).
+    Userinfo,
 }
 
 impl CallKind {
@@ -241,6 +256,9 @@ struct Subject {
     requester: String,
     /// When the token expires (ms since the epoch).
     expires_ms: u64,
+    /// Nobody could verify who asks (a `/sfu/get` OpenID token of another homeserver):
+    /// `requester` stands in for them, and they only ever take a free place.
+    unverified: bool,
 }
 
 /// Finds a room rule a refusal needs (power levels, creators) under `key` of the power-level
@@ -332,13 +350,13 @@ enum Stage {
     Waiting,
     /// Who asks and where are known; the decision waits for the limit and the participants.
     Deciding(Subject),
-    /// MatrixRTC: the request went on undecided (the reason): lk-jwt-service refuses such a
-    /// request, and a 200 for it is answered 503.
+    /// Request phase: the request went on undecided (the reason): lk-jwt-service refuses
+    /// such a request, and a 200 for it is answered 503.
     Unchecked(String),
-    /// MatrixRTC: the request went on with a place; its answer is watched.
-    /// MatrixRTC: the request went on with a place; its answer is watched (and the admission's
-    /// hold on the requester's reservation is given back if lk-jwt-service refuses it).
-    Watching(Watch, bool),
+    /// Request phase: the request went on with a place; its answer is watched, and the hold
+    /// the admission took on the reservation of the requester named here is given back if
+    /// lk-jwt-service refuses it.
+    Watching(Watch, Option<String>),
     /// Passed or replaced; nothing more to do.
     Done,
 }
@@ -347,6 +365,10 @@ enum Stage {
 #[derive(Debug)]
 pub struct Admission {
     route: Route,
+    /// Decided once the request body is read (else on lk-jwt-service's 200).
+    on_request: bool,
+    /// Who a `/sfu/get` request's OpenID token belongs to, asked of Synapse when needed.
+    userinfo: Lookup<Userinfo>,
     rtc_headers: RtcHeaders,
     /// `None` until the whole request body has been read.
     request: Option<Result<TokenRequest, String>>,
@@ -367,14 +389,23 @@ impl Default for Admission {
 }
 
 impl Admission {
-    /// A request on a legacy route.
+    /// A request on a legacy route, decided on lk-jwt-service's answer.
     pub fn new() -> Admission {
         Admission::for_route(Route::Legacy)
     }
 
+    /// A request on `route`; legacy routes decided on lk-jwt-service's answer.
     pub fn for_route(route: Route) -> Admission {
+        Admission::deciding(route, DecisionPhase::Response)
+    }
+
+    /// A request on `route`, legacy routes decided in `phase` (MatrixRTC routes always on the
+    /// request).
+    pub fn deciding(route: Route, phase: DecisionPhase) -> Admission {
         Admission {
             route,
+            on_request: route.decides_on_request() || phase == DecisionPhase::Request,
+            userinfo: Lookup::Unknown,
             rtc_headers: RtcHeaders::default(),
             request: None,
             limit: Lookup::Unknown,
@@ -390,14 +421,19 @@ impl Admission {
         self.request.is_some()
     }
 
+    /// Whether the decision is taken before lk-jwt-service sees the request body.
+    pub fn decides_on_request(&self) -> bool {
+        self.on_request
+    }
+
     /// Whether the request is held until the decision.
     pub fn holds_request(&self) -> bool {
-        self.route.decides_on_request() && matches!(self.stage, Stage::Waiting | Stage::Deciding(_))
+        self.on_request && matches!(self.stage, Stage::Waiting | Stage::Deciding(_))
     }
 
     /// Whether a held 200 still waits for its body (step 3 has not happened).
     pub fn awaits_response_body(&self) -> bool {
-        !self.route.decides_on_request() && matches!(self.stage, Stage::Waiting)
+        !self.on_request && matches!(self.stage, Stage::Waiting)
     }
 
     /// Whether the answer is read as it passes rather than held.
@@ -445,8 +481,12 @@ impl Admission {
     /// Step 1 (legacy), step 2 (MatrixRTC): the whole request body is here.
     pub fn on_request_body(&mut self, body: &[u8], env: &Env) -> Vec<Effect> {
         let mut effects = vec![Effect::Count(Counter::TokenRequests)];
-        if self.route.decides_on_request() {
-            match self.read_rtc_request(body, env, &mut effects) {
+        if self.on_request {
+            let read = match self.route {
+                Route::Legacy => self.read_legacy_request(body, env, &mut effects),
+                Route::Client | Route::Federation => self.read_rtc_request(body, env, &mut effects),
+            };
+            match read {
                 Some(request) => self.request = Some(Ok(request)),
                 None => return effects,
             }
@@ -461,48 +501,6 @@ impl Admission {
         self.find_limit(env, &mut effects);
         effects.extend(self.advance(env));
         effects
-    }
-
-    /// Who asks for which call on a MatrixRTC route, as the request to decide on; `None` when
-    /// it goes on undecided (unreadable, or for another homeserver's SFU).
-    fn read_rtc_request(
-        &mut self,
-        body: &[u8],
-        env: &Env,
-        effects: &mut Vec<Effect>,
-    ) -> Option<TokenRequest> {
-        match rtc_request::parse(self.route, &self.rtc_headers, body) {
-            Ok(Asked::Local(asked)) => {
-                self.stage = Stage::Deciding(Subject {
-                    room: asked.alias,
-                    identity: asked.identity,
-                    requester: asked.user.clone(),
-                    expires_ms: env.now_ms().saturating_add(TOKEN_LIFETIME_MS),
-                });
-                Some(TokenRequest {
-                    room: asked.room,
-                    shape: Shape::New,
-                    slot_id: asked.slot_id,
-                    device_id: String::new(),
-                    claimed_user_id: asked.user,
-                })
-            }
-            Ok(Asked::Remote { server_name }) => {
-                log::debug!(
-                    "a token request for {}'s SFU: not ours, let through",
-                    clip(&server_name)
-                );
-                self.stage = Stage::Done;
-                effects.extend([Effect::Count(Counter::Relayed), Effect::PassRequest]);
-                None
-            }
-            Err(e) => {
-                // lk-jwt-service refuses such a request; a 200 for it is answered 503.
-                self.stage = Stage::Unchecked(e.to_string());
-                effects.push(Effect::PassRequest);
-                None
-            }
-        }
     }
 
     /// The room's limit: none for an id no Matrix room can have, else from the shared cache
@@ -543,8 +541,8 @@ impl Admission {
         end_of_stream: bool,
         env: &Env,
     ) -> Vec<Effect> {
-        if self.route.decides_on_request() {
-            return self.on_rtc_response_headers(status, end_of_stream, env);
+        if self.on_request {
+            return self.on_watched_response_headers(status, end_of_stream, env);
         }
         if !matches!(self.stage, Stage::Waiting) {
             return Vec::new();
@@ -564,8 +562,9 @@ impl Admission {
         Vec::new()
     }
 
-    /// Step 3 of a MatrixRTC request: lk-jwt-service's answer to a request the guard let go on.
-    fn on_rtc_response_headers(
+    /// Step 3 of a request decided on the request: lk-jwt-service's answer to a request the
+    /// guard let go on.
+    fn on_watched_response_headers(
         &mut self,
         status: Option<u32>,
         end_of_stream: bool,
@@ -578,11 +577,11 @@ impl Admission {
                     effects.push(Effect::PassResponse);
                     return effects;
                 }
-                self.stage = Stage::Watching(watch, false);
+                self.stage = Stage::Watching(watch, None);
                 vec![Effect::PassResponse]
             }
             Stage::Watching(watch, holds) => {
-                let mut effects = self.release(&watch, holds, env);
+                let mut effects = self.release(&watch, holds.as_deref(), env);
                 effects.push(Effect::PassResponse);
                 effects
             }
@@ -597,18 +596,17 @@ impl Admission {
 
     /// Gives back the hold a request-phase admission took on its requester's reservation, as
     /// lk-jwt-service refused its token; the place is free once no admission holds it.
-    fn release(&self, watch: &Watch, holds: bool, env: &Env) -> Vec<Effect> {
-        let (true, Some(Ok(request))) = (holds, &self.request) else {
+    fn release(&self, watch: &Watch, holder: Option<&str>, env: &Env) -> Vec<Effect> {
+        let Some(requester) = holder else {
             return Vec::new();
         };
-        let requester = &request.claimed_user_id;
         match occupancy::release(env.store, &watch.room, requester, env.now_ms()) {
             Ok(true) => vec![Effect::Count(Counter::Released)],
             Ok(false) => Vec::new(),
             Err(e) => {
                 log::warn!(
                     "room {}: the place of {} was not given back: {e}",
-                    clip(&request.room),
+                    clip(self.room()),
                     clip(requester)
                 );
                 Vec::new()
@@ -636,6 +634,7 @@ impl Admission {
             room: claims.room,
             identity: claims.identity,
             requester,
+            unverified: false,
         });
         self.advance(env)
     }
@@ -699,6 +698,16 @@ impl Admission {
             CallKind::CreatorsLookup(room) => {
                 self.creators = levels_known(&room, lookup::creators(&room, status, body, env));
             }
+            CallKind::Userinfo => {
+                let Some(Ok(request)) = &self.request else {
+                    return effects;
+                };
+                let server = &request.openid.matrix_server_name;
+                self.userinfo = match openid::parse_userinfo(status, body, server) {
+                    Ok(userinfo) => Lookup::Known(userinfo),
+                    Err(reason) => Lookup::Failed(reason),
+                };
+            }
             CallKind::ListParticipants(room) => {
                 let Some((asked, state)) = &mut self.participants else {
                     return effects;
@@ -752,10 +761,9 @@ impl Admission {
 
     /// Step 4: decides once everything needed is known; until then keeps holding.
     fn advance(&mut self, env: &Env) -> Vec<Effect> {
-        let Stage::Deciding(subject) = &self.stage else {
+        if !matches!(self.stage, Stage::Deciding(_)) {
             return Vec::new();
-        };
-        let subject = subject.clone();
+        }
         let request = match &self.request {
             Some(Ok(request)) => request.clone(),
             Some(Err(e)) => return self.unreadable(&e.to_string()),
@@ -766,6 +774,10 @@ impl Admission {
             Err(effects) => return effects,
         };
         let mut effects = Vec::new();
+        // (LiveKit is asked meanwhile: the alias is known; see `ask_livekit_early`.)
+        let Some(subject) = self.requester(&request, env, &mut effects) else {
+            return effects;
+        };
         if !matches!(&self.participants, Some((room, _)) if *room == subject.room) {
             // None yet, or asked under another alias: ask (or take the cached list) for the
             // room the token admits to.
@@ -836,8 +848,9 @@ impl Admission {
             reservation_ms: env.config.reservation.as_millis() as u64,
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
             now_ms: env.now_ms(),
-            releasable: self.route.decides_on_request(),
+            releasable: self.on_request,
             exempt: false,
+            unverified: subject.unverified,
         };
         let mut verdict = match occupancy::admit(env.store, &question) {
             Ok(Outcome::Decided(verdict)) => verdict,
@@ -850,7 +863,7 @@ impl Admission {
             Err(e) => return self.fail(format!("room occupancy not updated: {e}"), env),
         };
         let mut effects = Vec::with_capacity(4);
-        if !verdict.admitted && !verdict.too_many_devices {
+        if !verdict.admitted && !verdict.too_many_devices && !subject.unverified {
             // The room is full: its moderators may still come in.
             match self.exemption(requester, env) {
                 Exemption::Exempt => {
@@ -880,9 +893,10 @@ impl Admission {
             effects.push(Effect::Count(Counter::LivekitCacheHits));
         }
         if verdict.admitted {
-            if self.route.decides_on_request() {
+            if self.on_request {
                 let watch = Watch::new(subject.room.clone(), subject.identity.clone());
-                self.stage = Stage::Watching(watch, verdict.holds);
+                let holder = verdict.holds.then(|| subject.requester.clone());
+                self.stage = Stage::Watching(watch, holder);
             }
             effects.extend([Effect::Count(Counter::Allowed), self.pass()]);
             return effects;
@@ -979,7 +993,7 @@ impl Admission {
 
     /// Lets the request (MatrixRTC) or the held response (legacy) go on.
     fn pass(&self) -> Effect {
-        if self.route.decides_on_request() {
+        if self.on_request {
             Effect::PassRequest
         } else {
             Effect::PassResponse
@@ -1112,6 +1126,9 @@ fn call(kind: CallKind, upstream: &Upstream, request: Request) -> HttpCall {
     }
 }
 
+#[path = "flow_requester.rs"]
+mod requester;
+
 #[cfg(test)]
 #[path = "flow_rtc_tests.rs"]
 mod rtc_tests;
@@ -1119,6 +1136,10 @@ mod rtc_tests;
 #[cfg(test)]
 #[path = "flow_power_tests.rs"]
 mod power_tests;
+
+#[cfg(test)]
+#[path = "flow_legacy_request_tests.rs"]
+mod legacy_request_tests;
 
 #[cfg(test)]
 mod tests {

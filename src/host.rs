@@ -87,6 +87,8 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::Released => "voice_limit_guard.released_reservations",
         Counter::TokenMismatches => "voice_limit_guard.token_mismatches",
         Counter::PowerLevelLookups => "voice_limit_guard.power_level_lookups",
+        Counter::OpenidLookups => "voice_limit_guard.openid_lookups",
+        Counter::UnverifiedRequesters => "voice_limit_guard.unverified_requesters",
         Counter::ExemptAdmissions => "voice_limit_guard.exempt_admissions",
     }
 }
@@ -570,31 +572,37 @@ impl HttpContext for GuardStream {
         let Some(route) = token_route(end_of_stream, |path| self.config.route_of(path)) else {
             return Action::Continue;
         };
+        let admission = Admission::deciding(route, self.config.decision_phase);
+        let on_request = admission.decides_on_request();
         let stream = Rc::new(RefCell::new(Stream::new(
             self.context_id,
             Rc::clone(&self.config),
             Rc::new(ProxyHost::new(&self.metrics)),
-            Admission::for_route(route),
+            admission,
         )));
         self.stream = Some(Rc::clone(&stream));
+        if !on_request {
+            // `decision_phase: response`. The request goes upstream only once the guard has
+            // read its body: an upstream that answers on the headers alone would otherwise
+            // bring a 200 before the guard knows the room. lk-jwt-service cannot answer
+            // earlier anyway, as it needs the body too. (Like holding the response, this
+            // needs `allow_on_headers_stop_iteration`.)
+            return Action::Pause;
+        }
+        // The headers go on; the body callbacks hold the body until the decision, which every
+        // Wasm host honours. Nothing reaches lk-jwt-service's handler before it, and a 200
+        // that comes earlier is never passed (see `flow`).
         if route.decides_on_request() {
-            // The headers go on; the body callbacks hold the body until the decision, which
-            // every Wasm host honours. Nothing reaches lk-jwt-service's handler before it.
             let headers = rtc_headers();
             Stream::run(&stream, Phase::Request, |admission, env| {
                 admission.on_request_headers(headers, env)
             });
-            return if stream.borrow().undecided() {
-                Action::Continue
-            } else {
-                Action::Pause // answered (401)
-            };
         }
-        // The request goes upstream only once the guard has read its body: an upstream that
-        // answers on the headers alone would otherwise bring a 200 before the guard knows
-        // the room. lk-jwt-service cannot answer earlier anyway, as it needs the body too.
-        // (Like holding the response, this needs `allow_on_headers_stop_iteration`.)
-        Action::Pause
+        if stream.borrow().undecided() {
+            Action::Continue
+        } else {
+            Action::Pause // answered (401)
+        }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -30,6 +30,7 @@ pub mod livekit;
 pub mod livekit_names;
 pub mod lookup;
 pub mod occupancy;
+pub mod openid;
 pub mod reply;
 pub mod route;
 pub mod rtc_request;

@@ -91,7 +91,7 @@ pub fn settle_orphaned(kind: &CallKind, status: Option<u32>, body: &[u8], env: &
         CallKind::CreatorsLookup(room) => {
             (room, creators(room, status, body, env).err().map(reason))
         }
-        CallKind::ListParticipants(_) => return,
+        CallKind::ListParticipants(_) | CallKind::Userinfo => return,
     };
     if let Some(failure) = failure {
         log::warn!(

@@ -228,6 +228,10 @@ pub struct Request<'a> {
     /// The requester may come in whatever the count (a moderator of the room); they still
     /// count, and the device caps still apply.
     pub exempt: bool,
+    /// Nobody verified who asks (`requester` is a stand-in unique to the request's OpenID
+    /// token): admitted only as one more user, with a place free, never on a place already
+    /// counted, and never exempt.
+    pub unverified: bool,
 }
 
 /// The decision, with what it was based on.
@@ -384,7 +388,11 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Result<Option<Verdict>, Store
     let requester = digest(q.requester);
     let mut occupied = present.clone();
     occupied.extend(record.r.iter().map(|(user, _, _)| user.as_str()));
-    let admitted = q.exempt || !should_block(q.max_users, &occupied, &requester);
+    let admitted = if q.unverified {
+        !occupied.contains(requester.as_str()) && occupied.len() < q.max_users as usize
+    } else {
+        q.exempt || !should_block(q.max_users, &occupied, &requester)
+    };
     if !admitted && matches!(q.participants, Participants::Cached) {
         // A refusal is decided on a fresh list only: users who left since the list was taken
         // would otherwise keep their places, and a user refused would never see why not.
@@ -467,6 +475,7 @@ mod tests {
             list_cache_ms: 0,
             releasable: false,
             exempt: false,
+            unverified: false,
             now_ms,
         }
     }
@@ -515,6 +524,34 @@ mod tests {
         assert_eq!(refused.reserved, 1);
         // bob's refusal left nothing behind: once alice's reservation lapses, bob fits.
         assert!(ask(&store, 1, &[], "@b:x", "@b:x:D1", 30_001).admitted);
+    }
+
+    #[test]
+    fn an_unverified_requester_only_ever_takes_a_free_place() {
+        let store = MemoryStore::default();
+        let unverified = |participants: &[&str], stand_in: &str, now_ms: u64| {
+            let participants: Vec<String> = participants.iter().map(|s| s.to_string()).collect();
+            let q = Request {
+                unverified: true,
+                exempt: true, // never lets an unverified requester into a full room
+                ..question(2, Participants::Fresh(&participants), stand_in, "", now_ms)
+            };
+            match admit(&store, &q).unwrap() {
+                Outcome::Decided(verdict) => verdict.admitted,
+                Outcome::NeedList => panic!("a fresh list was given"),
+            }
+        };
+        // A place free: taken, and held under the stand-in.
+        assert!(unverified(&["@a:x:D"], "unverified 1", 0));
+        // The same stand-in again, or a present user's name: counted already, so refused.
+        assert!(!unverified(&["@a:x:D"], "unverified 1", 1));
+        assert!(!unverified(&["@a:x:D"], "@a:x", 2));
+        // The room is full (alice and the reservation): a new stand-in is refused too.
+        assert!(!unverified(&["@a:x:D"], "unverified 2", 3));
+        // A verified present user still gets in.
+        assert!(ask(&store, 2, &["@a:x:D"], "@a:x", "@a:x:E", 4).admitted);
+        // Once the reservation lapses, the place is free again.
+        assert!(unverified(&["@a:x:D"], "unverified 2", 30_001));
     }
 
     #[test]
@@ -770,9 +807,11 @@ mod tests {
     }
 }
 
-/// Generated interleavings of MatrixRTC admissions and lk-jwt-service's answers, against an
-/// exact model: the users holding a place are those with a request still unanswered or a token
-/// issued, never more than the limit, and the record reserves exactly them.
+/// Generated interleavings of request-phase admissions (verified users, and stand-ins for
+/// requesters nobody verified) and lk-jwt-service's answers, against an exact model: the users
+/// holding a place are those with a request still unanswered or a token issued, never more
+/// than the limit, and the record reserves exactly them. A stand-in is admitted only into a
+/// free place, never on one it already holds.
 #[cfg(all(test, not(target_family = "wasm")))]
 mod interleavings {
     use super::*;
@@ -781,11 +820,23 @@ mod interleavings {
     use std::collections::{BTreeMap, BTreeSet};
 
     const ROOM: &str = "alias";
-    const USERS: [&str; 5] = ["@a:x", "@b:x", "@c:x", "@d:x", "@e:x"];
+    /// Verified users, then stand-ins for unverified requesters (`/sfu/get` tokens of
+    /// another homeserver).
+    const USERS: [&str; 8] = [
+        "@a:x",
+        "@b:x",
+        "@c:x",
+        "@d:x",
+        "@e:x",
+        "unverified 1",
+        "unverified 2",
+        "unverified 3",
+    ];
+    const VERIFIED: usize = 5;
 
     #[derive(Debug, Clone)]
     enum Step {
-        /// A request of this user reaches the guard.
+        /// A request of this user (or stand-in) reaches the guard.
         Ask(usize),
         /// lk-jwt-service answers the n-th unanswered request: a token, or a refusal.
         Answer(usize, bool),
@@ -824,13 +875,19 @@ mod interleavings {
                             now_ms,
                             releasable: true,
                             exempt: false,
+                            unverified: user >= VERIFIED,
                         };
                         let holding: BTreeSet<usize> =
                             pending.iter().copied().chain(tokens.iter().copied()).collect();
                         let Ok(Outcome::Decided(verdict)) = admit(&store, &q) else {
                             panic!("no decision");
                         };
-                        let room_for_one_more = holding.contains(&user) || holding.len() < limit as usize;
+                        let free = holding.len() < limit as usize;
+                        let room_for_one_more = if user >= VERIFIED {
+                            !holding.contains(&user) && free
+                        } else {
+                            holding.contains(&user) || free
+                        };
                         prop_assert_eq!(verdict.admitted, room_for_one_more, "admission of {}", user);
                         if verdict.admitted {
                             prop_assert!(verdict.holds);

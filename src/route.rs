@@ -3,8 +3,9 @@
 //! lk-jwt-service issues tokens on four kinds of route:
 //!
 //! - the legacy `/sfu/get` and `/get_token` (the configured `token_paths`), which clients call
-//!   directly with an OpenID token: the requester is known only from the token issued, so
-//!   the decision is taken on the response;
+//!   directly with an OpenID token: the requester is the body's claimed user (`/get_token`)
+//!   or its OpenID token's user, which Synapse can say (`/sfu/get`), so the decision is taken
+//!   on the request by default, and on the issued token with `decision_phase: response`;
 //! - the MatrixRTC routes (MSC4195) that Synapse forwards to lk-jwt-service as an application
 //!   service (MSC4512): `/_matrix/client/<version>/rtc/livekit/get_token`, with the
 //!   authenticated user in `X-Matrix-User-Identifier`, and
@@ -33,8 +34,8 @@ pub enum Route {
 }
 
 impl Route {
-    /// Whether the requester arrives with the request (and the decision is taken before
-    /// lk-jwt-service sees it).
+    /// Whether the requester arrives with the request's trusted headers or body (and the
+    /// decision is always taken before lk-jwt-service sees it, whatever `decision_phase`).
     pub fn decides_on_request(self) -> bool {
         !matches!(self, Route::Legacy)
     }

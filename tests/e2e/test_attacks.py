@@ -23,21 +23,22 @@ import h2c
 from conftest import requires_standins, requires_wasm
 from guard import (
     CHANNEL_FULL,
-    SHAPES,
     LK_JWT_HEADERS,
+    SHAPES,
+    ask,
     assert_channel_full,
     assert_check_failed,
     assert_token_issued,
-    ask,
     counting,
     fill_room,
     identity,
     module_envoy,
     still_serving,
     token_body,
+    unverified_when_synapse_fails,
     user,
 )
-from stack import LIVEKIT_KEY, LIVEKIT_SECRET, LIMIT_STATE_TYPE, livekit_alias, wait_until
+from stack import DECISION_PHASE, LIVEKIT_KEY, LIVEKIT_SECRET, LIMIT_STATE_TYPE, livekit_alias, wait_until
 
 pytestmark = [requires_wasm, requires_standins]
 
@@ -117,8 +118,10 @@ def test_an_upstream_answering_on_the_headers_alone_gets_no_token_past_the_check
         start_envoy, plugin_config, fault_server, full_room):
     """lk-jwt-service answers once it has read the body, but an upstream that answers on the
     headers alone (here a fault server issuing mallory a token for the full room) must not
-    bring its 200 before the guard has read the room: the request goes upstream only with its
-    whole body, so mallory gets the full room's 403, not a token or a 503."""
+    get its 200 past the check. Decided on the response, the request goes upstream only with
+    its whole body, so mallory gets the full room's 403. Decided on the request (headers go
+    on, the body is held: what every host honours), a 200 that comes before the decision is
+    never passed: mallory gets a 503, not a token."""
     token = {"url": "ws://livekit", "jwt": mint_token(livekit_alias(full_room), "@mallory:test.local:M")}
     upstream = fault_server("early", body=token)
     proxy = start_envoy(plugin_config(), lk_jwt=upstream)
@@ -137,11 +140,17 @@ def test_an_upstream_answering_on_the_headers_alone_gets_no_token_past_the_check
             answer = http.client.HTTPResponse(sock)
             answer.begin()
             content = answer.read()
-    assert reached_before_body == 0
-    assert answer.status == 403, content
-    assert content == CHANNEL_FULL
     assert upstream.hits == 1
-    assert counts.guard.get("blocked") == 1 and "unreadable_requests" not in counts.guard
+    if DECISION_PHASE == "response":
+        assert reached_before_body == 0
+        assert answer.status == 403, content
+        assert content == CHANNEL_FULL
+        assert counts.guard.get("blocked") == 1 and "unreadable_requests" not in counts.guard
+    else:
+        assert reached_before_body == 1
+        assert answer.status == 503, content
+        assert b"jwt" not in content
+        assert counts.guard.get("unreadable_requests") == 1 and "allowed" not in counts.guard
 
 
 def mint_token(room: str, identity_: str) -> str:
@@ -265,7 +274,7 @@ def test_a_synapse_outage_keeps_the_last_limit_seen(start_envoy, plugin_config, 
     with counting(proxy) as counts:
         assert_channel_full(ask(proxy, "/sfu/get", "legacy", "carol", "C1", room))
     assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "stale_limits": 1,
-                            "livekit_lookups": 1, "blocked": 1}
+                            "livekit_lookups": 1, "blocked": 1, **unverified_when_synapse_fails()}
     with counting(proxy) as counts:
         resp = ask(proxy, "/sfu/get", "legacy", "carol", "C1", "!never-seen:test.local")
     if failure_mode == "open":

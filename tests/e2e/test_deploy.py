@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import secrets
 import subprocess
 import tarfile
 import time
@@ -23,11 +24,12 @@ import pytest
 import yaml
 
 from conftest import requires_standins, requires_wasm
-from guard import ask
+from guard import ask, assert_channel_full
 from stack import LIVEKIT_KEY, LIVEKIT_SECRET, REPO, WASM_PATH, Envoy
 
 DEPLOY = REPO / "deploy"
 ISTIO = DEPLOY / "istio"
+EG = DEPLOY / "envoy-gateway"
 COMPOSE = DEPLOY / "compose"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -342,6 +344,27 @@ def wasmplugin_as_istio_renders_it() -> dict:
     }
 
 
+def envoyextensionpolicy_as_envoy_gateway_renders_it() -> dict:
+    """The Wasm filter ``config`` Envoy Gateway makes of envoyextensionpolicy.yaml's policy: name,
+    root_id, vm_config (its own vm_id, v8, the module served by the controller, hostKeys as
+    host_env_keys), config as a JSON string, failOpen as fail_open; nothing else (no
+    failure_policy, no allow_on_headers_stop_iteration)."""
+    policy = resource(EG / "envoyextensionpolicy.yaml", "EnvoyExtensionPolicy")
+    [wasm] = policy["spec"]["wasm"]
+    assert set(wasm) <= {"name", "rootID", "code", "config", "failOpen", "env"}
+    vm_id = f"envoyextensionpolicy/{policy['metadata']['namespace']}/{policy['metadata']['name']}/wasm/0"
+    return {
+        "name": wasm["name"],
+        "root_id": wasm["rootID"],
+        "vm_config": {"vm_id": vm_id, "runtime": "envoy.wasm.runtime.v8",
+                      "code": {"remote": {"http_uri": {"uri": wasm["code"]["image"]["url"]}}},
+                      "environment_variables": {"host_env_keys": wasm["env"]["hostKeys"]}},
+        "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                          "value": json.dumps(wasm["config"])},
+        "fail_open": wasm["failOpen"],
+    }
+
+
 def test_every_deploy_yaml_parses():
     files = sorted(DEPLOY.rglob("*.yaml"))
     assert {f.relative_to(DEPLOY).as_posix() for f in files} >= {
@@ -463,52 +486,84 @@ def test_istio_resources_agree_with_one_another():
     assert service["spec"]["ports"][0]["name"].startswith("http")
 
 
-class EnvoyAsWasmPluginRendersIt(Envoy):
-    """The test Envoy with the Wasm filter as a WasmPlugin gets it: without
-    allow_on_headers_stop_iteration (Envoy's default, false). Its stream idle timeout is cut from
-    Envoy's default of 5 minutes to a few seconds, so that a stalled request ends within the test."""
+class EnvoyAsRendered(Envoy):
+    """The test Envoy with the Wasm filter exactly as a control plane renders it (``rendered``,
+    the PluginConfig), the module read from the local build and the plugin configuration
+    pointed at the test stack's clusters. No allow_on_headers_stop_iteration unless rendered.
+    Its stream idle timeout is cut from Envoy's default of 5 minutes to a few seconds, so a
+    stalled request would end within the test instead of hiding behind its timeout."""
 
-    STREAM_IDLE_TIMEOUT = 3.0
+    def __init__(self, rendered: dict, *args: Any, **kwargs: Any):
+        self.rendered = rendered
+        super().__init__(*args, stop_iteration=False, stream_idle_timeout=3.0, **kwargs)
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, stop_iteration=False, stream_idle_timeout=self.STREAM_IDLE_TIMEOUT,
-                         **kwargs)
+    def wasm_filter(self) -> dict:
+        config = copy.deepcopy(self.rendered)
+        config["vm_config"]["code"] = {"local": {"filename": str(self.wasm_path)}}
+        config["configuration"]["value"] = self.plugin_config_string()
+        return {"name": "envoy.filters.http.wasm", "typed_config": {"@type": WASM_TYPE, "config": config}}
+
+
+RENDERERS = {"wasmplugin": wasmplugin_as_istio_renders_it,
+             "envoyextensionpolicy": envoyextensionpolicy_as_envoy_gateway_renders_it}
 
 
 @requires_wasm
 @requires_standins
-def test_wasmplugin_configuration_without_stop_iteration_stalls_every_token_request(
-        synapse, standins, new_room):
-    """Why wasmplugin.yaml is not to be applied: its configuration, run by Envoy as Istio renders
-    it, stalls every token request (a limited room or not) until Envoy's stream idle timeout ends
-    it with 504 "stream timeout", though the route timeout is shorter; the same configuration with
-    allow_on_headers_stop_iteration gets the tokens at once."""
-    spec = resource(ISTIO / "wasmplugin.yaml", "WasmPlugin")["spec"]
-    plugin = copy.deepcopy(spec["pluginConfig"])
+@pytest.mark.parametrize("control_plane", sorted(RENDERERS))
+def test_the_filter_as_a_control_plane_renders_it_decides_every_token_request_at_once(
+        control_plane, synapse, standins, new_room):
+    """wasmplugin.yaml (Istio) and envoyextensionpolicy.yaml (Envoy Gateway), run by Envoy as
+    their control planes render them (no allow_on_headers_stop_iteration), answer every token
+    request at once on the legacy routes and on the MatrixRTC route through Synapse: tokens for
+    a room without a limit and for a room with space, the full room's 403 for a newcomer, and a
+    second device for a user in the call."""
+    rendered = RENDERERS[control_plane]()
+    assert "allow_on_headers_stop_iteration" not in rendered
+    plugin = plugin_configuration(rendered)
     # The test stack's clusters instead of the mesh's, everything else as written.
     for upstream in ("synapse", "livekit"):
         plugin[upstream].update(cluster=upstream, authority=upstream)
     env = {"SYNAPSE_ADMIN_TOKEN": synapse.admin_token, "LK_JWT_HS_TOKEN": synapse.appservice.hs_token,
            "LIVEKIT_KEY": LIVEKIT_KEY, "LIVEKIT_SECRET": LIVEKIT_SECRET}
-    assert set(env) == {e["name"] for e in spec["vmConfig"]["env"]}
-    rooms = {"limited": new_room(limit=2), "unlimited": new_room()}
-    idle = EnvoyAsWasmPluginRendersIt.STREAM_IDLE_TIMEOUT
-    for name, kind in (("wasmplugin", EnvoyAsWasmPluginRendersIt), ("envoyfilter", Envoy)):
-        envoy = kind(lk_jwt=standins.jwt_address, synapse=synapse, livekit=standins.livekit_address,
-                     plugin_config=plugin, env=env, name=f"envoy-deploy-{name}", route_timeout="1s")
-        try:
-            envoy.start()
+    assert set(env) == set(rendered["vm_config"]["environment_variables"]["host_env_keys"])
+    routes = (("/sfu/get", "legacy"), ("/get_token", "new"))
+    rooms = {"unlimited": new_room(), "limited": new_room(limit=2)}
+    envoy = EnvoyAsRendered(rendered, lk_jwt=standins.jwt_address, synapse=synapse,
+                            livekit=standins.livekit_address, plugin_config=plugin, env=env,
+                            name=f"envoy-deploy-{control_plane}", route_timeout="5s",
+                            listen_port=synapse.proxy_port)
+    try:
+        envoy.start()
+        for path, shape in routes:
             for which, room in rooms.items():
                 started = time.monotonic()
-                response = ask(envoy, "/sfu/get", "legacy", "alice", "A1", room, timeout=30)
+                response = ask(envoy, path, shape, "alice", "A1", room, timeout=30)
                 took = time.monotonic() - started
-                if kind is Envoy:
-                    assert response.status_code == 200 and took < 1.0, (which, response.status_code, took)
-                else:
-                    assert (response.status_code, response.text) == (504, "stream timeout"), which
-                    assert idle - 0.5 <= took <= idle + 5, (which, took)
-        finally:
-            envoy.stop()
+                assert response.status_code == 200 and took < 2.0, (path, which, took)
+        limited = rooms["limited"]
+        # alice holds the place her earlier tokens took; bob takes the second and connects.
+        standins.connect(ask(envoy, "/sfu/get", "legacy", "bob", "B1", limited))
+        standins.connect(ask(envoy, "/sfu/get", "legacy", "alice", "A1", limited))
+        for path, shape in routes:
+            assert_channel_full(ask(envoy, path, shape, "carol", "C1", limited))
+            assert ask(envoy, path, shape, "alice", "A2", limited).status_code == 200, path
+        # The MatrixRTC route, as current clients ask through Synapse (room limited to 1).
+        rtc_room = synapse.create_room(preset="public_chat")
+        synapse.set_limit(rtc_room, 1)
+        tokens = []
+        for n in range(2):
+            localpart, password = f"deploy-{control_plane}-{n}-{secrets.token_hex(3)}", secrets.token_hex(8)
+            synapse.register_user(localpart, password)
+            tokens.append(synapse.login(localpart, password))
+            synapse.join_room(rtc_room, tokens[-1])
+        for token, expected in zip(tokens, (200, 403)):
+            started = time.monotonic()
+            resp = synapse.rtc_token(token, rtc_room, "m1", standins.livekit_ws_url)
+            assert resp.status_code == expected and time.monotonic() - started < 2.0, resp.text
+    finally:
+        standins.reset()
+        envoy.stop()
 
 
 # --------------------------------------------------------------------------- the compose stack

@@ -27,6 +27,7 @@ from guard import (
     poll,
     shared_envoy,
     still_serving,
+    unverified_when_synapse_fails,
     user,
 )
 from stack import LIMIT_STATE_TYPE, FaultServer, livekit_alias, livekit_identity
@@ -89,7 +90,8 @@ class FaultRig:
         # LiveKit's healthy answers come from the real server behind the injector.
         real = standins.livekit.address if upstream == "livekit" else None
         self.server = FaultServer("ok", body=healthy_answer(upstream),
-                                  name=f"fault-{upstream}-{failure_mode}", upstream=real)
+                                  name=f"fault-{upstream}-{failure_mode}", upstream=real,
+                                  openid_upstream=synapse.address)
         config = {upstream: {"timeout_ms": TIMEOUT_MS}, "failure_mode": failure_mode}
         self.envoy = shared_envoy(
             f"faults-{upstream}-{failure_mode}", synapse, standins, config,
@@ -199,8 +201,9 @@ def test_multi_megabyte_answers_are_read_whole(rigs, standins, upstream, failure
     finally:
         rig.heal()
     assert_channel_full(resp)
+    unverified = unverified_when_synapse_fails() if upstream == "synapse" else {}
     assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
-                            "blocked": 1}
+                            "blocked": 1, **unverified}
     still_serving(envoy)
 
 

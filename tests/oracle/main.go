@@ -10,7 +10,8 @@
 //
 //	{"ok": false, "error": "..."}
 //	{"ok": true, "shape": "legacy" | "new", "room": ..., "slot": ..., "device": ...,
-//	 "member_id": ..., "claimed_user": ..., "alias": ..., "identity": ...}
+//	 "member_id": ..., "claimed_user": ..., "alias": ..., "identity": ...,
+//	 "access_token": ..., "server_name": ...}
 //
 // The model of lk-jwt-service's reading is package lkjwt's (see its doc comment).
 package main
@@ -43,6 +44,8 @@ type outcome struct {
 	ClaimedUser string `json:"claimed_user,omitempty"`
 	Alias       string `json:"alias,omitempty"`
 	Identity    string `json:"identity,omitempty"`
+	AccessToken string `json:"access_token,omitempty"`
+	ServerName  string `json:"server_name,omitempty"`
 }
 
 // keyFolding tells which case folding this Go release applies to keys: Unicode simple
@@ -88,6 +91,8 @@ func judge(endpoint string, body []byte) outcome {
 		MemberID:    r.MemberID,
 		ClaimedUser: r.ClaimedUserID,
 		Alias:       r.Alias(),
+		AccessToken: r.OpenID.AccessToken,
+		ServerName:  r.OpenID.MatrixServerName,
 	}
 	if r.Shape == "new" {
 		// claimed_user_id stands in for the verified user: the service issues a token only

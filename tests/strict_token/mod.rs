@@ -15,9 +15,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
+use voice_limit_guard::config::Secret;
 use voice_limit_guard::gojson::{self, key_matches, Value};
 use voice_limit_guard::token_request::{
-    assign_string, BodyError, Shape, TokenRequest, LEGACY_SLOT,
+    assign_string, BodyError, OpenId, Shape, TokenRequest, LEGACY_SLOT,
 };
 
 /// What lk-jwt-service reads from a body it accepts.
@@ -35,6 +36,9 @@ pub struct StrictRequest {
     pub claimed_user_id: String,
     /// `member.claimed_device_id` (new shape).
     pub claimed_device_id: String,
+    /// `openid_token.access_token` and `.matrix_server_name` (both shapes).
+    pub access_token: String,
+    pub matrix_server_name: String,
 }
 
 impl StrictRequest {
@@ -54,6 +58,12 @@ impl StrictRequest {
             slot_id: self.slot_id.clone(),
             device_id: self.device_id.clone(),
             claimed_user_id: self.claimed_user_id.clone(),
+            claimed_device_id: self.claimed_device_id.clone(),
+            member_id: self.member_id.clone(),
+            openid: OpenId {
+                access_token: Secret::new(self.access_token.clone()),
+                matrix_server_name: self.matrix_server_name.clone(),
+            },
         }
     }
 }
@@ -385,6 +395,8 @@ impl LegacyBody {
             room: self.room,
             shape: Shape::Legacy,
             device_id: self.device_id,
+            access_token: self.openid_token.access_token,
+            matrix_server_name: self.openid_token.matrix_server_name,
             ..StrictRequest::default()
         })
     }
@@ -404,10 +416,12 @@ impl NewBody {
             room: self.room_id,
             shape: Shape::New,
             slot_id: self.slot_id,
+            device_id: String::new(),
             member_id: self.member.id,
             claimed_user_id: self.member.claimed_user_id,
             claimed_device_id: self.member.claimed_device_id,
-            ..StrictRequest::default()
+            access_token: self.openid_token.access_token,
+            matrix_server_name: self.openid_token.matrix_server_name,
         })
     }
 }
@@ -440,6 +454,8 @@ mod tests {
                 room: "!abc:example.com".into(),
                 shape: Shape::Legacy,
                 device_id: "DEV".into(),
+                access_token: "t".into(),
+                matrix_server_name: "example.com".into(),
                 ..StrictRequest::default()
             }
         );
@@ -448,10 +464,12 @@ mod tests {
             room: "!abc".into(),
             shape: Shape::New,
             slot_id: "m.call#ROOM".into(),
+            device_id: String::new(),
             member_id: "mem".into(),
             claimed_user_id: "@alice:example.com".into(),
             claimed_device_id: "DEV".into(),
-            ..StrictRequest::default()
+            access_token: "t".into(),
+            matrix_server_name: "example.com".into(),
         };
         // /sfu/get falls back to the new shape (lk-jwt-service 0.4.0 up to 0.5.0).
         assert_eq!(parse_at(SfuGet, NEW.as_bytes()), Ok(expected.clone()));

@@ -1,0 +1,315 @@
+//! The legacy routes (`/get_token`, `/sfu/get`) decided on the request (`decision_phase:
+//! request`, the default): before lk-jwt-service sees the body, with the requester the body
+//! claims (`/get_token`) or the one Synapse names for its OpenID token (`/sfu/get`).
+
+use super::tests::{counters, dispatched, outcome, participants, Drive};
+use super::*;
+use crate::livekit_names::hash_of_strings;
+use crate::store::MemoryStore;
+use crate::test_support::{config, issued, legacy_alias, legacy_body, limit_answer, lookup, ROOM};
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const SLOT: &str = "slot-1";
+
+/// A `/get_token` body of `user` (device `DEV`, member `member`) for [`ROOM`].
+fn get_token_body(user: &str, member: &str) -> Vec<u8> {
+    format!(
+        r#"{{"room_id":"{ROOM}","slot_id":"{SLOT}","openid_token":{{"access_token":"openid:{user}","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600}},"member":{{"id":"{member}","claimed_user_id":"{user}","claimed_device_id":"DEV"}}}}"#
+    )
+    .into_bytes()
+}
+
+/// A configuration whose homeserver is `example.com`, with `extra` keys.
+fn ours(extra: &str) -> Config {
+    let mut cfg = config(extra);
+    cfg.synapse.server_name = Some("example.com".to_owned());
+    cfg
+}
+
+fn userinfo(user: &str) -> Vec<u8> {
+    format!(r#"{{"sub":"{user}"}}"#).into_bytes()
+}
+
+impl Drive<'_> {
+    /// Synapse's answer to the userinfo lookup.
+    fn userinfo(&mut self, status: Option<u32>, body: &[u8]) -> Vec<Effect> {
+        let effects = self
+            .admission
+            .on_call_response(CallKind::Userinfo, status, body, &self.env);
+        self.keep(effects)
+    }
+
+    /// lk-jwt-service's answer headers, then (for a 200) its token, read as it passes.
+    fn answered(&mut self, status: u32, room: &str, identity: &str) -> Vec<Effect> {
+        let mut effects = self.response_headers(Some(status), false);
+        if status == 200 {
+            let effects_of_body = self
+                .admission
+                .on_response_chunk(&issued(room, identity), true);
+            effects.extend(self.keep(effects_of_body));
+        }
+        effects
+    }
+}
+
+/// A legacy request with `body`, decided on the request, into a room limited to `limit`
+/// whose LiveKit room holds `present`; Synapse's userinfo (if asked) names `verified`.
+fn ask<'a>(
+    cfg: &'a Config,
+    store: &'a MemoryStore,
+    limit: u32,
+    present: &[&str],
+    body: &[u8],
+    verified: &str,
+) -> Drive<'a> {
+    let mut d = Drive::new(cfg, store, 1_000);
+    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    let effects = d.request(body);
+    if dispatched(&effects).iter().any(|c| c.kind == lookup()) {
+        d.synapse(Some(200), &limit_answer(limit));
+    }
+    if dispatched(&d.all)
+        .iter()
+        .any(|c| c.kind == CallKind::Userinfo)
+    {
+        d.userinfo(Some(200), &userinfo(verified));
+    }
+    if d.livekit_call().is_some() && outcome(&d.all).is_none() {
+        d.livekit(Some(200), &participants(present));
+    }
+    d
+}
+
+#[test]
+fn get_token_is_decided_on_the_claimed_user_before_lk_jwt_service_sees_it() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let alias = room_alias(ROOM, SLOT);
+    let bob = "@bob:example.com:BOBDEV";
+    let mut d = ask(
+        &cfg,
+        &store,
+        2,
+        &[bob],
+        &get_token_body("@a:example.com", "m1"),
+        "",
+    );
+    assert_eq!(outcome(&d.all), Some(200));
+    assert!(d.all.contains(&Effect::PassRequest), "{:?}", d.all);
+    assert_eq!(
+        d.livekit_call(),
+        Some(CallKind::ListParticipants(alias.clone()))
+    );
+    assert!(!dispatched(&d.all)
+        .iter()
+        .any(|c| c.kind == CallKind::Userinfo));
+    // lk-jwt-service issues the token counted: nothing more to do.
+    let identity = hash_of_strings(&["@a:example.com", "DEV", "m1"]);
+    assert_eq!(d.answered(200, &alias, &identity), [Effect::PassResponse]);
+    assert!(d.admission.finished());
+
+    // The room is full (bob and alice's place): carol is refused before any token exists.
+    let d = ask(
+        &cfg,
+        &store,
+        2,
+        &[bob],
+        &get_token_body("@c:example.com", "m2"),
+        "",
+    );
+    assert_eq!(outcome(&d.all), Some(403));
+    assert!(!d.all.contains(&Effect::PassRequest));
+    // Alice with another member id is already counted.
+    let d = ask(
+        &cfg,
+        &store,
+        2,
+        &[bob],
+        &get_token_body("@a:example.com", "m3"),
+        "",
+    );
+    assert_eq!(outcome(&d.all), Some(200));
+}
+
+#[test]
+fn sfu_get_asks_synapse_who_the_openid_token_belongs_to_only_for_limited_rooms() {
+    let cfg = ours(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let bob = "@bob:example.com:BOBDEV";
+    let body = legacy_body("@a:example.com", "ADEV");
+    let mut d = ask(&cfg, &store, 2, &[bob], &body, "@a:example.com");
+    assert_eq!(outcome(&d.all), Some(200));
+    let asked = dispatched(&d.all);
+    let call = asked.iter().find(|c| c.kind == CallKind::Userinfo).unwrap();
+    assert_eq!(call.cluster, "synapse");
+    assert!(call.headers.contains(&(
+        ":path".to_owned(),
+        "/_matrix/federation/v1/openid/userinfo?access_token=openid%3A%40a%3Aexample.com"
+            .to_owned()
+    )));
+    assert!(counters(&d.all).contains(&Counter::OpenidLookups));
+    // The token is never in the admission's debug form.
+    assert!(!format!("{:?}", d.admission).contains("openid:@a"));
+    let identity = "@a:example.com:ADEV";
+    assert_eq!(
+        d.answered(200, &legacy_alias(), identity),
+        [Effect::PassResponse]
+    );
+
+    // Full: carol's token is hers (Synapse says so), refused; bob's second device gets in.
+    let carol = legacy_body("@c:example.com", "CDEV");
+    let d = ask(&cfg, &store, 2, &[bob], &carol, "@c:example.com");
+    assert_eq!(outcome(&d.all), Some(403));
+    let bob_again = legacy_body("@bob:example.com", "OTHER");
+    let d = ask(&cfg, &store, 2, &[bob], &bob_again, "@bob:example.com");
+    assert_eq!(outcome(&d.all), Some(200));
+
+    // A room without a limit costs no OpenID lookup.
+    let unlimited = MemoryStore::default();
+    let mut d = Drive::new(&cfg, &unlimited, 1_000);
+    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    d.request(&body);
+    d.synapse(Some(200), br#"{"state":[]}"#);
+    assert_eq!(outcome(&d.all), Some(200));
+    assert!(!dispatched(&d.all)
+        .iter()
+        .any(|c| c.kind == CallKind::Userinfo));
+}
+
+/// A `/sfu/get` body whose OpenID token names `server`.
+fn body_naming(server: &str, token: &str, device: &str) -> Vec<u8> {
+    format!(
+        r#"{{"room":"{ROOM}","openid_token":{{"access_token":"{token}","token_type":"Bearer","matrix_server_name":"{server}","expires_in":3600}},"device_id":"{device}"}}"#
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_requester_nobody_verified_only_ever_takes_a_free_place() {
+    // `synapse.server_name` is example.com: a token of remote.org is not shown to Synapse.
+    let cfg = ours(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let bob = "@bob:remote.org:BOBDEV";
+    let body = body_naming("remote.org", "t1", "X");
+    let d = ask(&cfg, &store, 2, &[bob], &body, "");
+    assert_eq!(outcome(&d.all), Some(200), "a free place is taken");
+    assert!(!dispatched(&d.all)
+        .iter()
+        .any(|c| c.kind == CallKind::Userinfo));
+    // The same token again (whoever it turns out to be): the room is full, refused.
+    let d = ask(&cfg, &store, 2, &[bob], &body, "");
+    assert_eq!(outcome(&d.all), Some(403));
+    // Bob's own `/sfu/get` is not recognised either: nobody vouches for it.
+    let d = ask(
+        &cfg,
+        &store,
+        2,
+        &[bob],
+        &body_naming("remote.org", "t2", "Y"),
+        "",
+    );
+    assert_eq!(outcome(&d.all), Some(403));
+    // `/get_token` still is: lk-jwt-service proves the claim.
+    let d = ask(
+        &cfg,
+        &store,
+        2,
+        &[bob],
+        &get_token_body("@bob:remote.org", "m"),
+        "",
+    );
+    assert_eq!(outcome(&d.all), Some(200));
+}
+
+#[test]
+fn without_a_server_name_synapse_is_asked_and_a_token_it_does_not_know_is_unverified() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let bob = "@bob:example.com:BOBDEV";
+    // A token Synapse does not know (another homeserver's): a free place only, and there is
+    // none.
+    let mut d = Drive::new(&cfg, &store, 1_000);
+    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    d.request(&body_naming("remote.org", "t", "Z"));
+    d.synapse(Some(200), &limit_answer(1));
+    d.userinfo(Some(401), br#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    d.livekit(Some(200), &participants(&[bob]));
+    assert_eq!(outcome(&d.all), Some(403));
+    // Synapse names a user of another server than the token does: not vouched for either.
+    let mut d = Drive::new(&cfg, &store, 1_000);
+    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    d.request(&body_naming("remote.org", "t", "Z"));
+    d.userinfo(Some(200), &userinfo("@bob:example.com"));
+    d.livekit(Some(200), &participants(&[bob]));
+    assert_eq!(outcome(&d.all), Some(403));
+    // Synapse vouches for bob's own token: his second device gets into the full room.
+    let body = legacy_body("@bob:example.com", "W");
+    let d = ask(&cfg, &store, 1, &[bob], &body, "@bob:example.com");
+    assert_eq!(outcome(&d.all), Some(200));
+}
+
+#[test]
+fn a_failed_openid_check_still_enforces_the_limit_in_either_failure_mode() {
+    let bob = "@bob:example.com:BOBDEV";
+    for mode in ["open", "closed"] {
+        for (present, expected) in [(&[][..], 200), (&[bob][..], 403)] {
+            let cfg = ours(&format!(
+                r#", "participants_cache_ms": 0, "failure_mode": "{mode}""#
+            ));
+            let store = MemoryStore::default();
+            let mut d = Drive::new(&cfg, &store, 1_000);
+            d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+            d.request(&legacy_body("@bob:example.com", "ADEV"));
+            d.synapse(Some(200), &limit_answer(1));
+            d.userinfo(None, b"");
+            d.livekit(Some(200), &participants(present));
+            // Even bob's own second device: nobody could say it is his.
+            assert_eq!(outcome(&d.all), Some(expected), "{mode} {present:?}");
+            assert!(counters(&d.all).contains(&Counter::UnverifiedRequesters));
+        }
+    }
+}
+
+#[test]
+fn a_refusal_by_lk_jwt_service_gives_the_place_back() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let mut d = ask(
+        &cfg,
+        &store,
+        1,
+        &[],
+        &get_token_body("@a:example.com", "m1"),
+        "",
+    );
+    assert_eq!(outcome(&d.all), Some(200));
+    // lk-jwt-service refuses alice (her OpenID token is not hers, say): her place is free.
+    let effects = d.answered(401, "", "");
+    assert_eq!(counters(&effects), [Counter::Released]);
+    let d = ask(
+        &cfg,
+        &store,
+        1,
+        &[],
+        &get_token_body("@b:example.com", "m2"),
+        "",
+    );
+    assert_eq!(outcome(&d.all), Some(200));
+}
+
+#[test]
+fn an_unreadable_body_goes_on_and_a_200_for_it_is_never_passed() {
+    let cfg = config("");
+    let store = MemoryStore::default();
+    for body in [&b"{not json"[..], br#"{"room_id":"!r","slot_id":"s"}"#] {
+        let mut d = Drive::new(&cfg, &store, 1_000);
+        d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+        let effects = d.request(body);
+        assert_eq!(
+            effects,
+            [Effect::Count(Counter::TokenRequests), Effect::PassRequest]
+        );
+        assert_eq!(outcome(&d.response_headers(Some(200), false)), Some(503));
+    }
+}

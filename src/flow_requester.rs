@@ -1,0 +1,173 @@
+//! Who asks for which call: the [`Subject`] of a request decided before lk-jwt-service sees
+//! it, read from each route's request (and, for `/sfu/get`, from Synapse's word on its OpenID
+//! token). Part of [`Admission`]'s walk; see [`crate::flow`].
+
+use super::{
+    call, clip, Admission, CallKind, Counter, Effect, Env, Lookup, Stage, Subject,
+    TOKEN_LIFETIME_MS,
+};
+use crate::livekit_names::{hash_of_strings, room_alias};
+use crate::openid::{self, Userinfo};
+use crate::rtc_request::{self, Asked};
+use crate::token_request::{self, Shape, TokenRequest};
+
+impl Admission {
+    /// Who asks for which call on a MatrixRTC route, as the request to decide on; `None` when
+    /// it goes on undecided (unreadable, or for another homeserver's SFU).
+    pub(super) fn read_rtc_request(
+        &mut self,
+        body: &[u8],
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) -> Option<TokenRequest> {
+        match rtc_request::parse(self.route, &self.rtc_headers, body) {
+            Ok(Asked::Local(asked)) => {
+                self.stage = Stage::Deciding(Subject {
+                    room: asked.alias,
+                    identity: asked.identity,
+                    requester: asked.user.clone(),
+                    expires_ms: env.now_ms().saturating_add(TOKEN_LIFETIME_MS),
+                    unverified: false,
+                });
+                Some(TokenRequest {
+                    room: asked.room,
+                    shape: Shape::New,
+                    slot_id: asked.slot_id,
+                    claimed_user_id: asked.user,
+                    ..TokenRequest::default()
+                })
+            }
+            Ok(Asked::Remote { server_name }) => {
+                log::debug!(
+                    "a token request for {}'s SFU: not ours, let through",
+                    clip(&server_name)
+                );
+                self.stage = Stage::Done;
+                effects.extend([Effect::Count(Counter::Relayed), Effect::PassRequest]);
+                None
+            }
+            Err(e) => {
+                // lk-jwt-service refuses such a request; a 200 for it is answered 503.
+                self.stage = Stage::Unchecked(e.to_string());
+                effects.push(Effect::PassRequest);
+                None
+            }
+        }
+    }
+
+    /// Who asks for which call on a legacy route, decided on the request. `/get_token`
+    /// names its user in `member.claimed_user_id`, which lk-jwt-service 0.4.0+ issues a
+    /// token for only when the OpenID check proves it. A `/sfu/get` body names none: its
+    /// OpenID token is shown to Synapse once the room turns out to have a limit
+    /// ([`Admission::requester`]). `None` when the request goes on undecided.
+    pub(super) fn read_legacy_request(
+        &mut self,
+        body: &[u8],
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) -> Option<TokenRequest> {
+        let request = match token_request::parse(body) {
+            Ok(request) if request.shape == Shape::New && request.claimed_user_id.is_empty() => {
+                Err("the body claims no user (member.claimed_user_id)".to_owned())
+            }
+            read => read.map_err(|e| e.to_string()),
+        };
+        let request = match request {
+            Ok(request) => request,
+            Err(reason) => {
+                // lk-jwt-service refuses such a request; a 200 for it is answered 503.
+                self.stage = Stage::Unchecked(reason);
+                effects.push(Effect::PassRequest);
+                return None;
+            }
+        };
+        let (requester, identity) = match request.shape {
+            Shape::New => (
+                request.claimed_user_id.clone(),
+                hash_of_strings(&[
+                    &request.claimed_user_id,
+                    &request.claimed_device_id,
+                    &request.member_id,
+                ]),
+            ),
+            Shape::Legacy => (String::new(), String::new()), // from the OpenID token
+        };
+        self.stage = Stage::Deciding(Subject {
+            room: room_alias(&request.room, request.slot()),
+            identity,
+            requester,
+            expires_ms: env.now_ms().saturating_add(TOKEN_LIFETIME_MS),
+            unverified: false,
+        });
+        Some(request)
+    }
+
+    /// A `/sfu/get` request's requester, once the room has a limit: its OpenID token's user
+    /// as Synapse says (asked once). When Synapse does not vouch for the token (another
+    /// homeserver's, one naming a server other than `synapse.server_name`, or none valid), or
+    /// cannot be asked, a stand-in unique to the token asks instead, which only ever takes a
+    /// free place: the limit holds either way.
+    /// `None`: wait (or the request ended), with `effects` to carry out.
+    pub(super) fn requester(
+        &mut self,
+        request: &TokenRequest,
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) -> Option<Subject> {
+        let Stage::Deciding(subject) = &self.stage else {
+            return None;
+        };
+        let mut subject = subject.clone();
+        if !subject.requester.is_empty() {
+            return Some(subject);
+        }
+        let openid = &request.openid;
+        let cfg = env.config;
+        let ours = cfg.synapse.server_name.as_deref().map_or(true, |ours| {
+            rtc_request::same_server(&openid.matrix_server_name, ours)
+        });
+        let unverified = match &self.userinfo {
+            _ if !ours => "the OpenID token names another homeserver".to_owned(),
+            Lookup::Unknown => {
+                self.userinfo = Lookup::Asking;
+                let request = openid::userinfo_request(openid.access_token.expose());
+                let call = call(CallKind::Userinfo, &cfg.synapse.upstream, request);
+                effects.extend([
+                    Effect::Count(Counter::OpenidLookups),
+                    Effect::Dispatch(call),
+                ]);
+                return None;
+            }
+            Lookup::Asking | Lookup::AskedByOther => return None,
+            Lookup::Known(Userinfo::User(user)) => {
+                subject.identity = format!("{user}:{}", request.device_id);
+                subject.requester = user.clone();
+                self.stage = Stage::Deciding(subject.clone());
+                return Some(subject);
+            }
+            Lookup::Known(Userinfo::Unknown(reason)) => reason.clone(),
+            Lookup::Failed(reason) => {
+                // Whatever `failure_mode` says: deciding on a free place never lifts the limit.
+                log::warn!(
+                    "room {}: OpenID check failed: {reason}; deciding as for a requester \
+                     nobody verified",
+                    clip(&request.room)
+                );
+                format!("OpenID check failed: {reason}")
+            }
+        };
+        effects.push(Effect::Count(Counter::UnverifiedRequesters));
+        log::debug!(
+            "room {}: who asks is not verified ({}): only a free place is taken",
+            clip(&request.room),
+            clip(&unverified)
+        );
+        subject.requester = format!(
+            "unverified {}",
+            hash_of_strings(&[&openid.matrix_server_name, openid.access_token.expose()])
+        );
+        subject.unverified = true;
+        self.stage = Stage::Deciding(subject.clone());
+        Some(subject)
+    }
+}
