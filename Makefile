@@ -13,7 +13,7 @@ LIVEKIT  := target/livekit/$(LIVEKIT_VERSION)/server
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
 TOOLS    := $(CURDIR)/target/tools
 
-.PHONY: all build livekit lkstack venv test test-unit test-wasm test-e2e envoy-oldest lint demo bench clean
+.PHONY: all build livekit lkstack venv test test-unit test-wasm test-monitoring test-e2e envoy-oldest lint demo bench clean
 
 all: build
 
@@ -50,7 +50,18 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 
 ## Everything: unit tests (native and on a 32-bit Wasm target), the decoder differential test
 ## against Go, and the end-to-end suite.
-test: test-unit test-wasm test-oracle fuzz-smoke test-e2e
+test: test-unit test-wasm test-oracle fuzz-smoke test-monitoring test-e2e
+
+## The alerting rules: promtool (Debian's prometheus package) checks them and runs their unit
+## tests; the metric names they and the dashboard use are checked against a running Envoy by
+## tests/e2e/test_monitoring.py.
+## Without promtool, Debian's prometheus package is installed (apt, as root).
+PROMTOOL ?= promtool
+test-monitoring:
+	@command -v $(PROMTOOL) >/dev/null || { echo "test-monitoring: installing promtool (Debian's prometheus package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	$(PROMTOOL) check rules deploy/monitoring/alerts.yaml
+	cd deploy/monitoring && $(PROMTOOL) test rules alerts.test.yaml
 
 test-unit:
 	$(CARGO) test --workspace

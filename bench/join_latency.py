@@ -142,8 +142,14 @@ def main() -> int:
         envoys = {
             "plain Envoy": Envoy(lk_jwt=lk_jwt.address, synapse=synapse, livekit=livekit.address,
                                  with_filter=False, name="bench-envoy-plain").start(),
+            # The default (decided on the request), without allow_on_headers_stop_iteration.
             "Envoy + guard": Envoy(lk_jwt=lk_jwt.address, synapse=synapse, livekit=livekit.address,
-                                   plugin_config=config, name="bench-envoy-guard").start(),
+                                   plugin_config=config, name="bench-envoy-guard",
+                                   stop_iteration=False).start(),
+            "Envoy + guard, decision_phase response": Envoy(
+                lk_jwt=lk_jwt.address, synapse=synapse, livekit=livekit.address,
+                plugin_config={**config, "decision_phase": "response"},
+                name="bench-envoy-guard-response", stop_iteration=True).start(),
         }
         parts.extend(envoys.values())
         room = synapse.create_room("bench")

@@ -48,7 +48,7 @@ use crate::livekit;
 use crate::livekit_names::{requester_of_identity, room_alias};
 use crate::lookup::{self, Settled};
 use crate::occupancy::{self, Outcome};
-use crate::openid::{self, Userinfo};
+use crate::openid::Userinfo;
 use crate::reply::{self, LocalReply};
 use crate::route::Route;
 use crate::rtc_request::{self, RtcHeaders};
@@ -139,10 +139,14 @@ pub enum Counter {
     /// `/sfu/get` requests decided without knowing who asks (another homeserver's OpenID
     /// token, or Synapse's userinfo failed): they may only take a free place.
     UnverifiedRequesters,
+    /// Token request bodies over [`MAX_REQUEST_BODY`], answered 413.
+    OversizedRequests,
+    /// `/sfu/get` requesters known from an earlier userinfo answer for the same OpenID token.
+    OpenidCacheHits,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 21] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -162,6 +166,8 @@ impl Counter {
         Counter::ExemptAdmissions,
         Counter::OpenidLookups,
         Counter::UnverifiedRequesters,
+        Counter::OversizedRequests,
+        Counter::OpenidCacheHits,
     ];
 }
 
@@ -341,6 +347,11 @@ enum Exemption {
     Wait(Vec<Effect>),
 }
 
+/// The largest token request body read: lk-jwt-service's bodies are well under 4 KiB. A
+/// larger one is answered 413 with lk-jwt-service's CORS headers as soon as it grows past
+/// this, before the proxy's own buffer limit (1 MiB by default) would answer it in plain text.
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+
 /// lk-jwt-service's tokens live an hour.
 const TOKEN_LIFETIME_MS: u64 = 3600 * 1000;
 
@@ -475,6 +486,17 @@ impl Admission {
             Effect::Count(Counter::TokenRequests),
             Effect::Count(Counter::Untrusted),
             Effect::Reply(reply),
+        ]
+    }
+
+    /// The request body grew past [`MAX_REQUEST_BODY`]: answered 413, never read.
+    pub fn on_request_too_large(&mut self) -> Vec<Effect> {
+        self.stage = Stage::Done;
+        log::info!("a token request body over {MAX_REQUEST_BODY} bytes: 413");
+        vec![
+            Effect::Count(Counter::TokenRequests),
+            Effect::Count(Counter::OversizedRequests),
+            Effect::Reply(reply::body_too_large()),
         ]
     }
 
@@ -698,16 +720,7 @@ impl Admission {
             CallKind::CreatorsLookup(room) => {
                 self.creators = levels_known(&room, lookup::creators(&room, status, body, env));
             }
-            CallKind::Userinfo => {
-                let Some(Ok(request)) = &self.request else {
-                    return effects;
-                };
-                let server = &request.openid.matrix_server_name;
-                self.userinfo = match openid::parse_userinfo(status, body, server) {
-                    Ok(userinfo) => Lookup::Known(userinfo),
-                    Err(reason) => Lookup::Failed(reason),
-                };
-            }
+            CallKind::Userinfo => self.on_userinfo(status, body, env),
             CallKind::ListParticipants(room) => {
                 let Some((asked, state)) = &mut self.participants else {
                     return effects;

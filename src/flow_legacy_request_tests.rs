@@ -313,3 +313,63 @@ fn an_unreadable_body_goes_on_and_a_200_for_it_is_never_passed() {
         assert_eq!(outcome(&d.response_headers(Some(200), false)), Some(503));
     }
 }
+
+#[test]
+fn a_body_past_the_size_bound_is_answered_413_with_cors_and_never_read() {
+    for route in [Route::Legacy, Route::Client] {
+        let mut admission = Admission::deciding(route, DecisionPhase::Request);
+        let effects = admission.on_request_too_large();
+        assert_eq!(
+            counters(&effects),
+            [Counter::TokenRequests, Counter::OversizedRequests]
+        );
+        let Some(Effect::Reply(reply)) = effects.last() else {
+            panic!("no reply: {effects:?}");
+        };
+        assert_eq!(reply.status, 413);
+        assert!(reply.body.contains("M_TOO_LARGE"));
+        assert!(reply
+            .headers
+            .contains(&("access-control-allow-origin", "*")));
+        assert!(admission.finished());
+    }
+}
+
+#[test]
+fn who_an_openid_token_belongs_to_is_asked_once() {
+    let cfg = ours(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let userinfo_calls = |d: &Drive| {
+        dispatched(&d.all)
+            .iter()
+            .filter(|c| c.kind == CallKind::Userinfo)
+            .count()
+    };
+    let body = legacy_body("@a:example.com", "ADEV");
+    let d = ask(&cfg, &store, 3, &[], &body, "@a:example.com");
+    assert_eq!((outcome(&d.all), userinfo_calls(&d)), (Some(200), 1));
+    // The same token again: known, no call.
+    let d = ask(&cfg, &store, 3, &[], &body, "@a:example.com");
+    assert_eq!((outcome(&d.all), userinfo_calls(&d)), (Some(200), 0));
+    assert!(counters(&d.all).contains(&Counter::OpenidCacheHits));
+    // Another token (bob's) is asked about; one Synapse did not know is never kept.
+    let bob = legacy_body("@bob:example.com", "BDEV");
+    let d = ask(&cfg, &store, 3, &[], &bob, "@bob:example.com");
+    assert_eq!(userinfo_calls(&d), 1);
+    for _ in 0..2 {
+        let mut d = Drive::new(&cfg, &store, 1_000);
+        d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+        d.request(&body_naming("example.com", "unknown-token", "X"));
+        d.userinfo(Some(401), b"{}");
+        assert_eq!(userinfo_calls(&d), 1);
+    }
+    // The bucket holds alice as the answer, and nothing of her token.
+    let key = "example.com\nopenid:@a:example.com";
+    let bucket = crate::limit_cache::OPENID_USERS.buckets.key_for(key);
+    let (bytes, _) = store.get(&bucket).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("@a:example.com") && !text.contains("openid:"),
+        "{text}"
+    );
+}

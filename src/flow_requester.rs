@@ -6,6 +6,7 @@ use super::{
     call, clip, Admission, CallKind, Counter, Effect, Env, Lookup, Stage, Subject,
     TOKEN_LIFETIME_MS,
 };
+use crate::limit_cache::{Cached, Lifetimes, VerifiedUser, OPENID_USERS};
 use crate::livekit_names::{hash_of_strings, room_alias};
 use crate::openid::{self, Userinfo};
 use crate::rtc_request::{self, Asked};
@@ -126,6 +127,16 @@ impl Admission {
         let ours = cfg.synapse.server_name.as_deref().map_or(true, |ours| {
             rtc_request::same_server(&openid.matrix_server_name, ours)
         });
+        if ours && matches!(self.userinfo, Lookup::Unknown) {
+            // Asked before with the same token: its user never changes.
+            let key = openid_key(request);
+            if let Some(Cached::Known(VerifiedUser(user))) =
+                OPENID_USERS.peek(env.store, &key, env.now_ms())
+            {
+                effects.push(Effect::Count(Counter::OpenidCacheHits));
+                self.userinfo = Lookup::Known(Userinfo::User(user));
+            }
+        }
         let unverified = match &self.userinfo {
             _ if !ours => "the OpenID token names another homeserver".to_owned(),
             Lookup::Unknown => {
@@ -169,5 +180,49 @@ impl Admission {
         subject.unverified = true;
         self.stage = Stage::Deciding(subject.clone());
         Some(subject)
+    }
+}
+
+/// How long who an OpenID token belongs to is kept: Synapse's OpenID tokens live an hour, and
+/// lk-jwt-service checks the token itself anyway (an expired one gets no token).
+const OPENID_USER_TTL_MS: u64 = 3600 * 1000;
+
+/// The cache key of a request's OpenID token: the server it names and the token (digested
+/// by the cache: the token is never stored).
+fn openid_key(request: &TokenRequest) -> String {
+    let openid = &request.openid;
+    format!(
+        "{}\n{}",
+        openid.matrix_server_name,
+        openid.access_token.expose()
+    )
+}
+
+impl Admission {
+    /// Synapse's userinfo answer for this request's OpenID token: kept for later requests with
+    /// the same token when it names a user.
+    pub(super) fn on_userinfo(&mut self, status: Option<u32>, body: &[u8], env: &Env) {
+        let Some(Ok(request)) = &self.request else {
+            return;
+        };
+        let server = &request.openid.matrix_server_name;
+        self.userinfo = match openid::parse_userinfo(status, body, server) {
+            Ok(Userinfo::User(user)) => {
+                let life = Lifetimes {
+                    ttl_ms: OPENID_USER_TTL_MS,
+                    stale_ms: 0,
+                };
+                let key = openid_key(request);
+                let known = VerifiedUser(user.clone());
+                if let Err(e) =
+                    OPENID_USERS.store_answer(env.store, &key, known, env.now_ms(), life)
+                {
+                    log::debug!("who an OpenID token belongs to was not kept: {e}");
+                }
+                Lookup::Known(Userinfo::User(user))
+            }
+            Ok(unknown) => Lookup::Known(unknown),
+            Err(reason) => Lookup::Failed(reason),
+        };
     }
 }

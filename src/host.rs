@@ -16,7 +16,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::config::{Config, EdgeConfig, Role};
 use crate::edge::{EdgeMetrics, EdgeStream};
 use crate::flow::Admission;
-use crate::flow::{CallKind, Counter, HttpCall};
+use crate::flow::{CallKind, Counter, HttpCall, MAX_REQUEST_BODY};
 use crate::reply::LocalReply;
 use crate::route::Route;
 use crate::rtc_request::RtcHeaders;
@@ -89,6 +89,8 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::PowerLevelLookups => "voice_limit_guard.power_level_lookups",
         Counter::OpenidLookups => "voice_limit_guard.openid_lookups",
         Counter::UnverifiedRequesters => "voice_limit_guard.unverified_requesters",
+        Counter::OversizedRequests => "voice_limit_guard.oversized_requests",
+        Counter::OpenidCacheHits => "voice_limit_guard.openid_cache_hits",
         Counter::ExemptAdmissions => "voice_limit_guard.exempt_admissions",
     }
 }
@@ -349,11 +351,13 @@ impl RootContext for GuardRoot {
                 };
                 limit_cache::LIMITS.buckets.create_all(&store);
                 limit_cache::POWER_LEVELS.buckets.create_all(&store);
+                limit_cache::OPENID_USERS.buckets.create_all(&store);
                 occupancy::BUCKETS.create_all(&store);
                 if let Some(id) = metrics.shared_keys {
                     // Absolute: every VM copy creates the same buckets at start.
                     let keys = limit_cache::LIMITS.buckets.count
                         + limit_cache::POWER_LEVELS.buckets.count
+                        + limit_cache::OPENID_USERS.buckets.count
                         + occupancy::BUCKETS.count;
                     let _ = hostcalls::record_metric(id, u64::from(keys));
                 }
@@ -613,6 +617,11 @@ impl HttpContext for GuardStream {
                 _ => Action::Continue,
             };
         };
+        if body_size > MAX_REQUEST_BODY {
+            return action(Stream::run(&stream, Phase::Request, |admission, _| {
+                admission.on_request_too_large()
+            }));
+        }
         if !end_of_stream {
             return Action::Pause; // buffer until the whole body is here
         }

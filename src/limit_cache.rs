@@ -28,13 +28,19 @@ use crate::synapse::{Limit, PowerLevels};
 pub enum Rule {
     Limit(Limit),
     Power(PowerLevels),
+    /// Whose an OpenID token is, as Synapse said ([`OPENID_USERS`]).
+    User(VerifiedUser),
 }
+
+/// The Matrix user Synapse's userinfo named for an OpenID token: a token's user never changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedUser(pub String);
 
 impl Rule {
     /// Whether the answer is kept, stale, through a Synapse outage: a positive limit (a room
     /// never seen limited is not held to one), power levels.
     fn keeps_stale(&self) -> bool {
-        !matches!(self, Rule::Limit(Limit::None))
+        !matches!(self, Rule::Limit(Limit::None) | Rule::User(_))
     }
 }
 
@@ -51,7 +57,7 @@ impl Answer for Limit {
     fn from_rule(rule: Rule) -> Option<Limit> {
         match rule {
             Rule::Limit(limit) => Some(limit),
-            Rule::Power(_) => None,
+            _ => None,
         }
     }
 }
@@ -63,14 +69,26 @@ impl Answer for PowerLevels {
     fn from_rule(rule: Rule) -> Option<PowerLevels> {
         match rule {
             Rule::Power(levels) => Some(levels),
-            Rule::Limit(_) => None,
+            _ => None,
+        }
+    }
+}
+
+impl Answer for VerifiedUser {
+    fn into_rule(self) -> Rule {
+        Rule::User(self)
+    }
+    fn from_rule(rule: Rule) -> Option<VerifiedUser> {
+        match rule {
+            Rule::User(user) => Some(user),
+            _ => None,
         }
     }
 }
 
 /// A limit is stored as its number (`0`: no limit), or `[number, exempt level]` when its event
 /// names a level; power levels as `[send level, users
-/// default, [[user digest, level]...]]`.
+/// default, [[user digest, level]...]]`; a verified user as its id, a string.
 impl Serialize for Rule {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -82,6 +100,7 @@ impl Serialize for Rule {
             Rule::Power(levels) => {
                 (levels.send_level, levels.users_default, &levels.users).serialize(serializer)
             }
+            Rule::User(VerifiedUser(user)) => user.serialize(serializer),
         }
     }
 }
@@ -92,7 +111,10 @@ impl<'de> Deserialize<'de> for Rule {
         impl<'de> Visitor<'de> for RuleVisitor {
             type Value = Rule;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a limit or power levels")
+                f.write_str("a limit, power levels or a user")
+            }
+            fn visit_str<E: de::Error>(self, user: &str) -> Result<Rule, E> {
+                Ok(Rule::User(VerifiedUser(user.to_owned())))
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<Rule, E> {
                 Ok(Rule::Limit(match u32::try_from(n) {
@@ -133,6 +155,12 @@ pub const LIMITS: Cache<Limit> = Cache::new("voice_limit_guard.limits", 512, 4 *
 /// few hundred bytes.
 pub const POWER_LEVELS: Cache<PowerLevels> =
     Cache::new("voice_limit_guard.power_levels", 256, 16 * 1024);
+
+/// Who OpenID tokens belong to, as Synapse's userinfo said, keyed by the digest of the
+/// token's server name and the token (the token itself is never stored). An entry is about 100
+/// bytes; a `/sfu/get` client asking again with the same token costs no userinfo call.
+pub const OPENID_USERS: Cache<VerifiedUser> =
+    Cache::new("voice_limit_guard.openid_users", 256, 8 * 1024);
 
 /// One kind of room rule, in shared data (its buckets are created when the VM starts).
 pub struct Cache<V> {

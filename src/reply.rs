@@ -48,6 +48,16 @@ pub fn unreadable_request() -> LocalReply {
     }
 }
 
+/// 413: a token request body over [`crate::flow::MAX_REQUEST_BODY`], answered before the proxy's
+/// own buffer limit would answer it in plain text without the CORS headers a browser needs.
+pub fn body_too_large() -> LocalReply {
+    LocalReply {
+        status: 413,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_TOO_LARGE","error":"The token request body is over 64 KiB."}"#,
+    }
+}
+
 /// 403: the requester's devices (or the room's) already fill every place the guard can
 /// remember; one more would count as another user.
 pub fn too_many_devices() -> LocalReply {

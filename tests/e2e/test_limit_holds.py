@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The capacity of one Envoy process the README states: the limit cache's 512 buckets of 4 KiB
 # and the room records' 1024 buckets of 32 KiB, one shared-data key each.
-STATE_KEYS = 512 + 256 + 1024  # limits, power levels, rooms
+STATE_KEYS = 512 + 256 + 256 + 1024  # limits, power levels, OpenID users, rooms
 STATE_BYTES_CAP = 512 * 4 * 1024 + 1024 * 32 * 1024
 
 
