@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import subprocess
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -198,14 +199,20 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
     Envoy reloads on the rename (a moved-to event on the path), never on a write, and the
     rename is atomic within one file system, which a temporary file in the same directory
-    guarantees."""
+    guarantees. The new file keeps the old one's mode (it may hold an inline admin token, so
+    it is never made more readable than the operator left it); a first publication is
+    readable by its owner only (0600)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o600
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -368,3 +368,18 @@ def test_an_invalid_filter_at_start_up_refuses_every_request(ecds_envoy):
     fixed = envoy.swap(unset=("bogus_key",))
     assert (fixed.delta("config_reload"), fixed.delta("config_fail")) == (1, 0)
     assert envoy.get("/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("before", [None, 0o600, 0o640])
+def test_publishing_never_makes_the_resource_more_readable(tmp_path, before):
+    """The ECDS resource may hold an inline admin token: a publication keeps the file's mode,
+    and a first one is readable by its owner only."""
+    from hotswap import load_publisher
+
+    path = tmp_path / "voice_limit_guard.yaml"
+    if before is not None:
+        path.write_text("old\n")
+        path.chmod(before)
+    load_publisher()._write_atomically(path, b"new\n")
+    assert path.read_bytes() == b"new\n"
+    assert path.stat().st_mode & 0o777 == (0o600 if before is None else before)

@@ -339,6 +339,13 @@ def test_the_istio_form_matches_the_edge_example():
     assert set(documents) == {"DestinationRule", "EnvoyFilter"}
     lb = documents["DestinationRule"]["spec"]["trafficPolicy"]["loadBalancer"]
     assert lb["consistentHash"]["httpHeaderName"] == edge_config["room_header"]
+    # Nothing a client can cause ejects a replica (and so moves its rooms): no 5xx counts,
+    # only connect failures, resets and timeouts; the edge example checks health actively.
+    outlier = documents["DestinationRule"]["spec"]["trafficPolicy"]["outlierDetection"]
+    assert outlier["splitExternalLocalOriginErrors"] is True
+    assert outlier["consecutive5xxErrors"] == 0 and outlier["consecutiveGatewayErrors"] == 0
+    guards = next(c for c in example["static_resources"]["clusters"] if c["name"] == "guards")
+    assert "outlier_detection" not in guards and guards["health_checks"]
     (patch,) = documents["EnvoyFilter"]["spec"]["configPatches"]
     assert patch["match"]["context"] == "GATEWAY"
     assert patch["patch"]["operation"] == "INSERT_BEFORE"
