@@ -53,6 +53,13 @@ impl Drive<'_> {
     }
 }
 
+/// A legacy-route admission decided on the request.
+fn on_request<'a>(cfg: &'a Config, store: &'a MemoryStore) -> Drive<'a> {
+    let mut d = Drive::new(cfg, store, 1_000);
+    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    d
+}
+
 /// A legacy request with `body`, decided on the request, into a room limited to `limit`
 /// whose LiveKit room holds `present`; Synapse's userinfo (if asked) names `verified`.
 fn ask<'a>(
@@ -63,8 +70,7 @@ fn ask<'a>(
     body: &[u8],
     verified: &str,
 ) -> Drive<'a> {
-    let mut d = Drive::new(cfg, store, 1_000);
-    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    let mut d = on_request(cfg, store);
     let effects = d.request(body);
     if dispatched(&effects).iter().any(|c| c.kind == lookup()) {
         d.synapse(Some(200), &limit_answer(limit));
@@ -167,8 +173,7 @@ fn sfu_get_asks_synapse_who_the_openid_token_belongs_to_only_for_limited_rooms()
 
     // A room without a limit costs no OpenID lookup.
     let unlimited = MemoryStore::default();
-    let mut d = Drive::new(&cfg, &unlimited, 1_000);
-    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    let mut d = on_request(&cfg, &unlimited);
     d.request(&body);
     d.synapse(Some(200), br#"{"state":[]}"#);
     assert_eq!(outcome(&d.all), Some(200));
@@ -229,16 +234,14 @@ fn without_a_server_name_synapse_is_asked_and_a_token_it_does_not_know_is_unveri
     let bob = "@bob:example.com:BOBDEV";
     // A token Synapse does not know (another homeserver's): a free place only, and there is
     // none.
-    let mut d = Drive::new(&cfg, &store, 1_000);
-    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    let mut d = on_request(&cfg, &store);
     d.request(&body_naming("remote.org", "t", "Z"));
     d.synapse(Some(200), &limit_answer(1));
     d.userinfo(Some(401), br#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
     d.livekit(Some(200), &participants(&[bob]));
     assert_eq!(outcome(&d.all), Some(403));
     // Synapse names a user of another server than the token does: not vouched for either.
-    let mut d = Drive::new(&cfg, &store, 1_000);
-    d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+    let mut d = on_request(&cfg, &store);
     d.request(&body_naming("remote.org", "t", "Z"));
     d.userinfo(Some(200), &userinfo("@bob:example.com"));
     d.livekit(Some(200), &participants(&[bob]));
@@ -258,8 +261,7 @@ fn a_failed_openid_check_still_enforces_the_limit_in_either_failure_mode() {
                 r#", "participants_cache_ms": 0, "failure_mode": "{mode}""#
             ));
             let store = MemoryStore::default();
-            let mut d = Drive::new(&cfg, &store, 1_000);
-            d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+            let mut d = on_request(&cfg, &store);
             d.request(&legacy_body("@bob:example.com", "ADEV"));
             d.synapse(Some(200), &limit_answer(1));
             d.userinfo(None, b"");
@@ -303,8 +305,7 @@ fn an_unreadable_body_goes_on_and_a_200_for_it_is_never_passed() {
     let cfg = config("");
     let store = MemoryStore::default();
     for body in [&b"{not json"[..], br#"{"room_id":"!r","slot_id":"s"}"#] {
-        let mut d = Drive::new(&cfg, &store, 1_000);
-        d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+        let mut d = on_request(&cfg, &store);
         let effects = d.request(body);
         assert_eq!(
             effects,
@@ -357,8 +358,7 @@ fn who_an_openid_token_belongs_to_is_asked_once() {
     let d = ask(&cfg, &store, 3, &[], &bob, "@bob:example.com");
     assert_eq!(userinfo_calls(&d), 1);
     for _ in 0..2 {
-        let mut d = Drive::new(&cfg, &store, 1_000);
-        d.admission = Admission::deciding(Route::Legacy, DecisionPhase::Request);
+        let mut d = on_request(&cfg, &store);
         d.request(&body_naming("example.com", "unknown-token", "X"));
         d.userinfo(Some(401), b"{}");
         assert_eq!(userinfo_calls(&d), 1);

@@ -48,12 +48,17 @@ impl Admission {
                 None
             }
             Err(e) => {
-                // lk-jwt-service refuses such a request; a 200 for it is answered 503.
-                self.stage = Stage::Unchecked(e.to_string());
-                effects.push(Effect::PassRequest);
+                effects.push(self.go_on_unchecked(e.to_string()));
                 None
             }
         }
+    }
+
+    /// A request the guard cannot read goes on undecided: lk-jwt-service refuses it, and a 200
+    /// for it is answered 503 (see [`Stage::Unchecked`]).
+    fn go_on_unchecked(&mut self, reason: String) -> Effect {
+        self.stage = Stage::Unchecked(reason);
+        Effect::PassRequest
     }
 
     /// Who asks for which call on a legacy route, decided on the request. `/get_token`
@@ -76,9 +81,7 @@ impl Admission {
         let request = match request {
             Ok(request) => request,
             Err(reason) => {
-                // lk-jwt-service refuses such a request; a 200 for it is answered 503.
-                self.stage = Stage::Unchecked(reason);
-                effects.push(Effect::PassRequest);
+                effects.push(self.go_on_unchecked(reason));
                 return None;
             }
         };

@@ -55,8 +55,8 @@ pub fn parse_userinfo(
     struct Answer {
         sub: String,
     }
-    let answer: Answer = serde_json::from_slice(body)
-        .map_err(|_| "Synapse's userinfo answer names no user".to_owned())?;
+    let answer: Answer = crate::json::object(body)
+        .ok_or_else(|| "Synapse's userinfo answer names no user".to_owned())?;
     match server_of(&answer.sub) {
         Some(server) if same_server(server, server_name) => Ok(Userinfo::User(answer.sub)),
         // lk-jwt-service asks the server the token names, not ours.

@@ -157,13 +157,22 @@ pub fn parse(body: &[u8]) -> Result<TokenRequest, BodyError> {
     Ok(request)
 }
 
+/// The members of a struct-valued field (`member`, `openid_token`): Go's `null` leaves the
+/// struct as it is (no members), a repeated object merges into it, anything else is a type
+/// error naming `field`.
+fn struct_members<'v>(
+    value: &'v Value,
+    field: &'static str,
+) -> Result<&'v [(String, Value)], BodyError> {
+    match value {
+        Value::Null => Ok(&[]),
+        Value::Object(members) => Ok(members),
+        _ => Err(BodyError::WrongType(field)),
+    }
+}
+
 fn read_member(request: &mut TokenRequest, value: &Value) -> Result<(), BodyError> {
-    let members = match value {
-        Value::Null => return Ok(()),
-        Value::Object(members) => members,
-        _ => return Err(BodyError::WrongType("member")),
-    };
-    for (key, value) in members {
+    for (key, value) in struct_members(value, "member")? {
         let (field, name) = if key_may_match(key, "claimed_user_id") {
             (&mut request.claimed_user_id, "member.claimed_user_id")
         } else if key_may_match(key, "claimed_device_id") {
@@ -178,14 +187,8 @@ fn read_member(request: &mut TokenRequest, value: &Value) -> Result<(), BodyErro
     Ok(())
 }
 
-/// `openid_token`, a struct value in Go: `null` leaves it, a repeated object merges.
 fn read_openid(openid: &mut OpenId, value: &Value) -> Result<(), BodyError> {
-    let members = match value {
-        Value::Null => return Ok(()),
-        Value::Object(members) => members,
-        _ => return Err(BodyError::WrongType("openid_token")),
-    };
-    for (key, value) in members {
+    for (key, value) in struct_members(value, "openid_token")? {
         if key_may_match(key, "access_token") {
             let mut token = openid.access_token.expose().to_owned();
             assign_string(&mut token, value, "openid_token.access_token")?;
