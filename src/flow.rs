@@ -349,7 +349,8 @@ enum Exemption {
 
 /// The largest token request body read: lk-jwt-service's bodies are well under 4 KiB. A
 /// larger one is answered 413 with lk-jwt-service's CORS headers as soon as it grows past
-/// this, before the proxy's own buffer limit (1 MiB by default) would answer it in plain text.
+/// this, before the proxy's own buffer limit (1 MiB by default) would answer it in plain text
+/// (unless a single read takes the body past that limit: the proxy then answers first).
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 
 /// lk-jwt-service's tokens live an hour.

@@ -373,3 +373,22 @@ fn who_an_openid_token_belongs_to_is_asked_once() {
         "{text}"
     );
 }
+
+#[test]
+fn a_token_read_on_the_response_is_never_shown_to_synapse() {
+    // Decided on the response, a token whose identity names nobody is decided as it always
+    // was: no userinfo lookup, no stand-in.
+    let cfg = ours(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let mut d = Drive::new(&cfg, &store, 1_000);
+    d.request(&legacy_body("@a:example.com", "ADEV"));
+    d.synapse(Some(200), &limit_answer(2));
+    d.token(&issued(&legacy_alias(), ""));
+    if outcome(&d.all).is_none() && d.livekit_call().is_some() {
+        d.livekit(Some(200), &participants(&[]));
+    }
+    assert!(!dispatched(&d.all)
+        .iter()
+        .any(|c| c.kind == CallKind::Userinfo));
+    assert!(!counters(&d.all).contains(&Counter::UnverifiedRequesters));
+}

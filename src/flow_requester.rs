@@ -122,7 +122,9 @@ impl Admission {
             return None;
         };
         let mut subject = subject.clone();
-        if !subject.requester.is_empty() {
+        // Only a `/sfu/get` decided on the request is still to be named: a token read on the
+        // response names its own requester, even when that name is empty.
+        if !subject.requester.is_empty() || !self.on_request || request.shape != Shape::Legacy {
             return Some(subject);
         }
         let openid = &request.openid;

@@ -48,8 +48,9 @@ pub fn unreadable_request() -> LocalReply {
     }
 }
 
-/// 413: a token request body over [`crate::flow::MAX_REQUEST_BODY`], answered before the proxy's
-/// own buffer limit would answer it in plain text without the CORS headers a browser needs.
+/// 413: a token request body over [`crate::flow::MAX_REQUEST_BODY`], answered (unless one read
+/// takes it past the proxy's own buffer limit) before that limit would answer it in plain
+/// text without the CORS headers a browser needs.
 pub fn body_too_large() -> LocalReply {
     LocalReply {
         status: 413,
