@@ -143,10 +143,15 @@ pub enum Counter {
     OversizedRequests,
     /// `/sfu/get` requesters known from an earlier userinfo answer for the same OpenID token.
     OpenidCacheHits,
+    /// Tokens refused because the room's shared record could not hold the admission (503).
+    CapacityRefusals,
+    /// Tokens refused the room's last place because the requester's reservations lapsed
+    /// without their connecting (403, like a full room).
+    CoolingRefusals,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 23] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -168,6 +173,8 @@ impl Counter {
         Counter::UnverifiedRequesters,
         Counter::OversizedRequests,
         Counter::OpenidCacheHits,
+        Counter::CapacityRefusals,
+        Counter::CoolingRefusals,
     ];
 }
 
@@ -244,8 +251,10 @@ enum Lookup<V> {
 
 #[derive(Debug)]
 enum ParticipantState {
-    Asking,
-    Known(Vec<String>),
+    /// Asked LiveKit at this time (ms since the epoch).
+    Asking(u64),
+    /// LiveKit's answer, and when it was asked for.
+    Known(Vec<String>, u64),
     /// The room's shared record held a fresh list when last looked at.
     Cached,
     Failed(String),
@@ -729,8 +738,11 @@ impl Admission {
                 if *asked != room {
                     return effects; // an answer about a room no longer in question
                 }
+                let ParticipantState::Asking(taken_ms) = *state else {
+                    return effects; // not waiting for a list
+                };
                 *state = match livekit::parse_list_response(status, body) {
-                    Ok(identities) => ParticipantState::Known(identities),
+                    Ok(identities) => ParticipantState::Known(identities, taken_ms),
                     Err(e) => ParticipantState::Failed(e.to_string()),
                 };
             }
@@ -798,16 +810,21 @@ impl Admission {
             self.ask_livekit(&subject.room, env, &mut effects);
         }
         let list = match &self.participants {
-            Some((_, ParticipantState::Known(identities))) => Some(identities.clone()),
+            Some((_, ParticipantState::Known(identities, taken_ms))) => {
+                Some((identities.clone(), *taken_ms))
+            }
             Some((_, ParticipantState::Cached)) => None,
             Some((_, ParticipantState::Failed(reason))) => {
                 let reason = format!("participant lookup failed: {reason}");
                 return self.fail(reason, env);
             }
-            Some((_, ParticipantState::Asking)) | None => return effects,
+            Some((_, ParticipantState::Asking(_))) | None => return effects,
         };
         let participants = match &list {
-            Some(identities) => occupancy::Participants::Fresh(identities),
+            Some((identities, taken_ms)) => occupancy::Participants::Fresh {
+                identities,
+                taken_ms: *taken_ms,
+            },
             None => occupancy::Participants::Cached,
         };
         effects.extend(self.decide(&request.room, &subject, max_users, participants, env));
@@ -866,28 +883,23 @@ impl Admission {
             exempt: false,
             unverified: subject.unverified,
         };
-        let mut verdict = match occupancy::admit(env.store, &question) {
-            Ok(Outcome::Decided(verdict)) => verdict,
-            Ok(Outcome::NeedList) => {
-                // No fresh list cached: ask LiveKit after all.
-                let mut effects = Vec::new();
-                self.ask_livekit_now(&subject.room, env, &mut effects);
-                return effects;
-            }
-            Err(e) => return self.fail(format!("room occupancy not updated: {e}"), env),
+        let mut verdict = match self.admit(&question, env) {
+            Ok(verdict) => verdict,
+            Err(effects) => return effects,
         };
         let mut effects = Vec::with_capacity(4);
-        if !verdict.admitted && !verdict.too_many_devices && !subject.unverified {
+        let full = matches!(
+            verdict.refusal,
+            Some(occupancy::Refusal::Full | occupancy::Refusal::Cooling)
+        );
+        if full && !subject.unverified {
             // The room is full: its moderators may still come in.
             match self.exemption(requester, env) {
                 Exemption::Exempt => {
                     question.exempt = true;
-                    verdict = match occupancy::admit(env.store, &question) {
-                        Ok(Outcome::Decided(verdict)) => verdict,
-                        Ok(Outcome::NeedList) | Err(_) => {
-                            let reason = "room occupancy not updated".to_owned();
-                            return self.fail(reason, env);
-                        }
+                    verdict = match self.admit(&question, env) {
+                        Ok(verdict) => verdict,
+                        Err(effects) => return effects,
                     };
                     if verdict.admitted {
                         log::info!(
@@ -915,27 +927,26 @@ impl Admission {
             effects.extend([Effect::Count(Counter::Allowed), self.pass()]);
             return effects;
         }
-        let answer = if verdict.too_many_devices {
-            reply::too_many_devices()
-        } else {
-            reply::channel_full()
-        };
-        let why = if verdict.too_many_devices {
-            "every device place of this user (or of the room) is taken by a connected device"
-                .to_owned()
-        } else {
-            format!(
-                "{} users present and {} admitted but not yet connected, limit {max_users}",
-                verdict.present, verdict.reserved
-            )
-        };
-        effects.push(Effect::LogRefusal(format!(
-            "room {}: refused {}: {why}",
-            clip(matrix_room),
-            clip(requester)
-        )));
-        effects.extend([Effect::Count(Counter::Blocked), Effect::Reply(answer)]);
+        effects.extend(refusal(matrix_room, requester, max_users, &verdict));
         effects
+    }
+
+    /// The room's occupancy decides `question`; a list too old (or no cached one) is asked
+    /// for again, and the decision waits for it.
+    fn admit(
+        &mut self,
+        question: &occupancy::Request,
+        env: &Env,
+    ) -> Result<occupancy::Verdict, Vec<Effect>> {
+        match occupancy::admit(env.store, question) {
+            Ok(Outcome::Decided(verdict)) => Ok(verdict),
+            Ok(Outcome::NeedList) => {
+                let mut effects = Vec::new();
+                self.ask_livekit_now(question.room, env, &mut effects);
+                Err(effects)
+            }
+            Err(e) => Err(self.fail(format!("room occupancy not updated: {e}"), env)),
+        }
     }
 
     /// Whether `requester` may come into the full room for their power level (or as one of
@@ -1085,8 +1096,55 @@ impl Admission {
             &cfg.upstream,
             request,
         )));
-        self.participants = Some((room.to_owned(), ParticipantState::Asking));
+        self.participants = Some((room.to_owned(), ParticipantState::Asking(env.now_ms())));
     }
+}
+
+/// The answer to a refused token, its log line and counters.
+fn refusal(
+    matrix_room: &str,
+    requester: &str,
+    max_users: u32,
+    verdict: &occupancy::Verdict,
+) -> [Effect; 3] {
+    use occupancy::Refusal;
+    let (answer, counter, why) = match verdict.refusal {
+        Some(Refusal::TooManyDevices) => (
+            reply::too_many_devices(),
+            Counter::Blocked,
+            "every device place of this user is taken by a connected device".to_owned(),
+        ),
+        Some(Refusal::AtCapacity) => (
+            reply::at_capacity(),
+            Counter::CapacityRefusals,
+            "the room's shared record cannot hold one more admission".to_owned(),
+        ),
+        Some(Refusal::Cooling) => (
+            reply::channel_full(),
+            Counter::CoolingRefusals,
+            format!(
+                "one place left of {max_users}, and this user's reservations lapsed without \
+                 their connecting"
+            ),
+        ),
+        Some(Refusal::Full) | None => (
+            reply::channel_full(),
+            Counter::Blocked,
+            format!(
+                "{} users present and {} admitted but not seen connected, limit {max_users}",
+                verdict.present, verdict.reserved
+            ),
+        ),
+    };
+    [
+        Effect::LogRefusal(format!(
+            "room {}: refused {}: {why}",
+            clip(matrix_room),
+            clip(requester)
+        )),
+        Effect::Count(counter),
+        Effect::Reply(answer),
+    ]
 }
 
 /// The Matrix user asking, as lk-jwt-service verified it: the OpenID-verified claim of a

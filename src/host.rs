@@ -90,6 +90,8 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::OpenidLookups => "voice_limit_guard.openid_lookups",
         Counter::UnverifiedRequesters => "voice_limit_guard.unverified_requesters",
         Counter::OversizedRequests => "voice_limit_guard.oversized_requests",
+        Counter::CapacityRefusals => "voice_limit_guard.capacity_refusals",
+        Counter::CoolingRefusals => "voice_limit_guard.cooling_refusals",
         Counter::OpenidCacheHits => "voice_limit_guard.openid_cache_hits",
         Counter::ExemptAdmissions => "voice_limit_guard.exempt_admissions",
     }

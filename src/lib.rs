@@ -32,6 +32,7 @@ pub mod lookup;
 pub mod occupancy;
 pub mod openid;
 pub mod reply;
+mod room_record;
 pub mod route;
 pub mod rtc_request;
 pub mod store;

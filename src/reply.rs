@@ -59,13 +59,23 @@ pub fn body_too_large() -> LocalReply {
     }
 }
 
-/// 403: the requester's devices (or the room's) already fill every place the guard can
-/// remember; one more would count as another user.
+/// 403: the requester's devices already fill every place the guard can remember; one more
+/// would count as another user.
 pub fn too_many_devices() -> LocalReply {
     LocalReply {
         status: 403,
         headers: LK_JWT_HEADERS.to_vec(),
         body: r#"{"errcode":"M_FORBIDDEN","error":"Too many devices are connected to this voice channel."}"#,
+    }
+}
+
+/// 503: the room's shared record cannot hold one more admission (a room limited to several
+/// hundred users, or an Envoy process whose shared data is full of live calls).
+pub fn at_capacity() -> LocalReply {
+    LocalReply {
+        status: 503,
+        headers: LK_JWT_HEADERS.to_vec(),
+        body: r#"{"errcode":"M_RESOURCE_LIMIT_EXCEEDED","error":"The participant limit of this voice channel cannot count one more participant."}"#,
     }
 }
 

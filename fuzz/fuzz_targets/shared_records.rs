@@ -25,7 +25,7 @@
 use libfuzzer_sys::fuzz_target;
 use voice_limit_guard::limit_cache::{self, Cached, Lifetimes};
 use voice_limit_guard::occupancy::{self, Outcome, Participants, Request};
-use voice_limit_guard::store::{MemoryStore, SharedStore, StoreError};
+use voice_limit_guard::store::{MemoryStore, SharedStore};
 use voice_limit_guard::synapse::Limit;
 
 const HEADER_LEN: usize = 16;
@@ -164,7 +164,10 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
     let participants = if list_byte & 0x80 != 0 {
         Participants::Cached
     } else {
-        Participants::Fresh(&fresh)
+        Participants::Fresh {
+            identities: &fresh,
+            taken_ms: now_ms,
+        }
     };
     let token_lifetime_ms = header.u24(13) * 1000;
     let q = Request {
@@ -194,16 +197,15 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
             );
             return;
         }
-        Err(StoreError::Full) => return,
         Err(e) => panic!("admit failed: {e:?}"),
     };
-    if let Participants::Fresh(list) = q.participants {
+    if let Participants::Fresh { identities, .. } = q.participants {
         assert!(
-            verdict.present <= list.len(),
+            verdict.present <= identities.len(),
             "more users than participants"
         );
     }
-    assert!(!(verdict.admitted && verdict.too_many_devices));
+    assert_eq!(verdict.admitted, verdict.refusal.is_none());
     if q.unverified {
         // A requester nobody verified only ever takes a free place, exempt or not; asking
         // again is another stand-in's business (each one is unique to its OpenID token).

@@ -1,0 +1,223 @@
+//! The shared record of one LiveKit room, as [`crate::occupancy`] keeps it, and how it is
+//! written: each part is a JSON array of arrays, so that a record costs a few dozen bytes per
+//! user. Every entry is dated: what it says holds from, or until, a given time, so that
+//! observations can be weighed by when they were taken, not by when they arrived.
+//!
+//! A record written by an earlier version reads back (the parts and fields it lacks take
+//! their defaults), so a hot swap keeps the reservations and pairings of calls in progress.
+
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::store::{Eviction, Record};
+
+/// A user admitted whose admission no list taken since has shown connected.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Reservation {
+    /// The user's [`crate::store::digest`].
+    pub user: String,
+    pub until: u64,
+    /// The admissions taken before lk-jwt-service answered that were not refused since;
+    /// [`crate::occupancy::PINNED`] once an admission was decided on an issued token.
+    pub holds: u32,
+    /// The user's latest admission: only a list taken from then on shows whether the token
+    /// it let through is in use.
+    #[serde(default)]
+    pub since: u64,
+}
+
+/// A token identity paired with the user lk-jwt-service verified for it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Pairing {
+    pub identity: String,
+    pub user: String,
+    pub until: u64,
+    /// When a list last showed the identity connected (the list's time); 0 if none has
+    /// since it last left.
+    #[serde(default)]
+    pub seen: u64,
+}
+
+/// LiveKit's last participant list (identity digests), reused until `fresh_until`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct CachedList {
+    pub fresh_until: u64,
+    pub identities: Vec<String>,
+    /// When the list was asked for.
+    #[serde(default)]
+    pub taken: u64,
+}
+
+/// A user who stopped being reserved at `at` without a list showing them gone: a list taken
+/// before `at` may predate their connection, so it counts them.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Departure {
+    pub user: String,
+    pub at: u64,
+}
+
+/// A user whose reservation lapsed without their ever being seen connected: until
+/// `cooling_until` they may not take the room's last free place. `strikes` counts the lapses
+/// remembered.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Lapse {
+    pub user: String,
+    pub cooling_until: u64,
+    pub strikes: u32,
+}
+
+/// The shared record of one LiveKit room, stored as `[reservations, pairings, cached list or
+/// null, departures, lapses]`, trailing empty parts left out.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct RoomRecord {
+    pub r: Vec<Reservation>,
+    pub i: Vec<Pairing>,
+    #[serde(default)]
+    pub p: Option<CachedList>,
+    #[serde(default)]
+    pub d: Vec<Departure>,
+    #[serde(default)]
+    pub l: Vec<Lapse>,
+}
+
+/// Serialises a struct as the array of its fields, in declaration order.
+macro_rules! as_array {
+    ($type:ty { $($field:ident),+ }) => {
+        impl Serialize for $type {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut tuple = serializer.serialize_tuple([$(stringify!($field)),+].len())?;
+                $(tuple.serialize_element(&self.$field)?;)+
+                tuple.end()
+            }
+        }
+    };
+}
+
+as_array!(Reservation {
+    user,
+    until,
+    holds,
+    since
+});
+as_array!(Pairing {
+    identity,
+    user,
+    until,
+    seen
+});
+as_array!(CachedList {
+    fresh_until,
+    identities,
+    taken
+});
+as_array!(Departure { user, at });
+as_array!(Lapse {
+    user,
+    cooling_until,
+    strikes
+});
+
+impl Serialize for RoomRecord {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let parts = if !self.l.is_empty() {
+            5
+        } else if !self.d.is_empty() {
+            4
+        } else if self.p.is_some() {
+            3
+        } else {
+            2
+        };
+        let mut tuple = serializer.serialize_tuple(parts)?;
+        tuple.serialize_element(&self.r)?;
+        tuple.serialize_element(&self.i)?;
+        if parts > 2 {
+            tuple.serialize_element(&self.p)?;
+        }
+        if parts > 3 {
+            tuple.serialize_element(&self.d)?;
+        }
+        if parts > 4 {
+            tuple.serialize_element(&self.l)?;
+        }
+        tuple.end()
+    }
+}
+
+impl Record for RoomRecord {
+    /// Reservations, pairings and departures hold the limit: never evicted for another room.
+    fn eviction(&self) -> Eviction {
+        if self.r.is_empty() && self.i.is_empty() && self.d.is_empty() {
+            Eviction::Rank(0)
+        } else {
+            Eviction::Never
+        }
+    }
+}
+
+impl RoomRecord {
+    pub fn is_empty(&self) -> bool {
+        self.r.is_empty()
+            && self.i.is_empty()
+            && self.p.is_none()
+            && self.d.is_empty()
+            && self.l.is_empty()
+    }
+
+    /// The bytes the record takes in its bucket.
+    pub fn size(&self) -> usize {
+        serde_json::to_vec(self).map_or(usize::MAX, |bytes| bytes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    #[test]
+    fn records_read_back_what_they_wrote() {
+        let record = RoomRecord {
+            r: vec![Reservation {
+                user: "@\"b\":x".into(),
+                until: 6,
+                holds: 1,
+                since: 2,
+            }],
+            i: vec![Pairing {
+                identity: "hash/+=".into(),
+                user: "@a:x".into(),
+                until: 7,
+                seen: 3,
+            }],
+            p: None,
+            d: vec![Departure {
+                user: "@c:x".into(),
+                at: 4,
+            }],
+            l: vec![],
+        };
+        let out = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            out,
+            r#"[[["@\"b\":x",6,1,2]],[["hash/+=","@a:x",7,3]],null,[["@c:x",4]]]"#
+        );
+        assert_eq!(serde_json::from_str::<RoomRecord>(&out).ok(), Some(record));
+        let empty = serde_json::to_string(&RoomRecord::default()).unwrap();
+        assert_eq!(empty, "[[],[]]");
+    }
+
+    #[test]
+    fn a_record_of_the_earlier_format_reads_back_with_defaults() {
+        let old = r#"[[["@a:x",5,1]],[["hash","@a:x",7]],[9,["@a:x:D"]]]"#;
+        let record: RoomRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.r[0].since, 0);
+        assert_eq!(record.i[0].seen, 0);
+        assert_eq!(record.p.as_ref().map(|p| p.taken), Some(0));
+        assert!(record.d.is_empty() && record.l.is_empty());
+        assert!(serde_json::from_str::<RoomRecord>("[[]]").is_err());
+        assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],[]]").is_err());
+    }
+}
