@@ -269,8 +269,6 @@ struct Subject {
     identity: String,
     /// The Matrix user asking, as lk-jwt-service verified it or Synapse vouched for it.
     requester: String,
-    /// When the token expires (ms since the epoch).
-    expires_ms: u64,
     /// Nobody could verify who asks (a `/sfu/get` OpenID token of another homeserver):
     /// `requester` stands in for them, and they only ever take a free place.
     unverified: bool,
@@ -363,7 +361,6 @@ enum Exemption {
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 
 /// lk-jwt-service's tokens live an hour.
-const TOKEN_LIFETIME_MS: u64 = 3600 * 1000;
 
 #[derive(Debug)]
 enum Stage {
@@ -515,8 +512,8 @@ impl Admission {
         let mut effects = vec![Effect::Count(Counter::TokenRequests)];
         if self.on_request {
             let read = match self.route {
-                Route::Legacy => self.read_legacy_request(body, env, &mut effects),
-                Route::Client | Route::Federation => self.read_rtc_request(body, env, &mut effects),
+                Route::Legacy => self.read_legacy_request(body, &mut effects),
+                Route::Client | Route::Federation => self.read_rtc_request(body, &mut effects),
             };
             match read {
                 Some(request) => self.request = Some(Ok(request)),
@@ -662,7 +659,6 @@ impl Admission {
             _ => String::new(),
         };
         self.stage = Stage::Deciding(Subject {
-            expires_ms: claims.expires_at.saturating_mul(1000),
             room: claims.room,
             identity: claims.identity,
             requester,
@@ -875,7 +871,6 @@ impl Admission {
             participants,
             requester,
             identity: &subject.identity,
-            token_expires_ms: subject.expires_ms,
             reservation_ms: env.config.reservation.as_millis() as u64,
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
             now_ms: env.now_ms(),

@@ -2,10 +2,7 @@
 //! it, read from each route's request (and, for `/sfu/get`, from Synapse's word on its OpenID
 //! token). Part of [`Admission`]'s walk; see [`crate::flow`].
 
-use super::{
-    call, clip, Admission, CallKind, Counter, Effect, Env, Lookup, Stage, Subject,
-    TOKEN_LIFETIME_MS,
-};
+use super::{call, clip, Admission, CallKind, Counter, Effect, Env, Lookup, Stage, Subject};
 use crate::limit_cache::{Cached, Lifetimes, VerifiedUser, OPENID_USERS};
 use crate::livekit_names::{hash_of_strings, room_alias};
 use crate::openid::{self, Userinfo};
@@ -18,7 +15,6 @@ impl Admission {
     pub(super) fn read_rtc_request(
         &mut self,
         body: &[u8],
-        env: &Env,
         effects: &mut Vec<Effect>,
     ) -> Option<TokenRequest> {
         match rtc_request::parse(self.route, &self.rtc_headers, body) {
@@ -27,7 +23,6 @@ impl Admission {
                     room: asked.alias,
                     identity: asked.identity,
                     requester: asked.user.clone(),
-                    expires_ms: env.now_ms().saturating_add(TOKEN_LIFETIME_MS),
                     unverified: false,
                 });
                 Some(TokenRequest {
@@ -69,7 +64,6 @@ impl Admission {
     pub(super) fn read_legacy_request(
         &mut self,
         body: &[u8],
-        env: &Env,
         effects: &mut Vec<Effect>,
     ) -> Option<TokenRequest> {
         let request = match token_request::parse(body) {
@@ -100,7 +94,6 @@ impl Admission {
             room: room_alias(&request.room, request.slot()),
             identity,
             requester,
-            expires_ms: env.now_ms().saturating_add(TOKEN_LIFETIME_MS),
             unverified: false,
         });
         Some(request)

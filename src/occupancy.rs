@@ -100,8 +100,6 @@ pub struct Request<'a> {
     pub requester: &'a str,
     /// The identity of the token being decided.
     pub identity: &'a str,
-    /// When that token expires (ms since the epoch; 0 if unknown).
-    pub token_expires_ms: u64,
     pub reservation_ms: u64,
     /// How long a fresh list may be reused (0: never).
     pub list_cache_ms: u64,
@@ -263,6 +261,10 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     let mut connected = BTreeSet::new();
     connected.extend(listed.iter().map(|(d, _)| d.as_str()));
     record.note_connected(&connected, taken, now);
+    // Another decision rested on a newer list. (Within one millisecond the order of lists is
+    // not known: lists taken in the same millisecond are taken to agree.)
+    let stale = taken < record.n;
+    record.n = record.n.min(now).max(taken);
     let users: Vec<String> = listed
         .iter()
         .map(|(d, identity)| record.user_of(d, *identity))
@@ -279,10 +281,18 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
         record
             .d
             .iter()
-            .filter(|d| d.at > taken)
+            .filter(|d| d.at >= taken)
             .map(|d| d.user.as_str()),
     );
     let counted = occupied.contains(requester.as_str());
+    let reserved = record.r.iter().any(|res| res.user == requester);
+    let listed = present.contains(requester.as_str());
+    if counted && !reserved && (!listed || occupied.len() >= q.max_users as usize && stale) {
+        // Counted only because this list may predate the requester's connection, or in a full
+        // room only by a list older than one already decided on (which may have shown them gone
+        // and given their place away): a newer list is to say whether they are in the call.
+        return None;
+    }
     let cooling = !counted
         && record
             .l
@@ -317,14 +327,11 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     if !verdict.admitted {
         return Some(verdict);
     }
-    // A pairing lives while its token does, but never longer than a day: the token's `exp` is
-    // lk-jwt-service's (an hour), not a reason to keep state for ever.
-    let token_until = q
-        .token_expires_ms
-        .min(now.saturating_add(MAX_PAIRING_MS))
-        .max(now.saturating_add(q.reservation_ms));
+    // A participant may stay connected long after its token expired (LiveKit checks a token
+    // when it connects), so a pairing is kept a day unless a list shows its identity gone.
+    let pairing_until = now.saturating_add(MAX_PAIRING_MS);
     if record
-        .remember(q.identity, q.requester, token_until, &connected)
+        .remember(q.identity, q.requester, pairing_until, &connected)
         .is_err()
     {
         verdict.refuse(Refusal::TooManyDevices);
@@ -348,11 +355,9 @@ impl RoomRecord {
             .retain(|d| d.at.saturating_add(MAX_LIST_AGE_MS) > now);
         self.l
             .retain(|l| l.cooling_until.saturating_add(LAPSE_MEMORY_MS) > now);
-        if self
-            .p
-            .as_ref()
-            .is_some_and(|p| p.fresh_until <= now || p.taken.saturating_add(MAX_LIST_AGE_MS) <= now)
-        {
+        if self.p.as_ref().is_some_and(|p| {
+            p.fresh_until <= now || p.taken.saturating_add(MAX_LIST_AGE_MS) <= now || p.taken > now
+        }) {
             self.p = None;
         }
     }
@@ -365,7 +370,9 @@ impl RoomRecord {
                 identities,
                 taken_ms,
             } => {
-                if taken_ms.saturating_add(MAX_LIST_AGE_MS) <= q.now_ms {
+                // Too old, or taken "later" than now: the clock went back since, and how it
+                // stands to what the record learnt meanwhile is not known.
+                if taken_ms.saturating_add(MAX_LIST_AGE_MS) <= q.now_ms || taken_ms > q.now_ms {
                     return None;
                 }
                 let listed: Vec<(String, Option<&str>)> = identities
@@ -421,8 +428,10 @@ impl RoomRecord {
         }
     }
 
-    /// Ends the reservations of users a list taken since their admission shows connected,
-    /// and those whose time is up; both are kept as departures for lists taken before. A
+    /// Ends the reservations of users a list taken after their latest admission (in a later
+    /// millisecond: within one, which came first is not known) shows connected, and those whose
+    /// time is up; both are kept as departures for lists taken before (or in the same
+    /// millisecond). A
     /// reservation that lapsed with its user nowhere to be seen is a lapse.
     fn settle_reservations(
         &mut self,
@@ -433,13 +442,14 @@ impl RoomRecord {
     ) {
         for res in std::mem::take(&mut self.r) {
             let shown = present.contains(res.user.as_str());
-            if shown && taken >= res.since {
+            if shown && taken > res.since {
                 self.depart(res.user, now, now);
             } else if res.until <= now {
                 if !shown {
                     self.lapse(&res.user, res.until, reservation_ms);
                 }
-                self.depart(res.user, res.until, now);
+                // The user connected before `until` if at all: a list taken then shows them.
+                self.depart(res.user, res.until.saturating_sub(1), now);
             } else {
                 self.r.push(res);
             }

@@ -26,7 +26,6 @@ fn question<'a>(
         participants,
         requester,
         identity,
-        token_expires_ms: now_ms + 3_600_000,
         reservation_ms: 30_000,
         list_cache_ms: 0,
         releasable: false,
@@ -370,18 +369,17 @@ fn a_user_with_every_device_slot_connected_is_refused_another() {
 }
 
 #[test]
-fn a_token_that_never_expires_is_kept_a_day_and_admits_again() {
+fn a_pairing_is_kept_a_day_at_most_past_its_last_sighting() {
     let store = MemoryStore::default();
-    let list: Vec<String> = vec![];
-    let mut q = question(1, fresh(&list, 0), "@a:x", "hashA", 0);
-    q.token_expires_ms = u64::MAX;
-    assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
-    let connected = vec!["hashA".to_owned()];
-    let mut q = question(1, fresh(&connected, 10), "@a:x", "hashA", 10);
-    q.token_expires_ms = u64::MAX;
-    assert!(matches!(admit(&store, &q), Ok(Outcome::Decided(v)) if v.admitted));
-    let record: RoomRecord = BUCKETS.get(&store, ROOM, 20).unwrap();
-    assert!(record.i.iter().all(|p| p.until <= 10 + MAX_PAIRING_MS));
+    assert!(ask(&store, 1, &[], "@a:x", "hashA", 0).admitted);
+    // Never seen connected (no list since): still known the next day's morning.
+    let late = MAX_PAIRING_MS - 1;
+    assert!(ask(&store, 1, &["hashA"], "@a:x", "hashB", late).admitted);
+    let record: RoomRecord = BUCKETS.get(&store, ROOM, late).unwrap();
+    assert!(record.i.iter().all(|p| p.until <= late + MAX_PAIRING_MS));
+    // Seen then, and nobody looks for a day: forgotten, and it counts as a user of its own.
+    let gone = late + MAX_PAIRING_MS;
+    assert!(!ask(&store, 1, &["hashA"], "@a:x", "hashC", gone).admitted);
 }
 
 /// A decision on a list taken at `taken_ms`, at `now_ms`.
@@ -636,4 +634,29 @@ fn a_full_bucket_refuses_and_never_lets_through() {
         admit(&Refusing, &q),
         Ok(Outcome::Decided(v)) if !v.admitted && v.refusal == Some(Refusal::AtCapacity)
     ));
+}
+
+#[test]
+fn a_user_listed_only_by_an_older_list_is_looked_for_again_in_a_full_room() {
+    let store = MemoryStore::default();
+    assert!(admitted(ask_on(&store, 1, &[], 0, "@f:x", 0)));
+    // f connects; a list taken at 20 (f gone) gives the place to a.
+    assert!(!admitted(ask_on(&store, 1, &["@f:x:D"], 10, "@g:x", 11)));
+    assert!(admitted(ask_on(&store, 1, &[], 20, "@a:x", 21)));
+    // f's own request was asked about at 15, while f was there: not enough to let f back in.
+    assert_eq!(
+        ask_on(&store, 1, &["@f:x:D"], 15, "@f:x", 22),
+        Outcome::NeedList
+    );
+    assert!(!admitted(ask_on(&store, 1, &[], 23, "@f:x", 23)));
+}
+
+#[test]
+fn a_user_counted_only_for_a_list_that_may_predate_them_is_looked_for_again() {
+    let store = MemoryStore::default();
+    assert!(admitted(ask_on(&store, 2, &[], 0, "@f:x", 0)));
+    assert!(admitted(ask_on(&store, 2, &["@f:x:D"], 10, "@a:x", 12)));
+    // A list of 5 does not show f, who may have connected since: f's request waits for one
+    // that can say.
+    assert_eq!(ask_on(&store, 2, &[], 5, "@f:x", 13), Outcome::NeedList);
 }

@@ -20,8 +20,8 @@ pub struct Reservation {
     /// The admissions taken before lk-jwt-service answered that were not refused since;
     /// [`crate::occupancy::PINNED`] once an admission was decided on an issued token.
     pub holds: u32,
-    /// The user's latest admission: only a list taken from then on shows whether the token
-    /// it let through is in use.
+    /// The user's latest admission: only a list taken after it shows whether the token it let
+    /// through is in use.
     #[serde(default)]
     pub since: u64,
 }
@@ -49,7 +49,7 @@ pub struct CachedList {
 }
 
 /// A user who stopped being reserved at `at` without a list showing them gone: a list taken
-/// before `at` may predate their connection, so it counts them.
+/// at `at` or before may predate their connection, so it counts them.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct Departure {
     pub user: String,
@@ -67,7 +67,7 @@ pub struct Lapse {
 }
 
 /// The shared record of one LiveKit room, stored as `[reservations, pairings, cached list or
-/// null, departures, lapses]`, trailing empty parts left out.
+/// null, departures, lapses, newest list]`, trailing empty parts left out.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct RoomRecord {
     pub r: Vec<Reservation>,
@@ -78,6 +78,9 @@ pub struct RoomRecord {
     pub d: Vec<Departure>,
     #[serde(default)]
     pub l: Vec<Lapse>,
+    /// When the newest list decided on was taken.
+    #[serde(default)]
+    pub n: u64,
 }
 
 /// Serialises a struct as the array of its fields, in declaration order.
@@ -119,7 +122,9 @@ as_array!(Lapse {
 
 impl Serialize for RoomRecord {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let parts = if !self.l.is_empty() {
+        let parts = if self.n != 0 {
+            6
+        } else if !self.l.is_empty() {
             5
         } else if !self.d.is_empty() {
             4
@@ -139,6 +144,9 @@ impl Serialize for RoomRecord {
         }
         if parts > 4 {
             tuple.serialize_element(&self.l)?;
+        }
+        if parts > 5 {
+            tuple.serialize_element(&self.n)?;
         }
         tuple.end()
     }
@@ -198,6 +206,7 @@ mod tests {
                 at: 4,
             }],
             l: vec![],
+            n: 0,
         };
         let out = serde_json::to_string(&record).unwrap();
         assert_eq!(
@@ -218,6 +227,6 @@ mod tests {
         assert_eq!(record.p.as_ref().map(|p| p.taken), Some(0));
         assert!(record.d.is_empty() && record.l.is_empty());
         assert!(serde_json::from_str::<RoomRecord>("[[]]").is_err());
-        assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],[]]").is_err());
+        assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],1,2]").is_err());
     }
 }

@@ -15,8 +15,7 @@
 //! - 1, room occupancy (`occupancy::admit`): `[1..5]` now, `[5]` max users, `[6]` LiveKit's
 //!   list (bit 7: the cached list, else the identities of `IDENTITIES` in the bitmask of
 //!   bits 0-6), `[7]` requester (of `USERS`), `[8]` token identity (of `IDENTITIES`),
-//!   `[9..11]` reservation time (10 ms), `[11..13]` list cache time (10 ms), `[13..16]`
-//!   token lifetime (s, u24 LE; 0: unknown expiry).
+//!   `[9..11]` reservation time (10 ms), `[11..13]` list cache time (10 ms).
 //!
 //! After every write, a read must see what was written.
 
@@ -53,14 +52,6 @@ struct Header([u8; HEADER_LEN]);
 impl Header {
     fn u16(&self, at: usize) -> u64 {
         u64::from(u16::from_le_bytes([self.0[at], self.0[at + 1]]))
-    }
-    fn u24(&self, at: usize) -> u64 {
-        u64::from(u32::from_le_bytes([
-            self.0[at],
-            self.0[at + 1],
-            self.0[at + 2],
-            0,
-        ]))
     }
     fn u32(&self, at: usize) -> u64 {
         u64::from(u32::from_le_bytes([
@@ -169,18 +160,12 @@ fn occupancy_ops(header: &Header, bucket: &[u8]) {
             taken_ms: now_ms,
         }
     };
-    let token_lifetime_ms = header.u24(13) * 1000;
     let q = Request {
         room: ALIAS,
         max_users: u32::from(header.0[5]),
         participants,
         requester: USERS[usize::from(header.0[7]) % USERS.len()],
         identity: IDENTITIES[usize::from(header.0[8]) % IDENTITIES.len()],
-        token_expires_ms: if token_lifetime_ms == 0 {
-            0
-        } else {
-            now_ms + token_lifetime_ms
-        },
         reservation_ms: header.u16(9) * 10,
         list_cache_ms: header.u16(11) * 10,
         releasable: now_ms % 2 == 1,
