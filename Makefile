@@ -96,6 +96,9 @@ test-oracle:
 FUZZ_TARGETS       ?= token_body rtc_request synapse_answer livekit_answer jwt shared_records config
 FUZZ_SECONDS       ?= 600
 FUZZ_SMOKE_SECONDS ?= 15
+## Generated interleavings of the room occupancy (src/occupancy_interleavings.rs): 256 cases
+## in `make test`, this many under `make fuzz`.
+OCCUPANCY_CASES    ?= 200000
 FUZZ_TOOLCHAIN     ?=
 CARGO_FUZZ_VERSION := 0.13.2
 CARGO_FUZZ         := RUSTC_BOOTSTRAP=1 PATH="$(TOOLS)/bin:$$PATH" $(CARGO) $(FUZZ_TOOLCHAIN) fuzz
@@ -131,6 +134,7 @@ fuzz:
 	  echo "fuzz: $$t: $$(ls fuzz/corpus/$$t | wc -l) files in fuzz/corpus/$$t"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "fuzz: FAILED:$$failed (inputs in fuzz/artifacts/)"; exit 1; fi
+	OCCUPANCY_CASES=$(OCCUPANCY_CASES) $(CARGO) test --release --lib interleavings
 
 ## The end-to-end suite as operators deploy the filter:
 ## 1. everything, with the default configuration in a host that leaves
