@@ -43,7 +43,8 @@ SHAPES = [
 GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_hits",
                                       "unreadable_requests", "stale_limits",
                                       "released_reservations", "token_mismatches",
-                                      "unverified_requesters", "oversized_requests")))
+                                      "unverified_requesters", "oversized_requests",
+                                      "cooling_refusals", "capacity_refusals")))
 
 CHANNEL_FULL = b'{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}'
 

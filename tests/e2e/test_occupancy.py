@@ -1,0 +1,56 @@
+"""The room's occupancy as hostile or unlucky clients meet it, against the built module in real
+Envoy: accounts that take tokens and never connect, and a room limited above what one room's
+record can hold. (Orders of lists, connections and clock steps are covered by the generated
+interleavings in src/occupancy_interleavings.rs, which drive the same core.)"""
+
+from __future__ import annotations
+
+import time
+
+from guard import assert_channel_full, assert_token_issued, ask, counting
+
+RESOURCE_LIMIT = b'"errcode":"M_RESOURCE_LIMIT_EXCEEDED"'
+
+
+def test_accounts_that_never_connect_cannot_keep_a_room_full(start_envoy, plugin_config,
+                                                             new_room, livekit):
+    """Two accounts take both places of a room limited to 2 and never connect; when their
+    reservations lapse they ask again at once. Only one gets a place back: the last one is
+    bob's."""
+    envoy = start_envoy(plugin_config(reservation_seconds=2, participants_cache_ms=0))
+    room = new_room(limit=2)
+    for who in ("hoarder1", "hoarder2"):
+        assert ask(envoy, "/get_token", "new", who, "H", room).status_code == 200
+    assert_channel_full(ask(envoy, "/get_token", "new", "bob", "B1", room))
+    time.sleep(2.1)  # the reservations' time (2 s) is up; their cooling lasts 2 s more
+    with counting(envoy) as counts:
+        assert ask(envoy, "/get_token", "new", "hoarder1", "H", room).status_code == 200
+        assert_channel_full(ask(envoy, "/get_token", "new", "hoarder2", "H", room))
+        assert_token_issued(ask(envoy, "/get_token", "new", "bob", "B1", room), room, "new",
+                            "bob", "B1", livekit)
+    assert counts.guard == {"token_requests": 3, "limit_cache_hits": 3, "livekit_lookups": 3,
+                            "allowed": 2, "cooling_refusals": 1}
+
+
+def test_a_room_limited_above_what_its_record_holds_refuses_and_never_lets_through(
+        start_envoy, plugin_config, new_room, livekit):
+    """A room limited to 5,000 users: distinct users are admitted until the room's shared record
+    is full (some 400), then refused 503 M_RESOURCE_LIMIT_EXCEEDED: never let through unchecked,
+    never answered as a full room."""
+    envoy = start_envoy(plugin_config(participants_cache_ms=0))
+    room = new_room(limit=5000)
+    with counting(envoy) as counts:
+        n = 0
+        while True:
+            resp = ask(envoy, "/get_token", "new", f"u{n}", "D", room)
+            if resp.status_code != 200:
+                break
+            n += 1
+            assert n < 2000, "no capacity reached"
+        assert resp.status_code == 503 and RESOURCE_LIMIT in resp.content, resp.text
+        # Users already counted still get their tokens.
+        assert ask(envoy, "/get_token", "new", "u0", "D2", room).status_code == 200
+    assert 300 <= n <= 600, n
+    assert counts.guard.get("capacity_refusals") == 1
+    assert "fail_open" not in counts.guard and "blocked" not in counts.guard
+    assert counts.guard.get("allowed") == n + 1
