@@ -226,7 +226,7 @@ impl<'de> Deserialize<'de> for Entry {
 
 impl Record for Entry {
     /// Unlimited rooms and bare pending marks go first; limits and levels last.
-    fn eviction(&self) -> Eviction {
+    fn eviction(&self, _now_ms: u64) -> Eviction {
         Eviction::Rank(u8::from(self.seen.as_ref().is_some_and(Rule::keeps_stale)))
     }
 }

@@ -51,11 +51,11 @@ pub const BUCKETS: Buckets<RoomRecord> = Buckets::new("voice_limit_guard.rooms",
 /// The most one room's record may take of its bucket: about 400 users with one hashed
 /// identity each and a reservation, the lists and lapses aside.
 pub const ROOM_BUDGET: usize = 24 * 1024;
-/// How long a learnt identity is kept once a list showed it gone: its token may connect again.
-const IDENTITY_KEEP_MS: u64 = 3600 * 1000;
 /// Expiries and sightings are rewritten only when they gain more than this.
 const REFRESH_SLACK_MS: u64 = 60 * 1000;
-/// The longest a pairing is kept from a token's expiry alone, or since last seen connected.
+/// How long a pairing is kept past its latest admission or sighting: a participant may stay
+/// connected long after its token expired (LiveKit checks a token when it connects), also
+/// after a list showed it gone and it came back on the same token.
 const MAX_PAIRING_MS: u64 = 24 * 3600 * 1000;
 /// Learnt identities kept per user in a room. Past it, the oldest identity not connected goes
 /// first; if every one is connected, the token is refused: an identity the guard could not
@@ -65,8 +65,10 @@ pub const MAX_IDENTITIES_PER_USER: usize = 16;
 /// Longer participant lists are not cached (the cache is an optimisation).
 const MAX_CACHED_LIST: usize = 256;
 /// A participant list asked for longer ago than this is asked for again; departures are kept
-/// this long for the lists still in flight.
-pub const MAX_LIST_AGE_MS: u64 = 60 * 1000;
+/// this long for the lists still in flight. Longer than Envoy's default route timeout (15 s),
+/// so a list asked for when a request arrived serves the decision on its answer; and short,
+/// because the state that may not be evicted is what the last seconds of admissions left.
+pub const MAX_LIST_AGE_MS: u64 = 20 * 1000;
 /// The longest cooling time of a user whose reservations keep lapsing.
 const MAX_COOLING_MS: u64 = 3600 * 1000;
 /// How long lapses are remembered past their cooling time, so that they add up.
@@ -260,7 +262,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     // each time otherwise.
     let mut connected = BTreeSet::new();
     connected.extend(listed.iter().map(|(d, _)| d.as_str()));
-    record.note_connected(&connected, taken, now);
+    record.note_connected(&connected, taken);
     // Another decision rested on a newer list. (Within one millisecond the order of lists is
     // not known: lists taken in the same millisecond are taken to agree.)
     let stale = taken < record.n;
@@ -410,11 +412,11 @@ impl RoomRecord {
         }
     }
 
-    /// Pairings of identities the list (taken at `taken`) shows connected are kept while they
-    /// are, up to a day past the last sighting; one a newer list shows gone is kept as long as
-    /// its token may still connect. Sightings are rewritten at most once a minute, so repeated
+    /// Pairings of identities the list (taken at `taken`) shows connected are kept a day past
+    /// the last sighting; one a newer list shows gone is no longer counted as seen (so it goes
+    /// first under pressure). Sightings are rewritten at most once a minute, so repeated
     /// decisions need not rewrite the record.
-    fn note_connected(&mut self, connected: &BTreeSet<&str>, taken: u64, now: u64) {
+    fn note_connected(&mut self, connected: &BTreeSet<&str>, taken: u64) {
         for p in &mut self.i {
             if connected.contains(p.identity.as_str()) {
                 if p.seen == 0 || p.seen.saturating_add(REFRESH_SLACK_MS) < taken {
@@ -422,8 +424,9 @@ impl RoomRecord {
                     p.until = p.until.max(taken.saturating_add(MAX_PAIRING_MS));
                 }
             } else if p.seen != 0 && taken > p.seen {
+                // Gone, but its token may bring it back, and a participant outlives its token:
+                // kept as long (a day past the last sighting), first to go under pressure.
                 p.seen = 0;
-                p.until = p.until.min(now.saturating_add(IDENTITY_KEEP_MS));
             }
         }
     }
@@ -440,11 +443,22 @@ impl RoomRecord {
         now: u64,
         reservation_ms: u64,
     ) {
-        for res in std::mem::take(&mut self.r) {
+        for mut res in std::mem::take(&mut self.r) {
             let shown = present.contains(res.user.as_str());
+            // The run of admissions began when its time was last set (`until` is never moved
+            // by asking again, only by being in the call).
+            let run_began = res.until.saturating_sub(reservation_ms);
             if shown && taken > res.since {
                 self.depart(res.user, now, now);
-            } else if res.until <= now {
+                continue;
+            }
+            if shown && taken > run_began {
+                // In the call after the run began, and admitted again since (the list was
+                // decided on late): that admission starts a run of its own, as it would have
+                // had the list arrived in order.
+                res.until = res.until.max(res.since.saturating_add(reservation_ms));
+            }
+            if res.until <= now {
                 if !shown {
                     self.lapse(&res.user, res.until, reservation_ms);
                 }

@@ -112,15 +112,16 @@ proptest! {
 /// with the token of their latest admission, leave, and the clock moves by milliseconds,
 /// reservation times, minutes and hours, or steps back (with no list in flight).
 ///
-/// The model: a user *holds a place* while connected, or from their first admission until
-/// `reservation_ms` later, unless a list taken since their latest admission showed them
-/// connected (from then on they hold it while connected). Users may connect only while they
-/// hold a place by admission. Checked after every step and decision:
+/// The model: a user *holds a place* while connected, or from the first admission of their run
+/// until `reservation_ms` later, unless a list decided on, taken since their latest admission,
+/// showed them connected (from then on they hold it while connected). A list decided on that
+/// shows them connected after their run began (before their latest admission) starts a run at
+/// the latest admission. Users may connect only while they hold a place by admission. Checked after every step and decision:
 /// - I1: users holding a place never exceed the limit;
 /// - I2: a user in the list decided on, or holding a place by admission, is never refused;
 /// - I3: nothing fails or is refused for capacity, and a refusal for a full room (or the
 ///   last place, for a user cooling down) is only given when the users the list shows, those
-///   connected within a minute before it was taken and those admitted within a reservation
+///   connected within [`MAX_LIST_AGE_MS`] before it was taken and those admitted within a reservation
 ///   time before it fill the room.
 mod orders {
     use super::*;
@@ -178,7 +179,8 @@ mod orders {
         first: u64,
         latest: u64,
         shown: bool,
-        /// Its time was up at some step (the clock may go back after that).
+        /// Its time was up at a decision (which ended the reservation for good, whatever the
+        /// clock does next).
         spent: bool,
     }
 
@@ -203,7 +205,7 @@ mod orders {
                 .is_some_and(|t| !t.shown && !t.spent && self.now < t.first + RESERVATION_MS)
         }
 
-        /// A ticket whose time is up stays so, whatever the clock does next.
+        /// At a decision: a ticket whose time is up stays so, whatever the clock does next.
         fn expire(&mut self) {
             let now = self.now;
             for t in self.tickets.values_mut() {
@@ -219,16 +221,25 @@ mod orders {
             users
         }
 
-        /// Asks LiveKit for the list now; what it shows ends the tickets it can speak for.
-        fn take_list(&mut self) -> (u64, BTreeMap<usize, bool>) {
-            for user in self.connected.keys() {
+        /// Asks LiveKit for the list now.
+        fn take_list(&self) -> (u64, BTreeMap<usize, bool>) {
+            (self.now, self.connected.clone())
+        }
+
+        /// A list taken at `taken` is decided on: a user it shows connected after their
+        /// latest admission no longer holds a place by admission; one it shows connected after
+        /// their run of admissions began, and admitted again since, starts a run at that
+        /// admission. (A list taken but never decided on tells the guard nothing.)
+        fn decided_on(&mut self, taken: u64, shown: &BTreeMap<usize, bool>) {
+            for user in shown.keys() {
                 if let Some(t) = self.tickets.get_mut(user) {
-                    if self.now > t.latest {
+                    if taken > t.latest {
                         t.shown = true;
+                    } else if taken > t.first && !t.shown && !t.spent {
+                        t.first = t.latest;
                     }
                 }
             }
-            (self.now, self.connected.clone())
         }
 
         fn admitted(&mut self, user: usize) {
@@ -243,9 +254,8 @@ mod orders {
             let ticket = self.tickets.entry(user).or_insert(fresh);
             // Admitted again within the first admission's reservation time: that time still
             // bounds when the user may connect (asking again does not extend it).
-            if !ticket.shown && now < ticket.first + RESERVATION_MS {
+            if !ticket.shown && !ticket.spent && now < ticket.first + RESERVATION_MS {
                 ticket.latest = ticket.latest.max(now);
-                ticket.spent = false;
             } else {
                 *ticket = fresh;
             }
@@ -313,6 +323,9 @@ mod orders {
                             }
                             Err(e) => return Err(TestCaseError::fail(format!("admit: {e:?}"))),
                         };
+                        // A decision settles the record's reservations as of now.
+                        m.expire();
+                        m.decided_on(taken, &shown);
                         if verdict.admitted {
                             m.admitted(user);
                             continue;
@@ -321,7 +334,7 @@ mod orders {
                         prop_assert!(!shown.contains_key(&user) && !m.by_admission(user),
                             "user {} refused while in the list or holding a place: {:?}", user, verdict);
                         // I3
-                        // What the list shows, users connected within a minute before it was
+                        // What the list shows, users connected within MAX_LIST_AGE_MS before it was
                         // taken (a list older than what ended a reservation counts its user), and
                         // users admitted lately.
                         let mut counted: BTreeSet<usize> = shown.keys().copied().collect();
@@ -373,7 +386,6 @@ mod orders {
                         }
                     }
                 }
-                m.expire();
                 for user in m.connected.keys() {
                     m.last_connected.insert(*user, m.now);
                 }

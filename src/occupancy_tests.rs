@@ -537,15 +537,25 @@ fn a_connected_identity_is_remembered_after_a_quiet_hour() {
     let later = 2 * 3600 * 1000;
     assert!(ask(&store, 1, &["hashA1"], "@a:x", "hashA2", later).admitted);
     assert!(!ask(&store, 1, &["hashA1"], "@b:x", "hashB", later + 1).admitted);
-    // Once a newer list shows her gone, her identity is kept the hour its token may live.
-    assert!(ask(&store, 1, &[], "@b:x", "hashB", later + 2).admitted);
-    let record = BUCKETS.get(&store, ROOM, later + 2).unwrap();
-    let a1 = record
-        .i
-        .iter()
-        .find(|p| p.identity == digest("hashA1"))
-        .unwrap();
-    assert_eq!((a1.seen, a1.until), (0, later + 2 + IDENTITY_KEEP_MS));
+}
+
+#[test]
+fn an_identity_that_left_and_came_back_is_remembered_after_a_quiet_hour() {
+    let store = MemoryStore::default();
+    assert!(ask(&store, 2, &[], "@a:x", "hashA1", 0).admitted);
+    assert!(ask(&store, 2, &["hashA1"], "@a:x", "hashA1", 10).admitted);
+    // A newer list shows her gone; she comes back on that device (its token is still valid).
+    assert!(ask(&store, 2, &[], "@b:x", "hashB", 20).admitted);
+    let record = BUCKETS.get(&store, ROOM, 20).unwrap();
+    let a1 = record.i.iter().find(|p| p.identity == digest("hashA1"));
+    assert_eq!(
+        a1.map(|p| (p.seen, p.until)),
+        Some((0, 10 + MAX_PAIRING_MS))
+    );
+    // Nobody asks for two hours; she is still in the call and adds a device.
+    let later = 2 * 3600 * 1000;
+    assert!(ask(&store, 2, &["hashA1", "hashB"], "@a:x", "hashA2", later).admitted);
+    assert!(!ask(&store, 2, &["hashA1", "hashB"], "@c:x", "hashC", later + 1).admitted);
 }
 
 #[test]
@@ -659,4 +669,71 @@ fn a_user_counted_only_for_a_list_that_may_predate_them_is_looked_for_again() {
     // A list of 5 does not show f, who may have connected since: f's request waits for one
     // that can say.
     assert_eq!(ask_on(&store, 2, &[], 5, "@f:x", 13), Outcome::NeedList);
+}
+
+/// Ended calls leave records behind for a day (pairings, lapses) that only make the guard
+/// kinder: a bucket full of them still takes a new room, while a bucket full of live
+/// reservations refuses (`AtCapacity`) rather than forget one.
+#[test]
+fn a_bucket_full_of_ended_calls_takes_new_rooms() {
+    let store = MemoryStore::default();
+    let bucket = BUCKETS.key_for("!first:x");
+    let rooms: Vec<String> = (0..)
+        .map(|i| format!("!r{i}:x"))
+        .filter(|room| BUCKETS.key_for(room) == bucket)
+        .take(400)
+        .collect();
+    let nobody: Vec<String> = Vec::new();
+    let join = |room: &str, user: &str, now_ms: u64| {
+        // A hashed identity, as on `/get_token`: the record pairs it with its user.
+        let identity = format!("hashed{user}{room}");
+        let mut q = question(5, fresh(&nobody, now_ms), user, &identity, now_ms);
+        q.room = room;
+        match admit(&store, &q).unwrap() {
+            Outcome::Decided(verdict) => verdict,
+            Outcome::NeedList => panic!("a fresh list needs no other"),
+        }
+    };
+    let first: Vec<Verdict> = rooms.iter().map(|room| join(room, "@a:x", 0)).collect();
+    let admitted = first.iter().filter(|v| v.admitted).count();
+    assert!((50..400).contains(&admitted), "{admitted} rooms fit");
+    assert!(first
+        .iter()
+        .all(|v| v.admitted || v.refusal == Some(Refusal::AtCapacity)));
+    assert!(store.byte_count() <= 32 * 1024);
+    // Nobody connected: once no list taken before the reservations ended can be decided on,
+    // the rooms refused then take the places of those records.
+    let later = 30_000 + MAX_LIST_AGE_MS;
+    let refused_then = rooms.iter().zip(&first).filter(|(_, v)| !v.admitted);
+    for (room, _) in refused_then {
+        let verdict = join(room, "@b:x", later);
+        assert!(verdict.admitted, "{room}: {verdict:?}");
+    }
+    assert!(store.byte_count() <= 32 * 1024);
+}
+
+/// Found by the generated interleavings: bob, admitted at 0, is in the call at 20,000, leaves,
+/// and is admitted again at 20,001 on a list that no longer shows him; the list of 20,000 is
+/// decided on only after that. His latest admission starts a run of its own (he was in the
+/// call since his first), so it holds his place for a full reservation time.
+#[test]
+fn an_admission_after_being_in_the_call_holds_a_full_reservation_time_whatever_the_order() {
+    let store = MemoryStore::default();
+    assert!(admitted(ask_on(&store, 2, &[], 0, "@b:x", 0)));
+    assert!(admitted(ask_on(&store, 2, &[], 20_001, "@b:x", 20_001)));
+    // alice's request, decided on the list taken when she asked (it shows bob).
+    assert!(admitted(ask_on(
+        &store,
+        2,
+        &["@b:x:D"],
+        20_000,
+        "@a:x",
+        20_001
+    )));
+    // Past his first reservation time, within his second: bob is not a lapsed hoarder.
+    let again = ask_on(&store, 2, &[], 40_001, "@b:x", 40_001);
+    assert!(
+        matches!(again, Outcome::Decided(ref v) if v.admitted),
+        "{again:?}"
+    );
 }

@@ -9,6 +9,7 @@
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::occupancy::MAX_LIST_AGE_MS;
 use crate::store::{Eviction, Record};
 
 /// A user admitted whose admission no list taken since has shown connected.
@@ -153,12 +154,18 @@ impl Serialize for RoomRecord {
 }
 
 impl Record for RoomRecord {
-    /// Reservations, pairings and departures hold the limit: never evicted for another room.
-    fn eviction(&self) -> Eviction {
-        if self.r.is_empty() && self.i.is_empty() && self.d.is_empty() {
-            Eviction::Rank(0)
-        } else {
+    /// Live reservations, and departures a list still in use may predate, hold the limit:
+    /// never evicted for another room. Past them, a record is memory that makes the guard
+    /// kinder, not stricter: a pairing lost makes its identity count as a user of its own (so
+    /// its user may be refused another device in a full room), a lapse lost forgets a cooling
+    /// time. Pairings of identities seen connected go last.
+    fn eviction(&self, now_ms: u64) -> Eviction {
+        if self.pinned_until() > now_ms {
             Eviction::Never
+        } else if self.i.iter().any(|p| p.seen != 0 && p.until > now_ms) {
+            Eviction::Rank(1)
+        } else {
+            Eviction::Rank(0)
         }
     }
 }
@@ -170,6 +177,17 @@ impl RoomRecord {
             && self.p.is_none()
             && self.d.is_empty()
             && self.l.is_empty()
+    }
+
+    /// Until when losing the record could let the limit be exceeded: a reservation counts
+    /// until a list taken after its end could be decided on, and so does a departure.
+    pub fn pinned_until(&self) -> u64 {
+        let reservations = self.r.iter().map(|res| res.until);
+        let departures = self.d.iter().map(|d| d.at);
+        reservations
+            .chain(departures)
+            .max()
+            .map_or(0, |end| end.saturating_add(MAX_LIST_AGE_MS))
     }
 
     /// The bytes the record takes in its bucket.
@@ -228,5 +246,58 @@ mod tests {
         assert!(record.d.is_empty() && record.l.is_empty());
         assert!(serde_json::from_str::<RoomRecord>("[[]]").is_err());
         assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],1,2]").is_err());
+    }
+
+    fn reservation(until: u64) -> Reservation {
+        Reservation {
+            user: "@a:x".into(),
+            until,
+            holds: 1,
+            since: 0,
+        }
+    }
+
+    fn pairing(until: u64, seen: u64) -> Pairing {
+        Pairing {
+            identity: "id".into(),
+            user: "@a:x".into(),
+            until,
+            seen,
+        }
+    }
+
+    #[test]
+    fn only_what_holds_the_limit_is_never_evicted() {
+        let reserved = RoomRecord {
+            r: vec![reservation(1_000)],
+            i: vec![pairing(100_000_000, 0)],
+            ..RoomRecord::default()
+        };
+        // A list taken before the reservation ended may still be decided on for a while.
+        assert_eq!(reserved.eviction(1_000), Eviction::Never);
+        assert_eq!(
+            reserved.eviction(1_000 + MAX_LIST_AGE_MS - 1),
+            Eviction::Never
+        );
+        // Past that, written or not, only an unseen pairing is left: the first thing to go.
+        assert_eq!(
+            reserved.eviction(1_000 + MAX_LIST_AGE_MS),
+            Eviction::Rank(0)
+        );
+        let departed = RoomRecord {
+            d: vec![Departure {
+                user: "@b:x".into(),
+                at: 5_000,
+            }],
+            i: vec![pairing(100_000_000, 4_000)],
+            ..RoomRecord::default()
+        };
+        assert_eq!(departed.eviction(5_000), Eviction::Never);
+        // A pairing of an identity seen connected goes after the others.
+        assert_eq!(
+            departed.eviction(5_000 + MAX_LIST_AGE_MS),
+            Eviction::Rank(1)
+        );
+        assert_eq!(departed.eviction(100_000_000), Eviction::Rank(0));
     }
 }

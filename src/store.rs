@@ -13,8 +13,8 @@
 //!   with a per-process secret ([`set_bucket_seed`]), so nobody can aim many ids at the
 //!   bucket of a room they want to disturb;
 //! - a write never evicts the entry being written, and evicts other live entries only when
-//!   their record says it may be dropped ([`Record::eviction`]): caches go, reservations
-//!   and learnt identities never do. A write that cannot fit fails with
+//!   their record says it may be dropped ([`Record::eviction`]): caches and what only makes
+//!   the guard kinder go, state whose loss could let a limit be exceeded never does. A write that cannot fit fails with
 //!   [`StoreError::Full`], which the caller treats as a failure of its request.
 
 use std::marker::PhantomData;
@@ -102,8 +102,8 @@ pub enum Eviction {
 
 /// A value kept in a bucket, written as JSON (serde_json).
 pub trait Record: Serialize + DeserializeOwned {
-    /// Whether this live entry may be evicted for another room's entry.
-    fn eviction(&self) -> Eviction {
+    /// Whether this entry, live at `now_ms`, may be evicted for another room's entry.
+    fn eviction(&self, _now_ms: u64) -> Eviction {
         Eviction::Rank(0)
     }
 }
@@ -279,7 +279,8 @@ impl<T: Record> Buckets<T> {
                     entries.push(Entry { k: k.clone(), e, v });
                 }
             }
-            let (bytes, new_entries) = self.encode_within_cap(entries, &k, old_bytes.len())?;
+            let (bytes, new_entries) =
+                self.encode_within_cap(entries, &k, old_bytes.len(), now_ms)?;
             match store.set(&key, &bytes, cas) {
                 Ok(()) => {
                     store.account(Held {
@@ -306,6 +307,7 @@ impl<T: Record> Buckets<T> {
         entries: Vec<Entry<T>>,
         keep: &str,
         old_size: usize,
+        now_ms: u64,
     ) -> Result<(Vec<u8>, usize), StoreError> {
         let mut encoded: Vec<(Eviction, u64, String)> = entries
             .into_iter()
@@ -313,7 +315,7 @@ impl<T: Record> Buckets<T> {
                 let eviction = if entry.k == keep {
                     Eviction::Never
                 } else {
-                    entry.v.eviction()
+                    entry.v.eviction(now_ms)
                 };
                 Some((eviction, entry.e, encode_entry(&entry)?))
             })
@@ -559,7 +561,7 @@ mod tests {
     struct Held(i64);
 
     impl Record for Held {
-        fn eviction(&self) -> Eviction {
+        fn eviction(&self, _now_ms: u64) -> Eviction {
             Eviction::Never
         }
     }

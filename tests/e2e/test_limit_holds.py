@@ -360,7 +360,9 @@ def test_hashed_first_device_and_legacy_second_device(livekit, start_envoy, new_
 
 ROOMS = 10_000
 WORKERS = 32
-# Entries expire quickly, so the state held reflects the last few seconds of traffic only.
+# A room record whose user never connects expires `reservation_seconds` + 20 s (the age past
+# which a participant list is asked for again) after its admission; the limit after its TTL. So
+# the state held reflects the last half minute of traffic only.
 SHORT_RESERVATION_SECONDS = 2
 SHORT_LIMIT_TTL_SECONDS = 1
 
@@ -369,10 +371,13 @@ def test_state_stays_bounded_after_ten_thousand_rooms(livekit, start_envoy, plug
     """Shared data has no expiry and no key listing, so the filter must drop what it no longer needs.
 
     10,000 distinct rooms, each with a limit (so each gets a cached limit and a room record
-    with a reservation), are joined once each: keeping them all would be 20,000 entries. The
-    filter's gauges, moved by each write's real change, show the keys fixed at the stated
-    capacity, the bytes within its cap, and the entries held after 10,000 rooms no more than
-    after 5,000 (give or take the traffic rate) and far fewer than the rooms seen.
+    with a reservation), are joined once each on `/sfu/get` (identities that name their user,
+    so no pairing is kept): keeping them all would be 20,000 entries. The filter's gauges,
+    moved by each write's real change, show the keys fixed at the stated capacity, the bytes
+    within its cap, and the entries held after 10,000 rooms no more than after 5,000 (give or
+    take the traffic rate) and far fewer than the rooms seen. (Records that outlive their
+    reservations, pairings of hashed identities and lapses, are evicted from a full bucket
+    instead: `occupancy::tests::a_bucket_full_of_ended_calls_takes_new_rooms`.)
     """
     synapse_fault = fault_server("ok", body={"state": [
         {"type": "io.lotus.voice_limit", "state_key": "", "content": {"max_users": 5}}]})
