@@ -55,6 +55,9 @@ pub struct SynapseConfig {
     /// The homeserver's own server name: the OpenID tokens of its users can be checked with
     /// its userinfo endpoint (`/sfu/get` decided on the request).
     pub server_name: Option<String>,
+    /// Limit lookups for rooms the guard has not seen, per second, for the whole Envoy process
+    /// (0: no budget). Past it, such requests are answered 429 until the budget refills.
+    pub max_lookups_per_second: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +148,8 @@ impl Role {
 }
 
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// The default budget of limit lookups per second and process.
+pub const DEFAULT_MAX_LOOKUPS_PER_SECOND: u32 = 100;
 pub const DEFAULT_LIMIT_CACHE_TTL_SECONDS: u64 = 10;
 pub const DEFAULT_STALE_LIMIT_SECONDS: u64 = 3600;
 pub const DEFAULT_RESERVATION_SECONDS: u64 = 30;
@@ -232,6 +237,7 @@ mod raw {
         pub hs_token: Option<String>,
         pub hs_token_env: Option<String>,
         pub server_name: Option<String>,
+        pub max_lookups_per_second: Option<u32>,
     }
 
     #[derive(Deserialize)]
@@ -307,6 +313,9 @@ impl Config {
                 }
                 name => name,
             },
+            max_lookups_per_second: synapse
+                .max_lookups_per_second
+                .unwrap_or(DEFAULT_MAX_LOOKUPS_PER_SECOND),
         };
         let livekit = LiveKitConfig {
             upstream: upstream(
@@ -555,6 +564,7 @@ mod tests {
         assert_eq!(c.synapse.upstream.cluster, "synapse");
         assert_eq!(c.synapse.upstream.authority, "synapse");
         assert_eq!(c.synapse.upstream.timeout, Duration::from_millis(5000));
+        assert_eq!(c.synapse.max_lookups_per_second, 100);
         assert_eq!(c.synapse.admin_token.expose(), "syt_secret");
         assert_eq!(c.livekit.upstream.authority, "livekit");
         assert_eq!(c.livekit.api_key.expose(), "devkey");
@@ -571,7 +581,7 @@ mod tests {
     fn full_configuration() {
         let c = parse(
             r#"{
-            "synapse": {"cluster": "hs", "authority": "matrix.example", "admin_token": "t", "timeout_ms": 250},
+            "synapse": {"cluster": "hs", "authority": "matrix.example", "admin_token": "t", "timeout_ms": 250, "max_lookups_per_second": 7},
             "livekit": {"cluster": "lk", "authority": "sfu", "api_key": "k", "api_secret": "s", "timeout_ms": 300},
             "token_paths": ["/get_token"],
             "limit_state_type": "org.example.limit",
@@ -584,6 +594,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.synapse.upstream.authority, "matrix.example");
         assert_eq!(c.synapse.upstream.timeout, Duration::from_millis(250));
+        assert_eq!(c.synapse.max_lookups_per_second, 7);
         assert_eq!(c.livekit.upstream.timeout, Duration::from_millis(300));
         assert_eq!(c.token_paths, ["/get_token"]);
         assert_eq!(c.limit_state_type, "org.example.limit");

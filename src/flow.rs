@@ -41,6 +41,7 @@
 
 use std::time::Duration;
 
+use crate::budget;
 use crate::config::{Config, DecisionPhase, FailureMode, Upstream};
 use crate::jwt::{self, JoinClaims};
 use crate::limit_cache::{self, Cached};
@@ -148,10 +149,14 @@ pub enum Counter {
     /// Tokens refused the room's last place because the requester's reservations lapsed
     /// without their connecting (403, like a full room).
     CoolingRefusals,
+    /// Synapse lookups not made because the process's budget was spent
+    /// (`synapse.max_lookups_per_second`): limit lookups (the token answered 429) and OpenID
+    /// checks (the requester decided on as unverified).
+    LookupsOverBudget,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 23] = [
+    pub const ALL: [Counter; 24] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -175,6 +180,7 @@ impl Counter {
         Counter::OpenidCacheHits,
         Counter::CapacityRefusals,
         Counter::CoolingRefusals,
+        Counter::LookupsOverBudget,
     ];
 }
 
@@ -1041,6 +1047,10 @@ impl Admission {
     fn ask_synapse(&mut self, env: &Env, effects: &mut Vec<Effect>) {
         let cfg = env.config;
         let room = self.room().to_owned();
+        if !budget::take(env.store, cfg.synapse.max_lookups_per_second, env.now_ms()) {
+            effects.extend(self.shed(&room, env));
+            return;
+        }
         let request = synapse::state_request(
             &room,
             &cfg.limit_state_type,
@@ -1053,6 +1063,23 @@ impl Admission {
             request,
         )));
         self.limit = Lookup::Asking;
+    }
+
+    /// The process's lookup budget is spent: the claim on the room's lookup is given back (the
+    /// next request may ask) and the token is refused for now, 429. Neither let through (a
+    /// flood of room ids would then lift every uncached limit) nor counted as a full room.
+    fn shed(&mut self, room: &str, env: &Env) -> Vec<Effect> {
+        lookup::give_back_limit_claim(room, env);
+        self.stage = Stage::Done;
+        log::info!(
+            "room {}: {} limit lookups a second already spent; token refused for now (429)",
+            clip(room),
+            env.config.synapse.max_lookups_per_second
+        );
+        vec![
+            Effect::Count(Counter::LookupsOverBudget),
+            Effect::Reply(reply::lookups_exhausted()),
+        ]
     }
 
     /// Asks LiveKit under the alias lk-jwt-service 0.4.3+ derives, before the token exists.
@@ -1635,6 +1662,41 @@ mod tests {
         let calls = dispatched(&effects);
         assert_eq!(calls.len(), 1);
         assert!(matches!(calls[0].kind, CallKind::ListParticipants(_)));
+    }
+
+    #[test]
+    fn a_flood_of_new_rooms_spends_the_lookup_budget_and_is_answered_429() {
+        let json = br#"{"synapse": {"cluster": "synapse", "admin_token": "t", "max_lookups_per_second": 2},
+            "livekit": {"cluster": "livekit", "api_key": "k", "api_secret": "s"}}"#;
+        let cfg = Config::parse(json, &|_| None).unwrap();
+        let store = MemoryStore::default();
+        // Room 0 is ROOM, the others new ids.
+        let body = |n: usize| {
+            let room = if n == 0 {
+                ROOM.to_owned()
+            } else {
+                format!("!flood{n}:example.com")
+            };
+            String::from_utf8_lossy(&legacy_body("@a:example.com", "D")).replace(ROOM, &room)
+        };
+        let mut first = Drive::new(&cfg, &store, 0);
+        assert_eq!(dispatched(&first.request(body(0).as_bytes())).len(), 1);
+        assert_eq!(
+            dispatched(&Drive::new(&cfg, &store, 0).request(body(1).as_bytes())).len(),
+            1
+        );
+        let shed = Drive::new(&cfg, &store, 0).request(body(2).as_bytes());
+        assert!(dispatched(&shed).is_empty());
+        assert_eq!(outcome(&shed), Some(429));
+        assert!(counters(&shed).contains(&Counter::LookupsOverBudget));
+        // Its claim was given back: once the budget refills, the room is looked up.
+        let later = Drive::new(&cfg, &store, 500).request(body(2).as_bytes());
+        assert_eq!(dispatched(&later).len(), 1);
+        // A room whose limit is known takes nothing from the spent budget.
+        first.synapse(Some(200), &limit_answer(5));
+        let known = Drive::new(&cfg, &store, 500).request(body(0).as_bytes());
+        assert!(counters(&known).contains(&Counter::LimitCacheHits));
+        assert_ne!(outcome(&known), Some(429));
     }
 
     #[test]

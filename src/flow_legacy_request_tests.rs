@@ -392,3 +392,33 @@ fn a_token_read_on_the_response_is_never_shown_to_synapse() {
         .any(|c| c.kind == CallKind::Userinfo));
     assert!(!counters(&d.all).contains(&Counter::UnverifiedRequesters));
 }
+
+#[test]
+fn with_the_lookup_budget_spent_an_openid_token_is_not_shown_and_takes_only_a_free_place() {
+    let mut cfg = ours(r#", "participants_cache_ms": 0"#);
+    cfg.synapse.max_lookups_per_second = 2;
+    let store = MemoryStore::default();
+    let bob = "@bob:example.com:BOBDEV";
+    // The limit lookup and alice's OpenID check spend the budget; alice gets the last place.
+    let d = ask(
+        &cfg,
+        &store,
+        2,
+        &[bob],
+        &legacy_body("@a:example.com", "ADEV"),
+        "@a:example.com",
+    );
+    assert_eq!(outcome(&d.all), Some(200));
+    assert!(counters(&d.all).contains(&Counter::OpenidLookups));
+    // carol's token is not shown to Synapse within the same second: unverified, and no place is
+    // free for her.
+    let carol = legacy_body("@c:example.com", "CDEV");
+    let d = ask(&cfg, &store, 2, &[bob], &carol, "@c:example.com");
+    assert!(!dispatched(&d.all)
+        .iter()
+        .any(|c| c.kind == CallKind::Userinfo));
+    let counted = counters(&d.all);
+    assert!(counted.contains(&Counter::LookupsOverBudget));
+    assert!(counted.contains(&Counter::UnverifiedRequesters));
+    assert_eq!(outcome(&d.all), Some(403));
+}

@@ -3,6 +3,7 @@
 //! token). Part of [`Admission`]'s walk; see [`crate::flow`].
 
 use super::{call, clip, Admission, CallKind, Counter, Effect, Env, Lookup, Stage, Subject};
+use crate::budget;
 use crate::limit_cache::{Cached, Lifetimes, VerifiedUser, OPENID_USERS};
 use crate::livekit_names::{hash_of_strings, room_alias};
 use crate::openid::{self, Userinfo};
@@ -137,6 +138,12 @@ impl Admission {
         }
         let unverified = match &self.userinfo {
             _ if !ours => "the OpenID token names another homeserver".to_owned(),
+            Lookup::Unknown
+                if !budget::take(env.store, cfg.synapse.max_lookups_per_second, env.now_ms()) =>
+            {
+                effects.push(Effect::Count(Counter::LookupsOverBudget));
+                "the process's budget of Synapse lookups is spent".to_owned()
+            }
             Lookup::Unknown => {
                 self.userinfo = Lookup::Asking;
                 let request = openid::userinfo_request(openid.access_token.expose());

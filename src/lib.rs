@@ -18,6 +18,7 @@
 //!   and `edge` is the edge role's adapter.
 
 pub mod affinity;
+pub mod budget;
 pub mod config;
 pub mod decision;
 pub mod flow;

@@ -58,11 +58,7 @@ fn settle<V: Answer + Clone>(
     parsed: Result<V, CallError>,
     env: &Env,
 ) -> Result<V, Settled<V>> {
-    let cfg = env.config;
-    let life = Lifetimes {
-        ttl_ms: cfg.limit_cache_ttl.as_millis() as u64,
-        stale_ms: cfg.stale_limit.as_millis() as u64,
-    };
+    let life = lifetimes(env);
     match parsed {
         Ok(answer) => {
             if let Err(e) = cache.store_answer(env.store, room, answer.clone(), env.now_ms(), life)
@@ -76,6 +72,21 @@ fn settle<V: Answer + Clone>(
             Ok(None) => Err(Settled::Failed(e.to_string())),
             Err(store) => Err(Settled::Failed(format!("{e}; {store}"))),
         },
+    }
+}
+
+fn lifetimes(env: &Env) -> Lifetimes {
+    Lifetimes {
+        ttl_ms: env.config.limit_cache_ttl.as_millis() as u64,
+        stale_ms: env.config.stale_limit.as_millis() as u64,
+    }
+}
+
+/// Gives back the claim on a room's limit lookup that will not be made, so that the next
+/// request asks Synapse instead of waiting for an answer that never comes.
+pub fn give_back_limit_claim(room: &str, env: &Env) {
+    if let Err(e) = LIMITS.release_claim(env.store, room, env.now_ms(), lifetimes(env)) {
+        log::warn!("room {}: lookup claim not released: {e}", clip(room));
     }
 }
 

@@ -79,6 +79,18 @@ pub fn at_capacity() -> LocalReply {
     }
 }
 
+/// 429: the process's budget of Synapse lookups is spent for now (a flood of new room ids).
+/// Matrix's rate-limit answer, which clients retry after `retry_after_ms`.
+pub fn lookups_exhausted() -> LocalReply {
+    let mut headers = LK_JWT_HEADERS.to_vec();
+    headers.push(("retry-after", "1"));
+    LocalReply {
+        status: 429,
+        headers,
+        body: r#"{"errcode":"M_LIMIT_EXCEEDED","error":"Too many token requests for rooms this server has not checked yet; retry shortly.","retry_after_ms":1000}"#,
+    }
+}
+
 /// 401 on a MatrixRTC route without a bearer token: lk-jwt-service's answer to a request that
 /// does not come from the homeserver.
 pub fn missing_token() -> LocalReply {

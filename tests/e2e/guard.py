@@ -44,7 +44,8 @@ GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_h
                                       "unreadable_requests", "stale_limits",
                                       "released_reservations", "token_mismatches",
                                       "unverified_requesters", "oversized_requests",
-                                      "cooling_refusals", "capacity_refusals")))
+                                      "cooling_refusals", "capacity_refusals",
+                                      "lookups_over_budget")))
 
 CHANNEL_FULL = b'{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}'
 

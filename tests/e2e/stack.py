@@ -1203,6 +1203,8 @@ class FaultServer(OnLoopback):
       server is then a fault injector in front of a real service);
     - ``status``: ``status`` with a Matrix-style JSON error body (or ``body`` if set);
     - ``slow``: waits ``delay`` seconds, then answers like ``ok``;
+    - ``late``: with an ``upstream``, forwards at once and holds the upstream's answer ``delay``
+      seconds (an answer that describes the moment it was asked for, arriving late);
     - ``early``: answers like ``ok`` as soon as the request headers are in, without waiting for
       the body (the request is recorded with the part of its body that came with them);
     - ``reset``: sends headers and part of the body, then resets the connection (RST);
@@ -1219,7 +1221,7 @@ class FaultServer(OnLoopback):
     It listens on ``port`` (0: a port free at construction).
     """
 
-    MODES = ("ok", "status", "slow", "early", "reset", "garbage", "truncated", "huge", "refused")
+    MODES = ("ok", "status", "slow", "late", "early", "reset", "garbage", "truncated", "huge", "refused")
 
     def __init__(self, mode: str = "ok", body: Any = None, status: int = 500,
                  delay: float = 10.0, huge_size: int = 8 * 1024 * 1024,
@@ -1316,10 +1318,10 @@ class FaultServer(OnLoopback):
                 return
             self.requests.append(request)
             self._log.write(f"{mode}: {request['method']} {request['path']}\n")
-            if mode in ("ok", "slow") and self.upstream is not None:
+            if mode in ("ok", "slow", "late") and self.upstream is not None:
                 if mode == "slow" and self._stopping.wait(self.delay):
                     return
-                self._forward(conn, request)
+                self._forward(conn, request, hold=self.delay if mode == "late" else 0.0)
             else:
                 getattr(self, f"_answer_{mode}", self._answer_ok)(conn)
         except OSError as exc:
@@ -1374,8 +1376,9 @@ class FaultServer(OnLoopback):
         conn.sendall(head.encode() + body)
 
     def _forward(self, conn: socket.socket, request: dict,
-                 to: tuple[str, int] | None = None) -> None:
-        """Pass the request to the upstream (or ``to``) and its answer back, as it came."""
+                 to: tuple[str, int] | None = None, hold: float = 0.0) -> None:
+        """Pass the request to the upstream (or ``to``) and its answer back, as it came
+        (``hold`` seconds after it came)."""
         target = to or self.upstream
         assert target is not None
         host, port = target
@@ -1383,6 +1386,8 @@ class FaultServer(OnLoopback):
                    if k.lower() in ("authorization", "content-type")}
         resp = http().request(request["method"], f"http://{host}:{port}{request['path']}",
                               data=request["body"], headers=headers, timeout=30)
+        if hold and self._stopping.wait(hold):
+            return
         self._send(conn, resp.status_code, resp.content,
                    content_type=resp.headers.get("Content-Type", "application/json"))
 

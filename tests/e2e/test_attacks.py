@@ -16,6 +16,7 @@ import http.client
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -261,7 +262,9 @@ def test_a_flood_of_room_ids_does_not_push_out_a_limit(start_envoy, plugin_confi
     """1,000 distinct room ids (each a lookup, each cached as unlimited) leave the full
     room's cached limit in place: no new lookup, still full. (The cache lifetime is an hour, so
     that however slowly the flood runs, only eviction could make the limit go.)"""
-    envoy = start_envoy(plugin_config(limit_cache_ttl_seconds=3600))
+    # No lookup budget: every one of the 1,000 ids is looked up, however fast the flood runs.
+    envoy = start_envoy(plugin_config(limit_cache_ttl_seconds=3600,
+                                      synapse={"max_lookups_per_second": 0}))
     assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
     with counting(envoy) as counts:
         for n in range(1000):
@@ -272,6 +275,57 @@ def test_a_flood_of_room_ids_does_not_push_out_a_limit(start_envoy, plugin_confi
         assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
     assert counts.guard == {"token_requests": 1, "limit_cache_hits": 1, "livekit_lookups": 1,
                             "blocked": 1}
+
+
+LOOKUP_BUDGET = 20
+
+
+def test_a_flood_of_new_room_ids_costs_synapse_at_most_the_lookup_budget(
+        start_envoy, plugin_config, full_room):
+    """I4: what a client that proves nothing makes Synapse do is bounded per process.
+
+    16 clients send requests for room ids nobody has seen, as fast as Envoy answers, for three
+    seconds. Synapse is asked at most `max_lookups_per_second` times a second (plus the one
+    second's worth the budget starts with); the other requests are answered 429
+    M_LIMIT_EXCEEDED with a Retry-After, never let through unchecked. A room whose limit is
+    known is still refused when full, during the flood, and a room refused for the budget is
+    looked up once the budget refills."""
+    envoy = start_envoy(plugin_config(synapse={"max_lookups_per_second": LOOKUP_BUDGET}))
+    assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
+    statuses: list[int] = []
+    shed: list[tuple[str, dict, bytes]] = []
+    deadline = time.monotonic() + 3.0
+
+    def flood(worker: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            room = f"!i4-{worker}-{n}-{time.monotonic_ns()}:test.local"
+            resp = envoy.post("/sfu/get", token_body("legacy", "mallory", "M", room))
+            statuses.append(resp.status_code)
+            if resp.status_code == 429:
+                shed.append((room, dict(resp.headers), resp.content))
+            n += 1
+
+    with counting(envoy) as counts:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(flood, range(16)))
+        elapsed = time.monotonic() - t0
+        assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
+    lookups = counts.guard.get("synapse_lookups", 0)
+    print(f"\n{len(statuses)} requests in {elapsed:.1f}s ({len(statuses) / elapsed:.0f}/s): "
+          f"{lookups} Synapse lookups ({lookups / elapsed:.1f}/s), {len(shed)} answered 429")
+    assert set(statuses) <= {200, 429}, sorted(set(statuses))
+    assert shed, "the flood never spent the budget"
+    assert lookups <= LOOKUP_BUDGET * (elapsed + 1) + 1, lookups
+    assert statuses.count(200) == lookups, (statuses.count(200), lookups)
+    assert counts.guard.get("lookups_over_budget") == len(shed)
+    assert "fail_open" not in counts.guard, counts.guard
+    room, headers, body = shed[0]
+    assert json.loads(body)["errcode"] == "M_LIMIT_EXCEEDED"
+    assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "1"
+    time.sleep(1.1)  # the budget's own refill time, not a wait for something to happen
+    assert envoy.post("/sfu/get", token_body("legacy", "mallory", "M", room)).status_code == 200
 
 
 @pytest.mark.check_fails

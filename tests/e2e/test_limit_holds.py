@@ -384,7 +384,8 @@ def test_state_stays_bounded_after_ten_thousand_rooms(livekit, start_envoy, plug
     envoy = start_envoy(
         plugin_config(reservation_seconds=SHORT_RESERVATION_SECONDS,
                       limit_cache_ttl_seconds=SHORT_LIMIT_TTL_SECONDS,
-                      stale_limit_seconds=SHORT_LIMIT_TTL_SECONDS),
+                      stale_limit_seconds=SHORT_LIMIT_TTL_SECONDS,
+                      synapse={"max_lookups_per_second": 0}),
         synapse=synapse_fault)
     pid = envoy.process.pid
     keys0, bytes0, entries0 = shared_state(envoy)

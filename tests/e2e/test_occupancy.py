@@ -1,13 +1,16 @@
 """The room's occupancy as hostile or unlucky clients meet it, against the built module in real
-Envoy: accounts that take tokens and never connect, and a room limited above what one room's
-record can hold. (Orders of lists, connections and clock steps are covered by the generated
-interleavings in src/occupancy_interleavings.rs, which drive the same core.)"""
+Envoy: accounts that take tokens and never connect, a room limited above what one room's record
+can hold, and a participant list that arrives after a newer one. (Every order of lists,
+connections and clock steps is explored by the generated interleavings in
+src/occupancy_interleavings.rs, which drive the same core.)"""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from guard import assert_channel_full, assert_token_issued, ask, counting
+from guard import assert_channel_full, assert_token_issued, ask, counting, fill_room
+from stack import wait_until
 
 RESOURCE_LIMIT = b'"errcode":"M_RESOURCE_LIMIT_EXCEEDED"'
 
@@ -55,3 +58,26 @@ def test_a_room_limited_above_what_its_record_holds_refuses_and_never_lets_throu
     assert counts.guard.get("capacity_refusals") == 1
     assert "fail_open" not in counts.guard and "blocked" not in counts.guard
     assert counts.guard.get("allowed") == n + 1
+
+
+def test_a_list_answered_late_never_undoes_what_a_newer_list_showed(
+        start_envoy, plugin_config, new_room, standins, fault_server):
+    """Order: in a room limited to 1, bob is admitted. carol asks; LiveKit's list for her is
+    taken before bob connects and held on its way back. bob connects; dave asks and his newer
+    list shows bob in the call (which ends bob's reservation): dave is refused. carol's list,
+    arriving last, shows an empty room, yet it was taken before bob's reservation ended, so it
+    still counts him: carol is refused too (applied in arrival order, it let her in)."""
+    livekit = fault_server("ok", upstream=standins.livekit_address, delay=2.0)
+    envoy = start_envoy(plugin_config(participants_cache_ms=0), livekit=livekit)
+    room = new_room(limit=1)
+    fill_room(standins, room, "legacy", [])
+    assert ask(envoy, "/sfu/get", "legacy", "bob", "B1", room).status_code == 200
+    asked_before = livekit.hits
+    livekit.mode = "late"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        carol = pool.submit(ask, envoy, "/sfu/get", "legacy", "carol", "C1", room)
+        wait_until(lambda: livekit.hits > asked_before, "carol's list asked for", timeout=10)
+        livekit.mode = "ok"
+        fill_room(standins, room, "legacy", [("bob", "B1")])
+        assert_channel_full(ask(envoy, "/sfu/get", "legacy", "dave", "D1", room))
+        assert_channel_full(carol.result(timeout=30))
