@@ -614,24 +614,17 @@ impl RoomRecord {
 
     /// When the record may be dropped: nothing in it matters after that.
     fn expires_at(&self) -> u64 {
-        let reservations = self
-            .r
-            .iter()
-            .map(|res| res.until.saturating_add(MAX_LIST_AGE_MS));
         let pairings = self.i.iter().map(|p| p.until);
         let list = self.p.iter().map(|p| p.fresh_until);
-        let departures = self.d.iter().map(|d| d.at.saturating_add(MAX_LIST_AGE_MS));
         let lapses = self
             .l
             .iter()
             .map(|l| l.cooling_until.saturating_add(LAPSE_MEMORY_MS));
-        reservations
-            .chain(pairings)
+        // Reservations and departures matter as long as they keep the record pinned.
+        pairings
             .chain(list)
-            .chain(departures)
             .chain(lapses)
-            .max()
-            .unwrap_or(0)
+            .fold(self.pinned_until(), u64::max)
     }
 }
 

@@ -116,13 +116,14 @@ proptest! {
 /// until `reservation_ms` later, unless a list decided on, taken since their latest admission,
 /// showed them connected (from then on they hold it while connected). A list decided on that
 /// shows them connected after their run began (before their latest admission) starts a run at
-/// the latest admission. Users may connect only while they hold a place by admission. Checked after every step and decision:
+/// the latest admission. Users may connect only while they hold a place by admission. Checked
+/// after every step and decision:
 /// - I1: users holding a place never exceed the limit;
 /// - I2: a user in the list decided on, or holding a place by admission, is never refused;
 /// - I3: nothing fails or is refused for capacity, and a refusal for a full room (or the
 ///   last place, for a user cooling down) is only given when the users the list shows, those
-///   connected within [`MAX_LIST_AGE_MS`] before it was taken and those admitted within a reservation
-///   time before it fill the room.
+///   connected within [`MAX_LIST_AGE_MS`] before it was taken and those admitted within a
+///   reservation time before it fill the room.
 mod orders {
     use super::*;
 
@@ -334,9 +335,9 @@ mod orders {
                         prop_assert!(!shown.contains_key(&user) && !m.by_admission(user),
                             "user {} refused while in the list or holding a place: {:?}", user, verdict);
                         // I3
-                        // What the list shows, users connected within MAX_LIST_AGE_MS before it was
-                        // taken (a list older than what ended a reservation counts its user), and
-                        // users admitted lately.
+                        // What the list shows, users connected within MAX_LIST_AGE_MS before
+                        // it was taken (a list older than what ended a reservation counts its
+                        // user), and users admitted lately.
                         let mut counted: BTreeSet<usize> = shown.keys().copied().collect();
                         counted.extend(m.last_connected.iter()
                             .filter(|(_, at)| **at + MAX_LIST_AGE_MS >= taken).map(|(u, _)| *u));

@@ -54,7 +54,12 @@ fn ask(
         identity,
         now_ms,
     );
-    match admit(store, &q).unwrap() {
+    decided(store, &q)
+}
+
+/// The decision on a question asked with a fresh list.
+fn decided(store: &MemoryStore, q: &Request) -> Verdict {
+    match admit(store, q).unwrap() {
         Outcome::Decided(verdict) => verdict,
         Outcome::NeedList => panic!("a fresh list needs no other"),
     }
@@ -689,10 +694,7 @@ fn a_bucket_full_of_ended_calls_takes_new_rooms() {
         let identity = format!("hashed{user}{room}");
         let mut q = question(5, fresh(&nobody, now_ms), user, &identity, now_ms);
         q.room = room;
-        match admit(&store, &q).unwrap() {
-            Outcome::Decided(verdict) => verdict,
-            Outcome::NeedList => panic!("a fresh list needs no other"),
-        }
+        decided(&store, &q)
     };
     let first: Vec<Verdict> = rooms.iter().map(|room| join(room, "@a:x", 0)).collect();
     let admitted = first.iter().filter(|v| v.admitted).count();
