@@ -95,6 +95,21 @@ pub struct Config {
     pub exempt_power_level: Option<i64>,
     /// When a legacy-route request is decided (MatrixRTC requests always are on the request).
     pub decision_phase: DecisionPhase,
+    /// LiveKit's webhooks, when LiveKit sends them through this Envoy.
+    pub webhooks: Option<WebhookConfig>,
+}
+
+/// Where the guard reads LiveKit's webhooks, and how far it trusts what they tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// The path LiveKit posts to (compared without the query).
+    pub path: String,
+    /// The guard answers the webhooks itself (200) instead of passing them on to
+    /// lk-jwt-service (for versions that take none).
+    pub answer: bool,
+    /// How long a room's participants, known from a list and the events since, are trusted
+    /// without asking LiveKit again.
+    pub verify: Duration,
 }
 
 /// When the guard decides on a legacy-route (`/sfu/get`, `/get_token`) token request.
@@ -156,6 +171,9 @@ pub const DEFAULT_RESERVATION_SECONDS: u64 = 30;
 pub const DEFAULT_PARTICIPANTS_CACHE_MS: u64 = 1000;
 pub const DEFAULT_LIMIT_STATE_TYPE: &str = "io.lotus.voice_limit";
 pub const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/sfu/get", "/get_token"];
+/// Where current lk-jwt-service versions take LiveKit's webhooks.
+pub const DEFAULT_WEBHOOK_PATH: &str = "/sfu_webhook";
+pub const DEFAULT_WEBHOOK_VERIFY_SECONDS: u64 = 60;
 
 /// A configuration error, naming the offending key (never a secret's value).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +242,15 @@ mod raw {
         pub participants_cache_ms: Option<u64>,
         pub exempt_power_level: Option<i64>,
         pub decision_phase: Option<DecisionPhase>,
+        pub webhooks: Option<Webhooks>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Webhooks {
+        pub path: Option<String>,
+        pub answer: Option<bool>,
+        pub verify_seconds: Option<u64>,
     }
 
     #[derive(Deserialize)]
@@ -338,6 +365,11 @@ impl Config {
         if limit_state_type.is_empty() {
             return err("limit_state_type: must not be empty");
         }
+        let token_paths = token_paths(raw.token_paths)?;
+        let webhooks = match raw.webhooks {
+            Some(webhooks) => Some(webhook_config(webhooks, &token_paths)?),
+            None => None,
+        };
         let reservation_seconds = raw
             .reservation_seconds
             .unwrap_or(DEFAULT_RESERVATION_SECONDS);
@@ -347,7 +379,7 @@ impl Config {
         Ok(Config {
             synapse,
             livekit,
-            token_paths: token_paths(raw.token_paths)?,
+            token_paths,
             limit_state_type,
             limit_cache_ttl: Duration::from_secs(
                 raw.limit_cache_ttl_seconds
@@ -371,7 +403,14 @@ impl Config {
                 None | Some(raw::DecisionPhase::Request) => DecisionPhase::Request,
                 Some(raw::DecisionPhase::Response) => DecisionPhase::Response,
             },
+            webhooks,
         })
+    }
+
+    /// Whether a request path is where LiveKit posts its webhooks.
+    pub fn is_webhook_path(&self, path: &str) -> bool {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        self.webhooks.as_ref().is_some_and(|w| w.path == path)
     }
 
     /// The token route of a request path (query string ignored), if it is one.
@@ -400,6 +439,7 @@ impl EdgeConfig {
             participants_cache_ms,
             exempt_power_level,
             decision_phase,
+            webhooks,
         } = raw;
         for (upstream, given) in [
             ("synapse", synapse.is_some()),
@@ -421,6 +461,7 @@ impl EdgeConfig {
             ("participants_cache_ms", participants_cache_ms.is_some()),
             ("exempt_power_level", exempt_power_level.is_some()),
             ("decision_phase", decision_phase.is_some()),
+            ("webhooks", webhooks.is_some()),
         ];
         if let Some((key, _)) = guard_only.iter().find(|(_, given)| *given) {
             return err(format!(
@@ -516,6 +557,36 @@ fn secret(
     Ok(Secret(value))
 }
 
+fn webhook_config(
+    raw: raw::Webhooks,
+    token_paths: &[String],
+) -> Result<WebhookConfig, ConfigError> {
+    let path = raw.path.unwrap_or_else(|| DEFAULT_WEBHOOK_PATH.to_owned());
+    if !path.starts_with('/') || path.contains(['?', '#']) {
+        return err(format!(
+            "webhooks.path: expected a path starting with '/' and without a query, got {path:?}"
+        ));
+    }
+    if route::classify(token_paths, &path).is_some() {
+        return err(format!(
+            "webhooks.path: {path:?} is a token route; LiveKit's webhooks need a path of their own"
+        ));
+    }
+    let verify_seconds = raw
+        .verify_seconds
+        .unwrap_or(DEFAULT_WEBHOOK_VERIFY_SECONDS);
+    if !(1..=3600).contains(&verify_seconds) {
+        return err(format!(
+            "webhooks.verify_seconds: expected an integer from 1 to 3600, got {verify_seconds}"
+        ));
+    }
+    Ok(WebhookConfig {
+        path,
+        answer: raw.answer.unwrap_or(false),
+        verify: Duration::from_secs(verify_seconds),
+    })
+}
+
 /// `token_paths`, or the default paths when it is absent.
 fn token_paths(paths: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
     let Some(paths) = paths else {
@@ -536,264 +607,5 @@ fn token_paths(paths: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    const MINIMAL: &str = r#"{
-        "synapse": {"cluster": "synapse", "admin_token": "syt_secret"},
-        "livekit": {"cluster": "livekit", "api_key": "devkey", "api_secret": "lk_secret"}
-    }"#;
-
-    fn no_env(_: &str) -> Option<String> {
-        None
-    }
-
-    fn parse(json: &str) -> Result<Config, ConfigError> {
-        Config::parse(json.as_bytes(), &no_env)
-    }
-
-    fn error_of(json: &str) -> String {
-        parse(json).unwrap_err().0
-    }
-
-    #[test]
-    fn minimal_configuration_gets_the_documented_defaults() {
-        let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.synapse.upstream.cluster, "synapse");
-        assert_eq!(c.synapse.upstream.authority, "synapse");
-        assert_eq!(c.synapse.upstream.timeout, Duration::from_millis(5000));
-        assert_eq!(c.synapse.max_lookups_per_second, 100);
-        assert_eq!(c.synapse.admin_token.expose(), "syt_secret");
-        assert_eq!(c.livekit.upstream.authority, "livekit");
-        assert_eq!(c.livekit.api_key.expose(), "devkey");
-        assert_eq!(c.livekit.api_secret.expose(), "lk_secret");
-        assert_eq!(c.token_paths, ["/sfu/get", "/get_token"]);
-        assert_eq!(c.limit_state_type, "io.lotus.voice_limit");
-        assert_eq!(c.limit_cache_ttl, Duration::from_secs(10));
-        assert_eq!(c.failure_mode, FailureMode::Open);
-        assert_eq!(c.reservation, Duration::from_secs(30));
-        assert_eq!(c.participants_cache, Duration::from_millis(1000));
-    }
-
-    #[test]
-    fn full_configuration() {
-        let c = parse(
-            r#"{
-            "synapse": {"cluster": "hs", "authority": "matrix.example", "admin_token": "t", "timeout_ms": 250, "max_lookups_per_second": 7},
-            "livekit": {"cluster": "lk", "authority": "sfu", "api_key": "k", "api_secret": "s", "timeout_ms": 300},
-            "token_paths": ["/get_token"],
-            "limit_state_type": "org.example.limit",
-            "limit_cache_ttl_seconds": 0,
-            "failure_mode": "closed",
-            "reservation_seconds": 5,
-            "participants_cache_ms": 750
-        }"#,
-        )
-        .unwrap();
-        assert_eq!(c.synapse.upstream.authority, "matrix.example");
-        assert_eq!(c.synapse.upstream.timeout, Duration::from_millis(250));
-        assert_eq!(c.synapse.max_lookups_per_second, 7);
-        assert_eq!(c.livekit.upstream.timeout, Duration::from_millis(300));
-        assert_eq!(c.token_paths, ["/get_token"]);
-        assert_eq!(c.limit_state_type, "org.example.limit");
-        assert_eq!(c.limit_cache_ttl, Duration::ZERO);
-        assert_eq!(c.failure_mode, FailureMode::Closed);
-        assert_eq!(c.reservation, Duration::from_secs(5));
-        assert_eq!(c.participants_cache, Duration::from_millis(750));
-    }
-
-    #[test]
-    fn secrets_can_come_from_the_environment() {
-        let env = |name: &str| match name {
-            "SYNAPSE_TOKEN" => Some("from-env".to_owned()),
-            "LK_SECRET" => Some("lk-from-env".to_owned()),
-            _ => None,
-        };
-        let c = Config::parse(
-            br#"{"synapse": {"cluster": "s", "admin_token_env": "SYNAPSE_TOKEN"},
-                 "livekit": {"cluster": "l", "api_key": "k", "api_secret_env": "LK_SECRET"}}"#,
-            &env,
-        )
-        .unwrap();
-        assert_eq!(c.synapse.admin_token.expose(), "from-env");
-        assert_eq!(c.livekit.api_secret.expose(), "lk-from-env");
-        let e = Config::parse(
-            br#"{"synapse": {"cluster": "s", "admin_token_env": "MISSING"},
-                 "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#,
-            &env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("synapse.admin_token_env") && e.0.contains("MISSING"));
-    }
-
-    #[test]
-    fn errors_name_the_key() {
-        assert_eq!(error_of("{}"), "synapse is required");
-        assert_eq!(error_of("[]"), "configuration: expected a JSON object");
-        assert!(error_of("{").starts_with("configuration is not valid JSON"));
-        assert_eq!(
-            error_of(r#"{"synapse": {"admin_token": "t"}, "livekit": {}}"#),
-            "synapse.cluster is required"
-        );
-        assert_eq!(
-            error_of(r#"{"synapse": {"cluster": "s"}, "livekit": {}}"#),
-            "synapse.admin_token (or synapse.admin_token_env) is required"
-        );
-        let with = |extra: &str| MINIMAL.replacen('{', &format!("{{{extra},"), 1);
-        let starts = |json: &str, start: &str| {
-            let error = error_of(json);
-            assert!(
-                error.starts_with(start),
-                "{error:?} does not start with {start:?}"
-            );
-        };
-        starts(
-            &with(r#""limit_cache_ttl_seconds": "10""#),
-            r#"limit_cache_ttl_seconds: invalid type: string "10", expected u64"#,
-        );
-        starts(&with(r#""bogus": 1"#), "bogus: unknown field `bogus`");
-        starts(
-            &with(r#""failure_mode": "open", "failure_mode": "closed""#),
-            "configuration: duplicate field `failure_mode`",
-        );
-        starts(
-            &with(r#""limit_cache_ttl_seconds": 1.5"#),
-            "limit_cache_ttl_seconds: invalid type: floating point `1.5`, expected u64",
-        );
-        starts(
-            &with(r#""failure_mode": "maybe""#),
-            "failure_mode: unknown variant `maybe`, expected `open` or `closed`",
-        );
-        starts(
-            &with(r#""token_paths": ["/a", 1]"#),
-            "token_paths[1]: invalid type: integer `1`, expected a string",
-        );
-        assert_eq!(
-            error_of(&with(r#""token_paths": []"#)),
-            "token_paths: must list at least one path"
-        );
-        assert_eq!(
-            error_of(&with(r#""reservation_seconds": 0"#)),
-            "reservation_seconds: expected an integer >= 1, got 0"
-        );
-        starts(
-            r#"{"synapse": {"cluster": "s", "admin_token": "t", "timeout": 5},
-                "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#,
-            "synapse.timeout: unknown field `timeout`",
-        );
-        starts(
-            r#"{"synapse": {"cluster": "s", "admin_token": 5},
-                "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#,
-            "synapse.admin_token: invalid type: integer `5`, expected a string",
-        );
-    }
-
-    #[test]
-    fn errors_name_the_key_on_any_line_without_the_position() {
-        let json = "{\n  \"synapse\": {\"cluster\": \"s\", \"admin_token\": \"t\"},\n  \"livekit\": {\n    \"cluster\": \"l\",\n    \"timeout_ms\": -1}}";
-        assert_eq!(
-            error_of(json),
-            "livekit.timeout_ms: invalid value: integer `-1`, expected u64"
-        );
-        let json = "{\"synapse\": {\"cluster\": \"s\",\n \"cluster\": \"t\"}}";
-        assert_eq!(error_of(json), "synapse: duplicate field `cluster`");
-    }
-
-    #[test]
-    fn errors_never_contain_secrets() {
-        let e = error_of(
-            r#"{"synapse": {"cluster": "s", "admin_token": "syt_topsecret", "admin_token_env": "X"},
-                "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#,
-        );
-        assert!(!e.contains("topsecret"), "{e}");
-        let c = parse(MINIMAL).unwrap();
-        let debug = format!("{c:?}");
-        assert!(!debug.contains("syt_secret") && !debug.contains("lk_secret"));
-    }
-
-    #[test]
-    fn token_paths_ignore_the_query_string() {
-        let c = parse(MINIMAL).unwrap();
-        let legacy = |path| c.route_of(path) == Some(Route::Legacy);
-        assert!(legacy("/sfu/get"));
-        assert!(legacy("/get_token?x=1"));
-        assert!(!legacy("/sfu/get/"));
-        assert!(c.route_of("/healthz").is_none());
-        assert!(legacy("/s%66u/get"));
-        assert!(legacy("/get%5Ftoken"));
-        assert!(c.route_of("/sfu%2").is_none());
-        assert_eq!(
-            c.route_of("/_matrix/client/v1/rtc/livekit/get_token"),
-            Some(Route::Client)
-        );
-    }
-
-    #[test]
-    fn stale_limit_seconds_defaults_to_an_hour_and_may_be_set() {
-        let minimal = r#"{"synapse": {"cluster": "s", "admin_token": "t"},
-                          "livekit": {"cluster": "l", "api_key": "k", "api_secret": "x"}}"#;
-        let config = Config::parse(minimal.as_bytes(), &|_| None).unwrap();
-        assert_eq!(config.stale_limit, Duration::from_secs(3600));
-        let set = minimal.replacen('{', r#"{"stale_limit_seconds": 0, "#, 1);
-        let config = Config::parse(set.as_bytes(), &|_| None).unwrap();
-        assert_eq!(config.stale_limit, Duration::ZERO);
-        let wrong = minimal.replacen('{', r#"{"stale_limit_seconds": "1", "#, 1);
-        assert!(Config::parse(wrong.as_bytes(), &|_| None)
-            .unwrap_err()
-            .0
-            .starts_with("stale_limit_seconds"));
-    }
-
-    fn role(json: &str) -> Result<Role, ConfigError> {
-        Role::parse(json.as_bytes(), &no_env)
-    }
-
-    #[test]
-    fn the_shape_chooses_the_role() {
-        assert_eq!(
-            role(MINIMAL),
-            Ok(Role::Guard(Box::new(parse(MINIMAL).unwrap())))
-        );
-        let Ok(Role::Edge(edge)) = role(r#"{"room_header": "x-matrix-room"}"#) else {
-            panic!("not an edge configuration");
-        };
-        assert_eq!(edge.room_header, "x-matrix-room");
-        assert!(edge.route_of("/sfu/get").is_some() && edge.route_of("/get%5Ftoken").is_some());
-        assert!(edge
-            .route_of("/_matrix/federation/v1/rtc/livekit/get_token")
-            .is_some());
-        let Ok(Role::Edge(edge)) = role(r#"{"room_header": "x-room", "token_paths": ["/only"]}"#)
-        else {
-            panic!("not an edge configuration");
-        };
-        assert!(edge.route_of("/only").is_some() && edge.route_of("/sfu/get").is_none());
-    }
-
-    #[test]
-    fn an_edge_configuration_is_checked_as_strictly() {
-        let error = |json: &str| role(json).unwrap_err().0;
-        assert!(
-            error(r#"{"room_header": "x-room", "failure_mode": "open"}"#)
-                .starts_with("failure_mode: unknown field `failure_mode`")
-        );
-        assert!(error(r#"{"room_header": 1}"#).starts_with("room_header: invalid type"));
-        for bad in [
-            "",
-            "X-Room",
-            "x room",
-            ":authority",
-            "host",
-            "content-length",
-            "x-rööm",
-        ] {
-            let json = format!(r#"{{"room_header": {bad:?}}}"#);
-            assert!(error(&json).starts_with("room_header: expected a lowercase header name"));
-        }
-        let both = MINIMAL.replacen('{', r#"{"room_header": "x-room", "#, 1);
-        assert!(error(&both).starts_with("room_header and synapse"));
-        // Without room_header the guard's own rules apply.
-        assert_eq!(error("{}"), "synapse is required");
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;
