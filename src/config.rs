@@ -572,9 +572,7 @@ fn webhook_config(
             "webhooks.path: {path:?} is a token route; LiveKit's webhooks need a path of their own"
         ));
     }
-    let verify_seconds = raw
-        .verify_seconds
-        .unwrap_or(DEFAULT_WEBHOOK_VERIFY_SECONDS);
+    let verify_seconds = raw.verify_seconds.unwrap_or(DEFAULT_WEBHOOK_VERIFY_SECONDS);
     if !(1..=3600).contains(&verify_seconds) {
         return err(format!(
             "webhooks.verify_seconds: expected an integer from 1 to 3600, got {verify_seconds}"

@@ -282,9 +282,15 @@ fn webhooks_are_off_unless_configured_and_take_documented_defaults() {
     assert_eq!((w.path.as_str(), w.answer), ("/livekit/events", true));
     assert_eq!(w.verify, Duration::from_secs(300));
     for (webhooks, message) in [
-        (r#"{"path": "sfu_webhook"}"#, "webhooks.path: expected a path"),
+        (
+            r#"{"path": "sfu_webhook"}"#,
+            "webhooks.path: expected a path",
+        ),
         (r#"{"path": "/sfu/get"}"#, "is a token route"),
-        (r#"{"verify_seconds": 0}"#, "webhooks.verify_seconds: expected"),
+        (
+            r#"{"verify_seconds": 0}"#,
+            "webhooks.verify_seconds: expected",
+        ),
         (r#"{"urls": []}"#, "webhooks.urls: unknown field `urls`"),
     ] {
         let error = error_of(&with(webhooks));

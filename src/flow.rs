@@ -260,7 +260,7 @@ enum ParticipantState {
     /// Asked LiveKit at this time (ms since the epoch).
     Asking(u64),
     /// LiveKit's answer, and when it was asked for.
-    Known(Vec<String>, u64),
+    Known(livekit::ParticipantList, u64),
     /// The room's shared record held a fresh list when last looked at.
     Cached,
     Failed(String),
@@ -744,7 +744,7 @@ impl Admission {
                     return effects; // not waiting for a list
                 };
                 *state = match livekit::parse_list_response(status, body) {
-                    Ok(identities) => ParticipantState::Known(identities, taken_ms),
+                    Ok(list) => ParticipantState::Known(list, taken_ms),
                     Err(e) => ParticipantState::Failed(e.to_string()),
                 };
             }
@@ -812,9 +812,7 @@ impl Admission {
             self.ask_livekit(&subject.room, env, &mut effects);
         }
         let list = match &self.participants {
-            Some((_, ParticipantState::Known(identities, taken_ms))) => {
-                Some((identities.clone(), *taken_ms))
-            }
+            Some((_, ParticipantState::Known(list, taken_ms))) => Some((list.clone(), *taken_ms)),
             Some((_, ParticipantState::Cached)) => None,
             Some((_, ParticipantState::Failed(reason))) => {
                 let reason = format!("participant lookup failed: {reason}");
@@ -823,8 +821,9 @@ impl Admission {
             Some((_, ParticipantState::Asking(_))) | None => return effects,
         };
         let participants = match &list {
-            Some((identities, taken_ms)) => occupancy::Participants::Fresh {
-                identities,
+            Some((list, taken_ms)) => occupancy::Participants::Fresh {
+                identities: &list.identities,
+                sessions: &list.sessions,
                 taken_ms: *taken_ms,
             },
             None => occupancy::Participants::Cached,
@@ -879,6 +878,11 @@ impl Admission {
             identity: &subject.identity,
             reservation_ms: env.config.reservation.as_millis() as u64,
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
+            verify_ms: env
+                .config
+                .webhooks
+                .as_ref()
+                .map_or(0, |w| w.verify.as_millis() as u64),
             now_ms: env.now_ms(),
             releasable: self.on_request,
             exempt: false,
@@ -1093,11 +1097,11 @@ impl Admission {
         self.ask_livekit(&alias, env, effects);
     }
 
-    /// Finds who is in `room`. With `participants_cache_ms` the room's cached list is tried
-    /// first, when deciding (one read of the room's record serves both); LiveKit is asked only
-    /// if that list is missing or stale.
+    /// Finds who is in `room`. With `participants_cache_ms` or webhooks, the room's view or
+    /// cached list is tried first, when deciding (one read of the room's record serves both);
+    /// LiveKit is asked only if neither serves.
     fn ask_livekit(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
-        if env.config.participants_cache.is_zero() {
+        if env.config.participants_cache.is_zero() && env.config.webhooks.is_none() {
             self.ask_livekit_now(room, env, effects);
         } else {
             self.participants = Some((room.to_owned(), ParticipantState::Cached));

@@ -51,6 +51,17 @@ struct Participant {
     /// the number (`DISCONNECTED` is 3).
     #[serde(default)]
     state: Scalar,
+    /// When the participant's session began (ms): protojson writes int64 as a string.
+    #[serde(default, alias = "joinedAtMs")]
+    joined_at_ms: Scalar,
+}
+
+/// The participants of a room that hold a place: their identities, and the `joined_at_ms`
+/// of each one's session (0 when not given), in the same order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParticipantList {
+    pub identities: Vec<String>,
+    pub sessions: Vec<u64>,
 }
 
 impl Participant {
@@ -59,20 +70,32 @@ impl Participant {
     }
 }
 
-/// The identities of the participants that still hold a place in the room.
-pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Vec<String>, CallError> {
+/// The participants that still hold a place in the room.
+pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<ParticipantList, CallError> {
     match status {
         None => return Err(CallError::NoResponse(Service::LiveKit)),
         Some(200) => {}
         Some(other) => return Err(CallError::Status(Service::LiveKit, other)),
     }
     let answer: ListAnswer = json::object(body).ok_or(CallError::BadBody(Service::LiveKit))?;
-    Ok(answer
+    let mut list = ParticipantList::default();
+    for p in answer
         .participants
         .into_iter()
         .filter(Participant::holds_a_place)
-        .map(|p| p.identity.unwrap_or_default())
-        .collect())
+    {
+        list.sessions.push(whole_number(&p.joined_at_ms));
+        list.identities.push(p.identity.unwrap_or_default());
+    }
+    Ok(list)
+}
+
+/// An int64 as protojson writes it (a string), or as a number; 0 otherwise.
+pub fn whole_number(value: &Scalar) -> u64 {
+    match value.as_str() {
+        Some(text) => text.parse().unwrap_or(0),
+        None => value.as_whole_number().unwrap_or(0),
+    }
 }
 
 #[cfg(test)]
@@ -99,9 +122,22 @@ mod tests {
             {"sid":"PA_5","identity":"@e:x:D1"}
         ]}"#;
         assert_eq!(
-            parse_list_response(Some(200), body).unwrap(),
+            parse_list_response(Some(200), body).unwrap().identities,
             ["@a:x:D1", "@b:x:D1", "@e:x:D1"]
         );
+    }
+
+    #[test]
+    fn reads_each_sessions_start_as_protojson_or_a_client_writes_it() {
+        let body = br#"{"participants":[
+            {"identity":"a","joined_at_ms":"1700000000123"},
+            {"identity":"b","joinedAtMs":1700000000456},
+            {"identity":"c","joined_at_ms":"soon"},
+            {"identity":"d"}
+        ]}"#;
+        let list = parse_list_response(Some(200), body).unwrap();
+        assert_eq!(list.identities, ["a", "b", "c", "d"]);
+        assert_eq!(list.sessions, [1_700_000_000_123, 1_700_000_000_456, 0, 0]);
     }
 
     #[test]
@@ -115,7 +151,7 @@ mod tests {
             {"identity":"@e:x:D1","state":null}
         ]}"#;
         assert_eq!(
-            parse_list_response(Some(200), body).unwrap(),
+            parse_list_response(Some(200), body).unwrap().identities,
             ["@a:x:D1", "@b:x:D1", "@c:x:D1", "@e:x:D1"]
         );
     }
@@ -132,7 +168,7 @@ mod tests {
         );
         assert_eq!(
             parse_list_response(Some(200), br#"{"participants":[]}"#),
-            Ok(vec![])
+            Ok(ParticipantList::default())
         );
         assert_eq!(
             parse_list_response(Some(401), br#"{"code":"unauthenticated"}"#),
@@ -175,7 +211,9 @@ mod tests {
             .collect();
         let body = format!(r#"{{"participants":[{}]}}"#, participants.join(","));
         assert!(body.len() > 12 << 20);
-        let identities = parse_list_response(Some(200), body.as_bytes()).unwrap();
+        let identities = parse_list_response(Some(200), body.as_bytes())
+            .unwrap()
+            .identities;
         assert_eq!(identities.len(), 6);
         assert_eq!(identities[5], "@u5:x:D");
     }

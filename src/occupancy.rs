@@ -56,7 +56,7 @@ const REFRESH_SLACK_MS: u64 = 60 * 1000;
 /// How long a pairing is kept past its latest admission or sighting: a participant may stay
 /// connected long after its token expired (LiveKit checks a token when it connects), also
 /// after a list showed it gone and it came back on the same token.
-const MAX_PAIRING_MS: u64 = 24 * 3600 * 1000;
+pub(crate) const MAX_PAIRING_MS: u64 = 24 * 3600 * 1000;
 /// Learnt identities kept per user in a room. Past it, the oldest identity not connected goes
 /// first; if every one is connected, the token is refused: an identity the guard could not
 /// learn would count as one more user once connected, so letting it in would let one account
@@ -75,7 +75,7 @@ const MAX_COOLING_MS: u64 = 3600 * 1000;
 const LAPSE_MEMORY_MS: u64 = 3600 * 1000;
 
 /// The digest of the Matrix user an identity's name says it is.
-fn user_named_by(identity: &str) -> String {
+pub(crate) fn user_named_by(identity: &str) -> String {
     digest(matrix_user_of_identity(identity))
 }
 
@@ -86,9 +86,12 @@ pub enum Participants<'a> {
     /// list was asked for (ms since the epoch).
     Fresh {
         identities: &'a [String],
+        /// LiveKit's `joined_at_ms` of each, in the same order (missing ones read as 0).
+        sessions: &'a [u64],
         taken_ms: u64,
     },
-    /// The list cached in the room's record, if it is still fresh.
+    /// The room's view kept by LiveKit's webhooks, if it is verified; else the list cached in
+    /// the room's record, if it is still fresh.
     Cached,
 }
 
@@ -105,6 +108,9 @@ pub struct Request<'a> {
     pub reservation_ms: u64,
     /// How long a fresh list may be reused (0: never).
     pub list_cache_ms: u64,
+    /// With LiveKit's webhooks read (`webhooks.verify_seconds`, 0: not read): how long a list
+    /// verifies the room's view.
+    pub verify_ms: u64,
     pub now_ms: u64,
     /// The admission is taken before lk-jwt-service has answered: its reservation is marked so
     /// that it can be undone ([`release`]) should lk-jwt-service refuse the token.
@@ -146,6 +152,8 @@ pub struct Verdict {
     /// A releasable admission holds the requester's reservation: [`release`] it if
     /// lk-jwt-service refuses the token.
     pub holds: bool,
+    /// Decided on the room's view kept by webhooks, without a list.
+    pub on_view: bool,
 }
 
 impl Verdict {
@@ -257,23 +265,35 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     record.forget_past(now);
     // (digest of the identity, the identity itself when known), and when the list was taken.
     let (listed, taken) = record.take_list(q)?;
+    let on_view = taken == ON_VIEW;
     // Every set here is a `BTreeSet<&str>` filled with `extend`: one element type and no
     // `collect` (which sorts a vector first) keep the set code in the module once, several KB
     // each time otherwise.
     let mut connected = BTreeSet::new();
     connected.extend(listed.iter().map(|(d, _)| d.as_str()));
-    record.note_connected(&connected, taken);
+    // The view is up to date as its events arrived: its sightings and the reservations they
+    // ended were recorded then ([`crate::presence`]). A departure is counted for the time an
+    // event takes to arrive.
+    let taken = if on_view {
+        now.saturating_sub(VIEW_LAG_MS)
+    } else {
+        record.note_connected(&connected, taken);
+        taken
+    };
     // Another decision rested on a newer list. (Within one millisecond the order of lists is
     // not known: lists taken in the same millisecond are taken to agree.)
-    let stale = taken < record.n;
-    record.n = record.n.min(now).max(taken);
+    let stale = !on_view && taken < record.n;
+    if !on_view {
+        record.n = record.n.min(now).max(taken);
+    }
     let users: Vec<String> = listed
         .iter()
-        .map(|(d, identity)| record.user_of(d, *identity))
+        .map(|(d, named)| record.user_of(d, named.as_deref()))
         .collect();
     let mut present = BTreeSet::new();
     present.extend(users.iter().map(String::as_str));
-    record.settle_reservations(&present, taken, now, q.reservation_ms);
+    let sighted = if on_view { None } else { Some(taken) };
+    record.settle_reservations(&present, sighted, now, q.reservation_ms);
 
     let requester = digest(q.requester);
     let mut occupied = present.clone();
@@ -311,7 +331,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     } else {
         None
     };
-    if refusal.is_some() && matches!(q.participants, Participants::Cached) {
+    if refusal.is_some() && !on_view && matches!(q.participants, Participants::Cached) {
         // A refusal is decided on a fresh list only: users who left since the list was taken
         // would otherwise keep their places, and a user refused would never see why not.
         return None;
@@ -325,6 +345,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
             .filter(|u| !present.contains(*u) && **u != requester)
             .count(),
         holds: false,
+        on_view,
     };
     if !verdict.admitted {
         return Some(verdict);
@@ -344,14 +365,21 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     Some(verdict)
 }
 
-/// A participant list: each identity's digest, and the identity itself when known (a cached
-/// list holds digests only).
-type Listed<'a> = Vec<(String, Option<&'a str>)>;
+/// A participant list: each identity's digest, and the digest of the user its name says it is,
+/// when known (a cached list holds identity digests only).
+type Listed = Vec<(String, Option<String>)>;
+
+/// The time [`RoomRecord::take_list`] gives the room's view: it is as new as its events.
+const ON_VIEW: u64 = u64::MAX;
+/// How long after an event happened it may still be on its way: a departure is counted this
+/// long on the view (a user whose reservation lapsed may have connected just before).
+pub const VIEW_LAG_MS: u64 = 2000;
 
 impl RoomRecord {
     /// Drops what no decision from `now` on needs. Reservations are settled with a list
     /// ([`RoomRecord::settle_reservations`]), which says whether their user ever connected.
     fn forget_past(&mut self, now: u64) {
+        self.forget_view_past(now);
         self.i.retain(|p| p.until > now);
         self.d
             .retain(|d| d.at.saturating_add(MAX_LIST_AGE_MS) > now);
@@ -364,12 +392,14 @@ impl RoomRecord {
         }
     }
 
-    /// The list to decide on, and when it was taken; caches a fresh one. An older list never
-    /// replaces a newer cached one; a list too long to cache ends the cached one.
-    fn take_list<'a>(&mut self, q: &Request<'a>) -> Option<(Listed<'a>, u64)> {
+    /// The list to decide on, and when it was taken ([`ON_VIEW`] for the room's view); caches
+    /// a fresh one and merges it into the view. An older list never replaces a newer cached
+    /// one; a list too long to cache ends the cached one.
+    fn take_list(&mut self, q: &Request) -> Option<(Listed, u64)> {
         match q.participants {
             Participants::Fresh {
                 identities,
+                sessions,
                 taken_ms,
             } => {
                 // Too old, or taken "later" than now: the clock went back since, and how it
@@ -377,9 +407,9 @@ impl RoomRecord {
                 if taken_ms.saturating_add(MAX_LIST_AGE_MS) <= q.now_ms || taken_ms > q.now_ms {
                     return None;
                 }
-                let listed: Vec<(String, Option<&str>)> = identities
+                let mut listed: Listed = identities
                     .iter()
-                    .map(|identity| (digest(identity), Some(identity.as_str())))
+                    .map(|identity| (digest(identity), Some(user_named_by(identity))))
                     .collect();
                 let newer = self.p.as_ref().map_or(true, |p| p.taken <= taken_ms);
                 if q.list_cache_ms > 0 && newer {
@@ -393,22 +423,31 @@ impl RoomRecord {
                             }
                         });
                 }
+                if q.verify_ms > 0 {
+                    // With the events that arrived since it was taken.
+                    listed = self.merge_list(&listed, sessions, taken_ms, q.verify_ms);
+                }
                 Some((listed, taken_ms))
             }
-            Participants::Cached => self.p.as_ref().map(|p| {
-                let listed = p.identities.iter().map(|d| (d.clone(), None)).collect();
-                (listed, p.taken)
-            }),
+            Participants::Cached => match &self.w {
+                Some(view) if q.verify_ms > 0 && view.verified(q.now_ms) => {
+                    Some((view.listed(), ON_VIEW))
+                }
+                _ => self.p.as_ref().map(|p| {
+                    let listed = p.identities.iter().map(|d| (d.clone(), None)).collect();
+                    (listed, p.taken)
+                }),
+            },
         }
     }
 
     /// The user behind a participant (by the digest of its identity): a learnt pairing
-    /// first, the user-id grammar otherwise. Without the identity itself (a cached list holds
-    /// digests only), an identity never learnt counts as a user of its own.
-    fn user_of(&self, identity_digest: &str, identity: Option<&str>) -> String {
+    /// first, the user its name says otherwise (`named`, a digest). Without it (a cached list
+    /// holds identity digests only), an identity never learnt counts as a user of its own.
+    pub(crate) fn user_of(&self, identity_digest: &str, named: Option<&str>) -> String {
         match self.i.iter().find(|p| p.identity == identity_digest) {
             Some(p) => p.user.clone(),
-            None => identity.map_or_else(|| identity_digest.to_owned(), user_named_by),
+            None => named.unwrap_or(identity_digest).to_owned(),
         }
     }
 
@@ -436,15 +475,28 @@ impl RoomRecord {
     /// time is up; both are kept as departures for lists taken before (or in the same
     /// millisecond). A
     /// reservation that lapsed with its user nowhere to be seen is a lapse.
+    /// On the view (`sighted` is `None`) only time ends reservations: its events ended those
+    /// of users who connected after their admission.
     fn settle_reservations(
         &mut self,
         present: &BTreeSet<&str>,
-        taken: u64,
+        sighted: Option<u64>,
         now: u64,
         reservation_ms: u64,
     ) {
         for mut res in std::mem::take(&mut self.r) {
             let shown = present.contains(res.user.as_str());
+            let Some(taken) = sighted else {
+                if res.until <= now {
+                    if !shown {
+                        self.lapse(&res.user, res.until, reservation_ms);
+                    }
+                    self.depart(res.user, res.until.saturating_sub(1), now);
+                } else {
+                    self.r.push(res);
+                }
+                continue;
+            };
             // The run of admissions began when its time was last set (`until` is never moved
             // by asking again, only by being in the call).
             let run_began = res.until.saturating_sub(reservation_ms);
@@ -470,7 +522,7 @@ impl RoomRecord {
         }
     }
 
-    fn depart(&mut self, user: String, at: u64, now: u64) {
+    pub(crate) fn depart(&mut self, user: String, at: u64, now: u64) {
         if at.saturating_add(MAX_LIST_AGE_MS) <= now {
             return;
         }
@@ -571,7 +623,7 @@ impl RoomRecord {
     }
 
     /// Brings the record within `budget` bytes, dropping first what only saves work or
-    /// weakens no limit: the cached list, lapses, then pairings of identities not seen
+    /// weakens no limit: the cached list and the view, lapses, then pairings of identities not seen
     /// connected (oldest first; never `keep`, the identity being admitted). Whether it fits.
     fn fit(&mut self, budget: usize, keep: &str) -> bool {
         let mut size = self.size();
@@ -581,6 +633,9 @@ impl RoomRecord {
         let entry_size = |bytes: usize| bytes + 1; // and its comma
         if let Some(p) = self.p.take() {
             size -= serde_json::to_vec(&p).map_or(0, |b| b.len()).min(size);
+        }
+        if let Some(view) = self.w.take() {
+            size -= serde_json::to_vec(&view).map_or(0, |b| b.len()).min(size);
         }
         while size > budget {
             let Some(oldest) = self
@@ -613,9 +668,10 @@ impl RoomRecord {
     }
 
     /// When the record may be dropped: nothing in it matters after that.
-    fn expires_at(&self) -> u64 {
+    pub(crate) fn expires_at(&self) -> u64 {
         let pairings = self.i.iter().map(|p| p.until);
         let list = self.p.iter().map(|p| p.fresh_until);
+        let view = self.w.iter().map(|w| w.expires_at());
         let lapses = self
             .l
             .iter()
@@ -623,6 +679,7 @@ impl RoomRecord {
         // Reservations and departures matter as long as they keep the record pinned.
         pairings
             .chain(list)
+            .chain(view)
             .chain(lapses)
             .fold(self.pinned_until(), u64::max)
     }

@@ -9,6 +9,7 @@ const ROOM: &str = "alias";
 fn fresh(identities: &[String], taken_ms: u64) -> Participants<'_> {
     Participants::Fresh {
         identities,
+        sessions: &[],
         taken_ms,
     }
 }
@@ -28,6 +29,7 @@ fn question<'a>(
         identity,
         reservation_ms: 30_000,
         list_cache_ms: 0,
+        verify_ms: 0,
         releasable: false,
         exempt: false,
         unverified: false,
@@ -48,6 +50,7 @@ fn ask(
         max_users,
         Participants::Fresh {
             identities: &participants,
+            sessions: &[],
             taken_ms: now_ms,
         },
         requester,
@@ -101,6 +104,7 @@ fn an_unverified_requester_only_ever_takes_a_free_place() {
                 2,
                 Participants::Fresh {
                     identities: &participants,
+                    sessions: &[],
                     taken_ms: now_ms,
                 },
                 stand_in,
@@ -349,6 +353,7 @@ fn a_user_with_every_device_slot_connected_is_refused_another() {
         1,
         Participants::Fresh {
             identities: &participants,
+            sessions: &[],
             taken_ms: 100,
         },
         "@a:x",
@@ -364,6 +369,7 @@ fn a_user_with_every_device_slot_connected_is_refused_another() {
         2,
         Participants::Fresh {
             identities: &participants,
+            sessions: &[],
             taken_ms: 101,
         },
         "@b:x",

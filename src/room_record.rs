@@ -10,6 +10,7 @@ use serde::ser::SerializeTuple;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::occupancy::MAX_LIST_AGE_MS;
+pub use crate::room_view::View;
 use crate::store::{Eviction, Record};
 
 /// A user admitted whose admission no list taken since has shown connected.
@@ -68,7 +69,7 @@ pub struct Lapse {
 }
 
 /// The shared record of one LiveKit room, stored as `[reservations, pairings, cached list or
-/// null, departures, lapses, newest list]`, trailing empty parts left out.
+/// null, departures, lapses, newest list, view or null]`, trailing empty parts left out.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct RoomRecord {
     pub r: Vec<Reservation>,
@@ -82,13 +83,17 @@ pub struct RoomRecord {
     /// When the newest list decided on was taken.
     #[serde(default)]
     pub n: u64,
+    /// Who is connected as LiveKit's webhooks tell it (with `webhooks` configured).
+    #[serde(default)]
+    pub w: Option<View>,
 }
 
 /// Serialises a struct as the array of its fields, in declaration order.
 macro_rules! as_array {
     ($type:ty { $($field:ident),+ }) => {
-        impl Serialize for $type {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeTuple;
                 let mut tuple = serializer.serialize_tuple([$(stringify!($field)),+].len())?;
                 $(tuple.serialize_element(&self.$field)?;)+
                 tuple.end()
@@ -96,6 +101,7 @@ macro_rules! as_array {
         }
     };
 }
+pub(crate) use as_array;
 
 as_array!(Reservation {
     user,
@@ -123,7 +129,9 @@ as_array!(Lapse {
 
 impl Serialize for RoomRecord {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let parts = if self.n != 0 {
+        let parts = if self.w.is_some() {
+            7
+        } else if self.n != 0 {
             6
         } else if !self.l.is_empty() {
             5
@@ -148,6 +156,9 @@ impl Serialize for RoomRecord {
         }
         if parts > 5 {
             tuple.serialize_element(&self.n)?;
+        }
+        if parts > 6 {
+            tuple.serialize_element(&self.w)?;
         }
         tuple.end()
     }
@@ -177,6 +188,7 @@ impl RoomRecord {
             && self.p.is_none()
             && self.d.is_empty()
             && self.l.is_empty()
+            && self.w.is_none()
     }
 
     /// Until when losing the record could let the limit be exceeded: a reservation counts
@@ -225,6 +237,7 @@ mod tests {
             }],
             l: vec![],
             n: 0,
+            w: None,
         };
         let out = serde_json::to_string(&record).unwrap();
         assert_eq!(
@@ -246,6 +259,15 @@ mod tests {
         assert!(record.d.is_empty() && record.l.is_empty());
         assert!(serde_json::from_str::<RoomRecord>("[[]]").is_err());
         assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],1,2]").is_err());
+        assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],1,null,3]").is_err());
+        let viewed: RoomRecord =
+            serde_json::from_str(r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]]]]"#).unwrap();
+        let view = viewed.w.as_ref().unwrap();
+        assert_eq!((view.verified_until, view.members[0].gone), (9, true));
+        assert_eq!(
+            serde_json::to_string(&viewed).unwrap(),
+            r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]]]]"#
+        );
     }
 
     fn reservation(until: u64) -> Reservation {

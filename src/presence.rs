@@ -1,0 +1,149 @@
+//! What LiveKit's webhooks say of a room, applied to its occupancy record: the room's view
+//! ([`crate::room_view`]), the reservations of users seen connecting, the sightings of
+//! learnt identities.
+//!
+//! Events are applied only to rooms the guard keeps a record of (rooms with a limit that
+//! someone asked a token for): every other room's events cost a read of shared data.
+
+use crate::occupancy::{user_named_by, BUCKETS};
+use crate::room_record::RoomRecord;
+use crate::room_view::{Presence, View};
+use crate::store::{digest, Change, SharedStore, StoreError};
+
+/// What a webhook says of a room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoomEvent {
+    /// A participant connected (`participant_joined`) or left (`participant_left`,
+    /// `participant_connection_aborted`): its identity, and the session's `joined_at_ms`.
+    Participant {
+        identity: String,
+        session: u64,
+        presence: Presence,
+    },
+    /// The room closed (`room_finished`): nothing is known of it until a list is taken.
+    Finished,
+}
+
+/// What applying an event did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The room's record took it in.
+    Changed,
+    /// It told nothing new (a repeated, late or older event).
+    Known,
+    /// The guard keeps no record of the room.
+    NotGuarded,
+}
+
+/// Applies `event` of LiveKit room `room`, learnt at `now_ms`, to the room's shared record.
+pub fn observe(
+    store: &dyn SharedStore,
+    room: &str,
+    event: &RoomEvent,
+    now_ms: u64,
+) -> Result<Applied, StoreError> {
+    BUCKETS.update(store, room, now_ms, |old: Option<(&RoomRecord, u64)>| {
+        let Some((old, _)) = old else {
+            return (Change::Keep, Applied::NotGuarded);
+        };
+        let mut record = old.clone();
+        if !record.take_event(event, now_ms) {
+            return (Change::Keep, Applied::Known);
+        }
+        let change = if record.is_empty() {
+            Change::Remove
+        } else {
+            let until = record.expires_at();
+            Change::Put(record, until)
+        };
+        (change, Applied::Changed)
+    })
+}
+
+impl RoomRecord {
+    /// Whether the event changed the record.
+    fn take_event(&mut self, event: &RoomEvent, now: u64) -> bool {
+        let (identity, session, presence) = match event {
+            RoomEvent::Finished => return self.w.take().is_some(),
+            RoomEvent::Participant {
+                identity,
+                session,
+                presence,
+            } => (identity, *session, *presence),
+        };
+        let identity_digest = digest(identity);
+        let named = user_named_by(identity);
+        let view = self.w.get_or_insert_with(View::default);
+        if !view.apply(&identity_digest, &named, session, presence, now) {
+            return false;
+        }
+        let pairing = self.i.iter_mut().find(|p| p.identity == identity_digest);
+        if presence == Presence::Left {
+            // Gone, but its token may bring it back: no longer counted as seen.
+            if let Some(p) = pairing {
+                p.seen = 0;
+            }
+            return true;
+        }
+        if let Some(p) = pairing {
+            p.seen = now.max(1);
+            p.until = p
+                .until
+                .max(now.saturating_add(crate::occupancy::MAX_PAIRING_MS));
+        }
+        // Connected after the user's latest admission: the token that admission let through
+        // may be this one, and the user now counts by being connected.
+        let user = self.user_of(&identity_digest, Some(&named));
+        if let Some(n) = self
+            .r
+            .iter()
+            .position(|res| res.user == user && res.since < session)
+        {
+            self.r.remove(n);
+            self.depart(user, now, now);
+        }
+        true
+    }
+
+    /// Merges a fresh list (taken at `taken`) into the view, which it verifies for
+    /// `verify_ms`; what the view then shows connected: the list, with what events told since
+    /// it was taken.
+    pub(crate) fn merge_list(
+        &mut self,
+        listed: &[(String, Option<String>)],
+        sessions: &[u64],
+        taken: u64,
+        verify_ms: u64,
+    ) -> Vec<(String, Option<String>)> {
+        let members: Vec<(&str, &str, u64)> = listed
+            .iter()
+            .enumerate()
+            .map(|(n, (identity, named))| {
+                let session = sessions.get(n).copied().unwrap_or(0);
+                (
+                    identity.as_str(),
+                    named.as_deref().unwrap_or(identity),
+                    session,
+                )
+            })
+            .collect();
+        let view = self.w.get_or_insert_with(View::default);
+        view.merge(&members, taken, taken.saturating_add(verify_ms));
+        view.listed()
+    }
+
+    /// Drops the view's old tombstones, and the view itself once it is unverified and nothing
+    /// in it is recent.
+    pub(crate) fn forget_view_past(&mut self, now: u64) {
+        if let Some(view) = &mut self.w {
+            view.forget_past(now);
+        }
+        if self.w.as_ref().is_some_and(|view| view.expires_at() <= now) {
+            self.w = None;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "presence_tests.rs"]
+mod tests;

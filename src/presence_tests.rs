@@ -1,0 +1,219 @@
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+use super::*;
+use crate::occupancy::{admit, Outcome, Participants, Refusal, Request, Verdict, VIEW_LAG_MS};
+use crate::store::MemoryStore;
+
+const ROOM: &str = "alias";
+const VERIFY_MS: u64 = 60_000;
+
+/// A question decided on the room's view (or whatever else the record holds).
+fn on_record<'a>(requester: &'a str, identity: &'a str, now_ms: u64) -> Request<'a> {
+    Request {
+        room: ROOM,
+        max_users: 2,
+        participants: Participants::Cached,
+        requester,
+        identity,
+        reservation_ms: 30_000,
+        list_cache_ms: 0,
+        verify_ms: VERIFY_MS,
+        now_ms,
+        releasable: false,
+        exempt: false,
+        unverified: false,
+    }
+}
+
+fn ask(store: &MemoryStore, requester: &str, identity: &str, now_ms: u64) -> Option<Verdict> {
+    match admit(store, &on_record(requester, identity, now_ms)).unwrap() {
+        Outcome::Decided(verdict) => Some(verdict),
+        Outcome::NeedList => None,
+    }
+}
+
+/// Decides with a list taken now, which verifies the view.
+fn ask_listing(
+    store: &MemoryStore,
+    listed: &[&str],
+    requester: &str,
+    identity: &str,
+    now_ms: u64,
+) -> Verdict {
+    let identities: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
+    let sessions: Vec<u64> = vec![1; listed.len()];
+    let mut q = on_record(requester, identity, now_ms);
+    q.participants = Participants::Fresh {
+        identities: &identities,
+        sessions: &sessions,
+        taken_ms: now_ms,
+    };
+    match admit(store, &q).unwrap() {
+        Outcome::Decided(verdict) => verdict,
+        Outcome::NeedList => panic!("a fresh list needs no other"),
+    }
+}
+
+fn event(
+    store: &MemoryStore,
+    identity: &str,
+    session: u64,
+    presence: Presence,
+    now: u64,
+) -> Applied {
+    let event = RoomEvent::Participant {
+        identity: identity.to_owned(),
+        session,
+        presence,
+    };
+    observe(store, ROOM, &event, now).unwrap()
+}
+
+#[test]
+fn a_verified_view_decides_refusals_without_a_list() {
+    let store = MemoryStore::default();
+    let v = ask_listing(&store, &["@a:x:D", "@b:x:D"], "@c:x", "@c:x:D", 1_000);
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    assert!(!v.on_view);
+    let v = ask(&store, "@c:x", "@c:x:D", 5_000).expect("decided on the view");
+    assert_eq!((v.refusal, v.on_view), (Some(Refusal::Full), true));
+    // A user in the call comes in with another device on the view as well.
+    let v = ask(&store, "@a:x", "@a:x:E", 6_000).unwrap();
+    assert!(v.admitted && v.on_view);
+    // Past the verify time the view is asked for again.
+    assert_eq!(ask(&store, "@c:x", "@c:x:D", 1_000 + VERIFY_MS), None);
+}
+
+#[test]
+fn a_join_ends_the_reservation_and_a_leave_frees_the_place_at_once() {
+    let store = MemoryStore::default();
+    // The room is limited to two: alice is admitted on an empty list.
+    assert!(ask_listing(&store, &[], "@alice:x", "H-alice", 1_000).admitted);
+    // Her client connects with the token.
+    assert_eq!(
+        event(&store, "H-alice", 1_500, Presence::Joined, 1_600),
+        Applied::Changed
+    );
+    assert!(ask(&store, "@bob:x", "H-bob", 2_000).unwrap().admitted);
+    event(&store, "H-bob", 2_100, Presence::Joined, 2_200);
+    let carol = ask(&store, "@carol:x", "H-carol", 3_000).unwrap();
+    assert_eq!((carol.refusal, carol.on_view), (Some(Refusal::Full), true));
+    // Alice leaves: her place is free as soon as the event is here.
+    event(&store, "H-alice", 1_500, Presence::Left, 10_000);
+    let carol = ask(&store, "@carol:x", "H-carol", 10_001).unwrap();
+    assert!(carol.admitted && carol.on_view);
+}
+
+#[test]
+fn a_session_older_than_the_admission_does_not_end_its_reservation() {
+    let store = MemoryStore::default();
+    assert!(ask_listing(&store, &[], "@alice:x", "H-alice", 5_000).admitted);
+    // A session of the same identity that began before the admission (a late event).
+    event(&store, "H-alice", 4_000, Presence::Joined, 5_100);
+    event(&store, "H-alice", 4_000, Presence::Left, 5_200);
+    assert!(ask(&store, "@bob:x", "H-bob", 6_000).unwrap().admitted);
+    // Alice's token is still to be used: she keeps her place.
+    let carol = ask(&store, "@carol:x", "H-carol", 7_000).unwrap();
+    assert_eq!(carol.refusal, Some(Refusal::Full));
+}
+
+#[test]
+fn events_in_any_order_leave_a_session_that_ended_gone() {
+    let store = MemoryStore::default();
+    ask_listing(&store, &[], "@alice:x", "@alice:x:D", 1_000);
+    // The leave arrives before the join of the same session (a retry that overtook it).
+    event(&store, "@bob:x:D", 1_100, Presence::Left, 1_200);
+    assert_eq!(
+        event(&store, "@bob:x:D", 1_100, Presence::Joined, 1_300),
+        Applied::Known
+    );
+    let v = ask(&store, "@carol:x", "@carol:x:D", 2_000).unwrap();
+    assert!(v.admitted, "bob is not in the call");
+    // A replayed join of a session that ended changes nothing either.
+    event(&store, "@dave:x:D", 1_500, Presence::Joined, 2_100);
+    event(&store, "@dave:x:D", 1_500, Presence::Left, 2_200);
+    assert_eq!(
+        event(&store, "@dave:x:D", 1_500, Presence::Joined, 2_300),
+        Applied::Known
+    );
+}
+
+#[test]
+fn a_list_taken_before_an_event_arrived_does_not_undo_it() {
+    let store = MemoryStore::default();
+    ask_listing(&store, &[], "@alice:x", "@alice:x:D", 1_000);
+    event(&store, "@bob:x:D", 4_800, Presence::Joined, 5_000);
+    // A list asked for at 4,900 (before bob's event arrived) is decided on at 5,100.
+    let identities = vec!["@alice:x:D".to_owned()];
+    let mut q = on_record("@carol:x", "@carol:x:D", 5_100);
+    q.participants = Participants::Fresh {
+        identities: &identities,
+        sessions: &[1_100],
+        taken_ms: 4_900,
+    };
+    assert!(matches!(admit(&store, &q).unwrap(), Outcome::Decided(v) if !v.admitted));
+    let dave = ask(&store, "@dave:x", "@dave:x:D", 6_000).unwrap();
+    assert_eq!((dave.refusal, dave.on_view), (Some(Refusal::Full), true));
+}
+
+#[test]
+fn a_late_leave_of_an_earlier_session_does_not_hide_a_participant_a_list_showed() {
+    let store = MemoryStore::default();
+    // The list shows bob in his second session (joined at 3,000).
+    let identities = vec!["@bob:x:D".to_owned()];
+    let mut q = on_record("@alice:x", "@alice:x:D", 4_000);
+    q.participants = Participants::Fresh {
+        identities: &identities,
+        sessions: &[3_000],
+        taken_ms: 4_000,
+    };
+    assert!(matches!(admit(&store, &q).unwrap(), Outcome::Decided(v) if v.admitted));
+    // The leave of his first session arrives late.
+    assert_eq!(
+        event(&store, "@bob:x:D", 2_000, Presence::Left, 4_500),
+        Applied::Known
+    );
+    let carol = ask(&store, "@carol:x", "@carol:x:D", 5_000).unwrap();
+    assert_eq!(carol.refusal, Some(Refusal::Full));
+}
+
+#[test]
+fn a_lapsed_reservation_counts_for_the_time_an_event_takes_to_arrive() {
+    let store = MemoryStore::default();
+    let mut first = on_record("@alice:x", "@alice:x:D", 1_000);
+    first.participants = Participants::Fresh {
+        identities: &[],
+        sessions: &[],
+        taken_ms: 1_000,
+    };
+    first.verify_ms = 120_000;
+    assert!(matches!(admit(&store, &first).unwrap(), Outcome::Decided(v) if v.admitted));
+    assert!(ask(&store, "@bob:x", "@bob:x:D", 1_100).unwrap().admitted);
+    event(&store, "@bob:x:D", 1_200, Presence::Joined, 1_300);
+    // Alice's reservation ends at 31,000 unseen: she may have connected just before.
+    let lapsed = 31_000;
+    let carol = ask(&store, "@carol:x", "@carol:x:D", lapsed + VIEW_LAG_MS - 1).unwrap();
+    assert_eq!(carol.refusal, Some(Refusal::Full));
+    let carol = ask(&store, "@carol:x", "@carol:x:D", lapsed + VIEW_LAG_MS).unwrap();
+    assert!(carol.admitted);
+}
+
+#[test]
+fn unguarded_rooms_and_finished_rooms() {
+    let store = MemoryStore::default();
+    let before = store.byte_count();
+    assert_eq!(
+        event(&store, "@a:x:D", 1, Presence::Joined, 10),
+        Applied::NotGuarded
+    );
+    assert_eq!(store.byte_count(), before);
+    ask_listing(&store, &["@a:x:D", "@b:x:D"], "@c:x", "@c:x:D", 1_000);
+    assert!(ask(&store, "@c:x", "@c:x:D", 2_000).is_some());
+    assert_eq!(
+        observe(&store, ROOM, &RoomEvent::Finished, 2_500).unwrap(),
+        Applied::Changed
+    );
+    // Nothing is known of the room now but what a list says.
+    assert_eq!(ask(&store, "@c:x", "@c:x:D", 3_000), None);
+}

@@ -1,0 +1,224 @@
+//! Who is connected to a LiveKit room as LiveKit's webhooks tell it: a participant list kept
+//! up to date by events, so that decisions need not ask LiveKit ([`crate::occupancy`]).
+//!
+//! Events may arrive late, twice or out of order, and a list may be answered after events
+//! newer than it. Each participant's entry is therefore ordered: a session (LiveKit's
+//! `joined_at_ms`) replaces an older one, and within a session leaving is final; what an
+//! event established is undone only by a newer event or a list *taken* after it arrived.
+//! A mistake in that order can only make the view show someone who is gone (a place held
+//! until the next list), never hide someone connected whose events arrived.
+//!
+//! LiveKit drops an event when it cannot deliver it (its queue per room and URL holds 200
+//! events for 30 s; a send is tried five times) and says nothing of it, so a view is trusted
+//! for decisions only while it is verified: a list was merged in less than
+//! `webhooks.verify_seconds` ago.
+
+use serde::Deserialize;
+
+/// One participant identity (its [`crate::store::digest`]).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Member {
+    pub identity: String,
+    /// The digest of the user the identity's name says it is; empty when it names none (a
+    /// hashed identity, whose user only a learnt pairing tells).
+    pub user: String,
+    /// LiveKit's `joined_at_ms` of the session last heard of (0: from a list without it).
+    pub session: u64,
+    /// That session ended (a tombstone, kept for late or repeated events of it).
+    pub gone: bool,
+    /// When the guard learnt it (its own clock): a list taken earlier does not undo it.
+    pub at: u64,
+}
+
+/// A room's view. Stored as `[verified_until, members]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct View {
+    /// Decisions may rest on it until then (the last list merged, plus the verify time).
+    pub verified_until: u64,
+    pub members: Vec<Member>,
+}
+
+crate::room_record::as_array!(Member {
+    identity,
+    user,
+    session,
+    gone,
+    at
+});
+crate::room_record::as_array!(View {
+    verified_until,
+    members
+});
+
+/// How long the end of a session is remembered, so that a late or replayed `participant_joined`
+/// of it does not bring it back: longer than LiveKit's webhook signatures are valid (5 min).
+pub const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
+
+impl Member {
+    fn new(identity: &str, user: &str, session: u64, gone: bool, at: u64) -> Member {
+        Member {
+            identity: identity.to_owned(),
+            user: if user == identity {
+                String::new()
+            } else {
+                user.to_owned()
+            },
+            session,
+            gone,
+            at,
+        }
+    }
+}
+
+/// What an event says of one participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    Joined,
+    Left,
+}
+
+impl View {
+    /// The identities connected (digests).
+    pub fn connected(&self) -> impl Iterator<Item = &str> {
+        self.members
+            .iter()
+            .filter(|m| !m.gone)
+            .map(|m| m.identity.as_str())
+    }
+
+    /// The participants connected, as a list: each identity's digest and its named user's.
+    pub fn listed(&self) -> Vec<(String, Option<String>)> {
+        let named = |m: &Member| match m.user.as_str() {
+            "" => m.identity.clone(),
+            user => user.to_owned(),
+        };
+        self.members
+            .iter()
+            .filter(|m| !m.gone)
+            .map(|m| (m.identity.clone(), Some(named(m))))
+            .collect()
+    }
+
+    /// Whether decisions may rest on the view at `now`.
+    pub fn verified(&self, now: u64) -> bool {
+        self.verified_until > now
+    }
+
+    /// Takes in what an event says of `identity`'s (named user `user`) session `session`,
+    /// learnt at `now`. Whether it changed the view.
+    pub fn apply(
+        &mut self,
+        identity: &str,
+        user: &str,
+        session: u64,
+        presence: Presence,
+        now: u64,
+    ) -> bool {
+        let gone = presence == Presence::Left;
+        match self.members.iter_mut().find(|m| m.identity == identity) {
+            // An older session, or the same one already as far (left is final).
+            Some(m) if (session, gone) <= (m.session, m.gone) => false,
+            Some(m) => {
+                m.session = session;
+                m.gone = gone;
+                m.at = now;
+                true
+            }
+            None => {
+                self.members
+                    .push(Member::new(identity, user, session, gone, now));
+                true
+            }
+        }
+    }
+
+    /// Merges a list taken at `taken` (identity and named user digests, and sessions): it
+    /// replaces what was learnt before it was taken, and leaves what was learnt since. The
+    /// view is then verified until `verified_until` at least.
+    pub fn merge(&mut self, listed: &[(&str, &str, u64)], taken: u64, verified_until: u64) {
+        self.members.retain(|m| m.at > taken);
+        for (identity, user, session) in listed {
+            if !self.members.iter().any(|m| m.identity == *identity) {
+                let member = Member::new(identity, user, *session, false, taken);
+                self.members.push(member);
+            }
+        }
+        self.verified_until = self.verified_until.max(verified_until);
+    }
+
+    /// When nothing in the view matters any more: its verification is over and its newest
+    /// entry is as old as a tombstone lives.
+    pub fn expires_at(&self) -> u64 {
+        let newest = self.members.iter().map(|m| m.at).max().unwrap_or(0);
+        self.verified_until.max(newest.saturating_add(TOMBSTONE_MS))
+    }
+
+    /// Forgets the ends of sessions too old to be heard of again.
+    pub fn forget_past(&mut self, now: u64) {
+        self.members
+            .retain(|m| !m.gone || m.at.saturating_add(TOMBSTONE_MS) > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    fn connected(view: &View) -> Vec<&str> {
+        view.connected().collect()
+    }
+
+    #[test]
+    fn a_later_session_replaces_an_earlier_one_and_leaving_is_final() {
+        let mut view = View::default();
+        assert!(view.apply("a", "a", 10, Presence::Joined, 100));
+        assert_eq!(connected(&view), ["a"]);
+        assert!(view.apply("a", "a", 10, Presence::Left, 200));
+        // The join of the session that ended, late or replayed, changes nothing.
+        assert!(!view.apply("a", "a", 10, Presence::Joined, 300));
+        assert!(connected(&view).is_empty());
+        // A new session does; the end of the old one, arriving late, does not undo it.
+        assert!(view.apply("a", "a", 20, Presence::Joined, 400));
+        assert!(!view.apply("a", "a", 10, Presence::Left, 500));
+        assert_eq!(connected(&view), ["a"]);
+        // A leave heard before its join: the join never shows the session.
+        assert!(view.apply("b", "b", 30, Presence::Left, 600));
+        assert!(!view.apply("b", "b", 30, Presence::Joined, 700));
+        assert_eq!(connected(&view), ["a"]);
+    }
+
+    #[test]
+    fn a_list_replaces_only_what_was_learnt_before_it_was_taken() {
+        let mut view = View::default();
+        view.apply("early", "early", 1, Presence::Joined, 100);
+        view.apply("late", "late", 2, Presence::Joined, 300);
+        view.apply("left-late", "left-late", 3, Presence::Left, 300);
+        // Taken at 200: shows "left-late" and "other", not "early" nor "late".
+        let listed = [("left-late", "left-late", 3), ("other", "@o:x", 4)];
+        view.merge(&listed, 200, 60_200);
+        let mut now = connected(&view);
+        now.sort_unstable();
+        assert_eq!(now, ["late", "other"]);
+        assert!(view.verified(60_199));
+        assert!(!view.verified(60_200));
+        // An older list changes no member learnt after it, and shortens nothing.
+        view.merge(&[], 150, 1_000);
+        let mut now = connected(&view);
+        now.sort_unstable();
+        assert_eq!(now, ["late", "other"]);
+        assert!(view.verified(60_199));
+    }
+
+    #[test]
+    fn tombstones_are_forgotten_after_their_time() {
+        let mut view = View::default();
+        view.apply("a", "a", 1, Presence::Left, 100);
+        view.apply("b", "b", 1, Presence::Joined, 100);
+        view.forget_past(100 + TOMBSTONE_MS);
+        assert_eq!(view.members.len(), 1);
+        assert_eq!(connected(&view), ["b"]);
+    }
+}
