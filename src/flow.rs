@@ -51,6 +51,7 @@ use crate::lookup::{self, Settled};
 use crate::occupancy::{self, Outcome};
 use crate::openid::Userinfo;
 use crate::reply::{self, LocalReply};
+use crate::room_view;
 use crate::route::Route;
 use crate::rtc_request::{self, RtcHeaders};
 use crate::store::SharedStore;
@@ -153,10 +154,20 @@ pub enum Counter {
     /// (`synapse.max_lookups_per_second`): limit lookups (the token answered 429) and OpenID
     /// checks (the requester decided on as unverified).
     LookupsOverBudget,
+    /// Requests on the webhook path (`webhooks.path`).
+    WebhooksReceived,
+    /// Webhooks LiveKit signed, read.
+    WebhooksAccepted,
+    /// Webhooks without LiveKit's valid signature on their body: ignored.
+    WebhooksRefused,
+    /// Webhooks LiveKit signed that the guard could not read: every room's view in doubt.
+    WebhooksUnreadable,
+    /// Decisions taken on a room's view kept by webhooks, where LiveKit would have been asked.
+    LivekitLookupsAvoided,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 24] = [
+    pub const ALL: [Counter; 29] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -181,6 +192,11 @@ impl Counter {
         Counter::CapacityRefusals,
         Counter::CoolingRefusals,
         Counter::LookupsOverBudget,
+        Counter::WebhooksReceived,
+        Counter::WebhooksAccepted,
+        Counter::WebhooksRefused,
+        Counter::WebhooksUnreadable,
+        Counter::LivekitLookupsAvoided,
     ];
 }
 
@@ -870,6 +886,11 @@ impl Admission {
         env: &Env,
     ) -> Vec<Effect> {
         let requester = subject.requester.as_str();
+        let verify_ms = env
+            .config
+            .webhooks
+            .as_ref()
+            .map_or(0, |w| w.verify.as_millis() as u64);
         let mut question = occupancy::Request {
             room: &subject.room,
             max_users,
@@ -878,11 +899,12 @@ impl Admission {
             identity: &subject.identity,
             reservation_ms: env.config.reservation.as_millis() as u64,
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
-            verify_ms: env
-                .config
-                .webhooks
-                .as_ref()
-                .map_or(0, |w| w.verify.as_millis() as u64),
+            verify_ms,
+            doubt_ms: if verify_ms > 0 {
+                room_view::doubt_since(env.store)
+            } else {
+                0
+            },
             now_ms: env.now_ms(),
             releasable: self.on_request,
             exempt: false,
@@ -920,7 +942,9 @@ impl Admission {
             }
         }
         self.stage = Stage::Done;
-        if matches!(participants, occupancy::Participants::Cached) {
+        if verdict.on_view {
+            effects.push(Effect::Count(Counter::LivekitLookupsAvoided));
+        } else if matches!(participants, occupancy::Participants::Cached) {
             effects.push(Effect::Count(Counter::LivekitCacheHits));
         }
         if verdict.admitted {

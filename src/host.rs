@@ -22,6 +22,7 @@ use crate::route::Route;
 use crate::rtc_request::RtcHeaders;
 use crate::store::{self, Held, SharedStore, StoreError};
 use crate::stream::{self, hand_over, Host, Phase, Stream, WAIT_POLL};
+use crate::webhook_host::WebhookStream;
 use crate::{limit_cache, occupancy};
 
 proxy_wasm::main! {{
@@ -35,7 +36,7 @@ proxy_wasm::main! {{
 }}
 
 /// Metric ids, defined once per VM (every VM copy gets the same shared counters).
-struct Metrics {
+pub(crate) struct Metrics {
     counters: Vec<(Counter, u32)>,
     shared_keys: Option<u32>,
     shared_bytes: Option<u32>,
@@ -61,7 +62,7 @@ impl Metrics {
         }
     }
 
-    fn count(&self, counter: Counter) {
+    pub(crate) fn count(&self, counter: Counter) {
         if let Some((_, id)) = self.counters.iter().find(|(c, _)| *c == counter) {
             let _ = hostcalls::increment_metric(*id, 1);
         }
@@ -95,6 +96,11 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::CoolingRefusals => "voice_limit_guard.cooling_refusals",
         Counter::OpenidCacheHits => "voice_limit_guard.openid_cache_hits",
         Counter::ExemptAdmissions => "voice_limit_guard.exempt_admissions",
+        Counter::WebhooksReceived => "voice_limit_guard.webhooks_received",
+        Counter::WebhooksAccepted => "voice_limit_guard.webhooks_accepted",
+        Counter::WebhooksRefused => "voice_limit_guard.webhooks_refused",
+        Counter::WebhooksUnreadable => "voice_limit_guard.webhooks_unreadable",
+        Counter::LivekitLookupsAvoided => "voice_limit_guard.livekit_lookups_avoided",
     }
 }
 
@@ -120,8 +126,16 @@ fn log_refusal(now_ms: u64, line: &str) {
 }
 
 /// The host's shared data, plus the gauges that account for what the guard keeps there.
-struct HostStore {
+pub(crate) struct HostStore {
     metrics: Rc<Metrics>,
+}
+
+impl HostStore {
+    pub(crate) fn new(metrics: &Rc<Metrics>) -> HostStore {
+        HostStore {
+            metrics: Rc::clone(metrics),
+        }
+    }
 }
 
 impl SharedStore for HostStore {
@@ -237,7 +251,7 @@ fn bucket_seed() -> u64 {
     read().unwrap_or(drawn)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -389,6 +403,7 @@ impl RootContext for GuardRoot {
             config: Rc::clone(config),
             metrics: Rc::clone(metrics),
             stream: None,
+            webhook: None,
         }))
     }
 
@@ -520,6 +535,8 @@ struct GuardStream {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     stream: Option<Rc<RefCell<Stream>>>,
+    /// A LiveKit webhook on its way.
+    webhook: Option<WebhookStream>,
 }
 
 impl GuardStream {
@@ -576,6 +593,12 @@ impl GuardStream {
 
 impl HttpContext for GuardStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Some((webhook, action)) =
+            WebhookStream::start(&self.config, &self.metrics, end_of_stream)
+        {
+            self.webhook = Some(webhook);
+            return action;
+        }
         let Some(route) = token_route(end_of_stream, |path| self.config.route_of(path)) else {
             return Action::Continue;
         };
@@ -613,6 +636,9 @@ impl HttpContext for GuardStream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(webhook) = &mut self.webhook {
+            return webhook.on_body(body_size, end_of_stream);
+        }
         let Some(stream) = self.unread_request() else {
             return match self.pending() {
                 // A MatrixRTC request whose decision is pending stays held.
@@ -635,6 +661,9 @@ impl HttpContext for GuardStream {
     /// HTTP/2 and HTTP/3 requests (and HTTP/1.1 chunked ones) may end with trailers instead
     /// of a last body frame: the buffered body is complete here.
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Some(webhook) = &mut self.webhook {
+            return webhook.on_trailers();
+        }
         let Some(stream) = self.unread_request() else {
             return match self.pending() {
                 Some(stream) if stream.borrow().holds_request() => Action::Pause,

@@ -35,7 +35,7 @@ pub mod openid;
 pub mod presence;
 pub mod reply;
 mod room_record;
-mod room_view;
+pub mod room_view;
 pub mod route;
 pub mod rtc_request;
 pub mod store;
@@ -46,8 +46,11 @@ mod test_support;
 pub mod token_request;
 pub mod upstream;
 pub mod watch;
+pub mod webhook;
 
 #[cfg(target_os = "wasi")]
 mod edge;
 #[cfg(target_os = "wasi")]
 mod host;
+#[cfg(target_os = "wasi")]
+mod webhook_host;

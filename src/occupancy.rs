@@ -111,6 +111,8 @@ pub struct Request<'a> {
     /// With LiveKit's webhooks read (`webhooks.verify_seconds`, 0: not read): how long a list
     /// verifies the room's view.
     pub verify_ms: u64,
+    /// The last doubt on every view ([`crate::room_view::doubt_since`]).
+    pub doubt_ms: u64,
     pub now_ms: u64,
     /// The admission is taken before lk-jwt-service has answered: its reservation is marked so
     /// that it can be undone ([`release`]) should lk-jwt-service refuse the token.
@@ -425,12 +427,14 @@ impl RoomRecord {
                 }
                 if q.verify_ms > 0 {
                     // With the events that arrived since it was taken.
-                    listed = self.merge_list(&listed, sessions, taken_ms, q.verify_ms);
+                    listed = self.merge_list(&listed, sessions, taken_ms);
                 }
                 Some((listed, taken_ms))
             }
             Participants::Cached => match &self.w {
-                Some(view) if q.verify_ms > 0 && view.verified(q.now_ms) => {
+                Some(view)
+                    if q.verify_ms > 0 && view.verified(q.now_ms, q.verify_ms, q.doubt_ms) =>
+                {
                     Some((view.listed(), ON_VIEW))
                 }
                 _ => self.p.as_ref().map(|p| {
@@ -625,7 +629,7 @@ impl RoomRecord {
     /// Brings the record within `budget` bytes, dropping first what only saves work or
     /// weakens no limit: the cached list and the view, lapses, then pairings of identities not seen
     /// connected (oldest first; never `keep`, the identity being admitted). Whether it fits.
-    fn fit(&mut self, budget: usize, keep: &str) -> bool {
+    pub(crate) fn fit(&mut self, budget: usize, keep: &str) -> bool {
         let mut size = self.size();
         if size <= budget {
             return true;

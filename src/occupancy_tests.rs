@@ -30,6 +30,7 @@ fn question<'a>(
         reservation_ms: 30_000,
         list_cache_ms: 0,
         verify_ms: 0,
+        doubt_ms: 0,
         releasable: false,
         exempt: false,
         unverified: false,

@@ -5,7 +5,7 @@
 //! Events are applied only to rooms the guard keeps a record of (rooms with a limit that
 //! someone asked a token for): every other room's events cost a read of shared data.
 
-use crate::occupancy::{user_named_by, BUCKETS};
+use crate::occupancy::{user_named_by, BUCKETS, MAX_PAIRING_MS, ROOM_BUDGET};
 use crate::room_record::RoomRecord;
 use crate::room_view::{Presence, View};
 use crate::store::{digest, Change, SharedStore, StoreError};
@@ -50,6 +50,8 @@ pub fn observe(
         if !record.take_event(event, now_ms) {
             return (Change::Keep, Applied::Known);
         }
+        // Past the room's budget, the view goes first: decisions then ask LiveKit.
+        record.fit(ROOM_BUDGET, "");
         let change = if record.is_empty() {
             Change::Remove
         } else {
@@ -77,22 +79,18 @@ impl RoomRecord {
         if !view.apply(&identity_digest, &named, session, presence, now) {
             return false;
         }
-        let pairing = self.i.iter_mut().find(|p| p.identity == identity_digest);
-        if presence == Presence::Left {
-            // Gone, but its token may bring it back: no longer counted as seen.
-            if let Some(p) = pairing {
+        if let Some(p) = self.i.iter_mut().find(|p| p.identity == identity_digest) {
+            if presence == Presence::Left {
+                // Gone, but its token may bring it back: no longer counted as seen.
                 p.seen = 0;
+            } else {
+                p.seen = now.max(1);
+                p.until = p.until.max(now.saturating_add(MAX_PAIRING_MS));
             }
-            return true;
         }
-        if let Some(p) = pairing {
-            p.seen = now.max(1);
-            p.until = p
-                .until
-                .max(now.saturating_add(crate::occupancy::MAX_PAIRING_MS));
-        }
-        // Connected after the user's latest admission: the token that admission let through
-        // may be this one, and the user now counts by being connected.
+        // A session that began after the user's latest admission (joined, or already left:
+        // events may come in any order): the token that admission let through may be this
+        // one, used. The user counts by being connected, or no more.
         let user = self.user_of(&identity_digest, Some(&named));
         if let Some(n) = self
             .r
@@ -100,20 +98,19 @@ impl RoomRecord {
             .position(|res| res.user == user && res.since < session)
         {
             self.r.remove(n);
-            self.depart(user, now, now);
+            // A list taken after the session began shows it, while it lasts.
+            self.depart(user, session.min(now), now);
         }
         true
     }
 
-    /// Merges a fresh list (taken at `taken`) into the view, which it verifies for
-    /// `verify_ms`; what the view then shows connected: the list, with what events told since
-    /// it was taken.
+    /// Merges a fresh list (taken at `taken`) into the view, which it verifies; what the view
+    /// then shows connected: the list, with what events told since it was taken.
     pub(crate) fn merge_list(
         &mut self,
         listed: &[(String, Option<String>)],
         sessions: &[u64],
         taken: u64,
-        verify_ms: u64,
     ) -> Vec<(String, Option<String>)> {
         let members: Vec<(&str, &str, u64)> = listed
             .iter()
@@ -128,7 +125,7 @@ impl RoomRecord {
             })
             .collect();
         let view = self.w.get_or_insert_with(View::default);
-        view.merge(&members, taken, taken.saturating_add(verify_ms));
+        view.merge(&members, taken);
         view.listed()
     }
 

@@ -19,6 +19,7 @@ fn on_record<'a>(requester: &'a str, identity: &'a str, now_ms: u64) -> Request<
         reservation_ms: 30_000,
         list_cache_ms: 0,
         verify_ms: VERIFY_MS,
+        doubt_ms: 0,
         now_ms,
         releasable: false,
         exempt: false,
@@ -216,4 +217,37 @@ fn unguarded_rooms_and_finished_rooms() {
     );
     // Nothing is known of the room now but what a list says.
     assert_eq!(ask(&store, "@c:x", "@c:x:D", 3_000), None);
+}
+
+#[test]
+fn a_leave_heard_before_its_join_ends_the_reservation_of_the_session() {
+    let store = MemoryStore::default();
+    assert!(ask_listing(&store, &["@alice:x:D"], "@bob:x", "H-bob", 1_000).admitted);
+    // Bob's session (after his admission) ended; its join arrives last.
+    event(&store, "H-bob", 1_500, Presence::Left, 3_000);
+    event(&store, "H-bob", 1_500, Presence::Joined, 3_100);
+    let carol = ask(&store, "@carol:x", "H-carol", 4_000).unwrap();
+    assert!(carol.admitted && carol.on_view);
+}
+
+#[test]
+fn a_view_past_the_rooms_budget_is_dropped_and_the_room_asked_again() {
+    let store = MemoryStore::default();
+    ask_listing(&store, &["@a:x:D", "@b:x:D"], "@c:x", "@c:x:D", 1_000);
+    for n in 0..2_000u64 {
+        event(
+            &store,
+            &format!("flood-{n}"),
+            n + 1,
+            Presence::Joined,
+            2_000 + n,
+        );
+    }
+    let record = crate::occupancy::BUCKETS.get(&store, ROOM, 5_000);
+    assert!(record.map_or(0, |r| r.size()) <= crate::occupancy::ROOM_BUDGET);
+    assert_eq!(
+        ask(&store, "@c:x", "@c:x:D", 5_000),
+        None,
+        "no view: a list is asked for"
+    );
 }

@@ -263,7 +263,7 @@ mod tests {
         let viewed: RoomRecord =
             serde_json::from_str(r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]]]]"#).unwrap();
         let view = viewed.w.as_ref().unwrap();
-        assert_eq!((view.verified_until, view.members[0].gone), (9, true));
+        assert_eq!((view.listed, view.members[0].gone), (9, true));
         assert_eq!(
             serde_json::to_string(&viewed).unwrap(),
             r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]]]]"#

@@ -11,9 +11,13 @@
 //! LiveKit drops an event when it cannot deliver it (its queue per room and URL holds 200
 //! events for 30 s; a send is tried five times) and says nothing of it, so a view is trusted
 //! for decisions only while it is verified: a list was merged in less than
-//! `webhooks.verify_seconds` ago.
+//! `webhooks.verify_seconds` ago, and after the last *doubt*: a webhook that LiveKit signed
+//! but the guard could not read puts every view in doubt ([`doubt`]), as it may have been
+//! about any room.
 
 use serde::Deserialize;
+
+use crate::store::SharedStore;
 
 /// One participant identity (its [`crate::store::digest`]).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -30,11 +34,11 @@ pub struct Member {
     pub at: u64,
 }
 
-/// A room's view. Stored as `[verified_until, members]`.
+/// A room's view. Stored as `[listed, members]`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct View {
-    /// Decisions may rest on it until then (the last list merged, plus the verify time).
-    pub verified_until: u64,
+    /// When the newest list merged in was taken: it verifies the view for the verify time.
+    pub listed: u64,
     pub members: Vec<Member>,
 }
 
@@ -45,10 +49,7 @@ crate::room_record::as_array!(Member {
     gone,
     at
 });
-crate::room_record::as_array!(View {
-    verified_until,
-    members
-});
+crate::room_record::as_array!(View { listed, members });
 
 /// How long the end of a session is remembered, so that a late or replayed `participant_joined`
 /// of it does not bring it back: longer than LiveKit's webhook signatures are valid (5 min).
@@ -66,6 +67,42 @@ impl Member {
             session,
             gone,
             at,
+        }
+    }
+}
+
+/// The longest `webhooks.verify_seconds`.
+pub const MAX_VERIFY_MS: u64 = 3600 * 1000;
+
+/// The shared data key of the time of the last doubt.
+const DOUBT_KEY: &str = "voice_limit_guard.webhook_doubt";
+
+/// When the last doubt was (ms; 0: never): views listed before it are not verified.
+pub fn doubt_since(store: &dyn SharedStore) -> u64 {
+    store
+        .get(DOUBT_KEY)
+        .and_then(|(bytes, _)| std::str::from_utf8(&bytes).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Puts every view in doubt at `now`: a list taken after it verifies a view again.
+pub fn doubt(store: &dyn SharedStore, now: u64) {
+    for _ in 0..8 {
+        let (since, cas) = match store.get(DOUBT_KEY) {
+            Some((bytes, cas)) => {
+                let since = std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|t| t.parse().ok());
+                (since.unwrap_or(0), Some(cas))
+            }
+            None => (0, None),
+        };
+        if since >= now
+            || store
+                .set(DOUBT_KEY, now.to_string().as_bytes(), cas)
+                .is_ok()
+        {
+            return;
         }
     }
 }
@@ -99,9 +136,10 @@ impl View {
             .collect()
     }
 
-    /// Whether decisions may rest on the view at `now`.
-    pub fn verified(&self, now: u64) -> bool {
-        self.verified_until > now
+    /// Whether decisions may rest on the view at `now`: a list verified it less than
+    /// `verify_ms` ago, and after the last doubt (`doubt_ms`, see [`doubt`]).
+    pub fn verified(&self, now: u64, verify_ms: u64, doubt_ms: u64) -> bool {
+        self.listed > doubt_ms && self.listed.saturating_add(verify_ms) > now
     }
 
     /// Takes in what an event says of `identity`'s (named user `user`) session `session`,
@@ -133,9 +171,8 @@ impl View {
     }
 
     /// Merges a list taken at `taken` (identity and named user digests, and sessions): it
-    /// replaces what was learnt before it was taken, and leaves what was learnt since. The
-    /// view is then verified until `verified_until` at least.
-    pub fn merge(&mut self, listed: &[(&str, &str, u64)], taken: u64, verified_until: u64) {
+    /// replaces what was learnt before it was taken, and leaves what was learnt since.
+    pub fn merge(&mut self, listed: &[(&str, &str, u64)], taken: u64) {
         self.members.retain(|m| m.at > taken);
         for (identity, user, session) in listed {
             if !self.members.iter().any(|m| m.identity == *identity) {
@@ -143,14 +180,15 @@ impl View {
                 self.members.push(member);
             }
         }
-        self.verified_until = self.verified_until.max(verified_until);
+        self.listed = self.listed.max(taken);
     }
 
-    /// When nothing in the view matters any more: its verification is over and its newest
-    /// entry is as old as a tombstone lives.
+    /// When nothing in the view matters any more: no verify time reaches past it, and its
+    /// newest entry is as old as a tombstone lives.
     pub fn expires_at(&self) -> u64 {
         let newest = self.members.iter().map(|m| m.at).max().unwrap_or(0);
-        self.verified_until.max(newest.saturating_add(TOMBSTONE_MS))
+        let verified = self.listed.saturating_add(MAX_VERIFY_MS);
+        verified.max(newest.saturating_add(TOMBSTONE_MS))
     }
 
     /// Forgets the ends of sessions too old to be heard of again.
@@ -198,18 +236,34 @@ mod tests {
         view.apply("left-late", "left-late", 3, Presence::Left, 300);
         // Taken at 200: shows "left-late" and "other", not "early" nor "late".
         let listed = [("left-late", "left-late", 3), ("other", "@o:x", 4)];
-        view.merge(&listed, 200, 60_200);
+        view.merge(&listed, 200);
         let mut now = connected(&view);
         now.sort_unstable();
         assert_eq!(now, ["late", "other"]);
-        assert!(view.verified(60_199));
-        assert!(!view.verified(60_200));
+        assert!(view.verified(60_199, 60_000, 0));
+        assert!(!view.verified(60_200, 60_000, 0));
+        assert!(!view.verified(1_000, 60_000, 200));
         // An older list changes no member learnt after it, and shortens nothing.
-        view.merge(&[], 150, 1_000);
+        view.merge(&[], 150);
         let mut now = connected(&view);
         now.sort_unstable();
         assert_eq!(now, ["late", "other"]);
-        assert!(view.verified(60_199));
+        assert!(view.verified(60_199, 60_000, 0));
+    }
+
+    #[test]
+    fn a_doubt_unverifies_every_view_listed_before_it() {
+        let store = crate::store::MemoryStore::default();
+        assert_eq!(doubt_since(&store), 0);
+        let mut view = View::default();
+        view.merge(&[], 1_000);
+        assert!(view.verified(2_000, 60_000, doubt_since(&store)));
+        doubt(&store, 1_500);
+        doubt(&store, 1_200); // an earlier doubt changes nothing
+        assert_eq!(doubt_since(&store), 1_500);
+        assert!(!view.verified(2_000, 60_000, doubt_since(&store)));
+        view.merge(&[], 1_600);
+        assert!(view.verified(2_000, 60_000, doubt_since(&store)));
     }
 
     #[test]

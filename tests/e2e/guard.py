@@ -45,7 +45,9 @@ GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_h
                                       "released_reservations", "token_mismatches",
                                       "unverified_requesters", "oversized_requests",
                                       "cooling_refusals", "capacity_refusals",
-                                      "lookups_over_budget")))
+                                      "lookups_over_budget", "webhooks_received",
+                                      "webhooks_accepted", "webhooks_refused",
+                                      "webhooks_unreadable", "livekit_lookups_avoided")))
 
 CHANNEL_FULL = b'{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}'
 

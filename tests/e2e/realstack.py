@@ -64,11 +64,14 @@ class LiveKitServer(OnLoopback):
     """A real LiveKit server (single node, no Redis) on 127.0.0.1."""
 
     def __init__(self, key: str = LIVEKIT_KEY, secret: str = LIVEKIT_SECRET,
-                 run_dir: str | os.PathLike | None = None, name: str = "livekit", port: int = 0):
-        """``port``: the HTTP/WebSocket port (0: a free one)."""
+                 run_dir: str | os.PathLike | None = None, name: str = "livekit", port: int = 0,
+                 webhook_urls: list[str] | None = None):
+        """``port``: the HTTP/WebSocket port (0: a free one). ``webhook_urls``: where LiveKit
+        posts its webhooks, signed with ``key``."""
         self.dir = run_dir_for(name, run_dir)
         self.key = key
         self.secret = secret
+        self.webhook_urls = list(webhook_urls or [])
         self.fixed_port = port
         self.port = 0
         self.process: Process | None = None
@@ -90,6 +93,8 @@ class LiveKitServer(OnLoopback):
             "room": {"auto_create": True, "empty_timeout": 60, "departure_timeout": 1},
             "logging": {"level": "info", "json": False},
         }
+        if self.webhook_urls:
+            config["webhook"] = {"api_key": self.key, "urls": self.webhook_urls}
         path = self.dir / "livekit.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.process = Process("livekit", [LIVEKIT_BIN, "--config", path],
@@ -263,6 +268,87 @@ def shut(server: _Server | None) -> None:
         server.server_close()
 
 
+class WebhookRelay:
+    """Where the session's LiveKit posts its webhooks: each is passed on byte for byte (body,
+    ``Authorization``, ``Content-Type``) to ``target`` (the Envoy under test, a URL with the path
+    to post to), and LiveKit gets the target's status (so it retries on a 5xx as it would).
+    Without a target a webhook is answered 200 and dropped.
+
+    Every webhook is recorded (``seen``: ``(event name, headers, body)``) so that a test can
+    replay one; with ``holding`` set they are kept back (``held``) instead of passed on, for
+    :meth:`release` in any order; with ``dropping`` set they are lost."""
+
+    def __init__(self) -> None:
+        self.target: str | None = None
+        self.holding = False
+        self.dropping = False
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        self.held: list[tuple[str, dict[str, str], bytes]] = []
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}/sfu_webhook"
+
+    def start(self) -> "WebhookRelay":
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type")}
+                try:
+                    event = json.loads(body).get("event", "")
+                except ValueError:
+                    event = ""
+                webhook = (event, headers, body)
+                with relay._lock:
+                    relay.seen.append(webhook)
+                    hold, drop = relay.holding, relay.dropping
+                    if hold:
+                        relay.held.append(webhook)
+                status = 200 if hold or drop else relay.send(webhook)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = serve(Handler)
+        return self
+
+    def send(self, webhook: tuple[str, dict[str, str], bytes]) -> int:
+        """Pass one webhook on to the target as LiveKit sent it; the target's status."""
+        if self.target is None:
+            return 200
+        _, headers, body = webhook
+        try:
+            return requests.post(self.target, data=body, headers=headers, timeout=10).status_code
+        except requests.RequestException:
+            return 502
+
+    def release(self, reverse: bool = False) -> list[int]:
+        """Pass on the webhooks held back (newest first with ``reverse``); stop holding."""
+        with self._lock:
+            held, self.held, self.holding = self.held, [], False
+        return [self.send(webhook) for webhook in (reversed(held) if reverse else held)]
+
+    def reset(self, target: str | None = None) -> None:
+        with self._lock:
+            self.target, self.holding, self.dropping = target, False, False
+            self.seen.clear()
+            self.held.clear()
+
+    def stop(self) -> None:
+        shut(self._server)
+
+
 class LiveKitAPIProxy:
     """What the guard reaches as LiveKit: a pass-through to the real server's HTTP API that
     counts ``ListParticipants`` calls and can hold each answer back (``delay_ms``), for tests
@@ -344,7 +430,9 @@ class RealStandIns:
         self.key, self.secret = key, secret
         self.synapse_server_name, self.synapse_url = synapse_server_name, synapse_url
         self.appservice = appservice
-        self.livekit = LiveKitServer(key, secret, name=f"{name}-livekit")
+        self.webhooks = WebhookRelay()
+        self.livekit = LiveKitServer(key, secret, name=f"{name}-livekit",
+                                     webhook_urls=[self.webhooks.start().url])
         self.proxy = LiveKitAPIProxy(self.livekit)
         self.clients = LiveKitClients(name=f"{name}-clients")
         self.homeservers = {synapse_server_name: synapse_url}
@@ -370,7 +458,7 @@ class RealStandIns:
         return self
 
     def stop(self) -> None:
-        for part in (self.jwt, self.clients, self.proxy, self.livekit):
+        for part in (self.jwt, self.clients, self.proxy, self.livekit, self.webhooks):
             if part is not None:
                 part.stop()
 
@@ -462,6 +550,7 @@ class RealStandIns:
             room.clear()
         self.rooms.clear()
         self.proxy.delay_ms = 0
+        self.webhooks.reset()
 
 
 class ForeignHomeserver:

@@ -29,9 +29,10 @@
 // 200 {"jwt"}: identity b64(sha256(json [user_id, member_id])), room b64(sha256(json
 // [room_id, slot_id])).
 //
-// Routes served always: POST /sfu/get and /get_token (legacy, OpenID), GET /healthz, and
-// GET /stats: {"requests": {route: N}, "issued": {"client", "federation", "legacy"},
-// "create_room": {"client", "federation"}, "create_room_failed": {...}}.
+// Routes served always: POST /sfu/get and /get_token (legacy, OpenID), POST /sfu_webhook
+// (LiveKit's webhooks, signature checked), GET /healthz, and GET /stats: {"requests": {route:
+// N}, "issued": {"client", "federation", "legacy"}, "create_room": {"client", "federation"},
+// "create_room_failed": {...}, "webhooks": {"accepted", "refused"}}.
 package main
 
 import (
@@ -192,6 +193,7 @@ func main() {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/sfu/get", s.token)
 	mux.HandleFunc("/get_token", s.token)
+	mux.HandleFunc("/sfu_webhook", s.sfuWebhook)
 	mux.HandleFunc("/stats", s.stats.serve)
 	if s.as != nil {
 		s.routeAppservice(mux)

@@ -12,13 +12,14 @@ type counters map[string]int
 
 // stats is what the service did, served on GET /stats so that tests can check its side
 // effects: requests that reached a route, tokens issued, CreateRoom calls made to LiveKit
-// and those of them that failed.
+// and those of them that failed, LiveKit webhooks accepted and refused.
 type stats struct {
 	mu               sync.Mutex
 	Requests         counters `json:"requests"`
 	Issued           counters `json:"issued"`
 	CreateRoom       counters `json:"create_room"`
 	CreateRoomFailed counters `json:"create_room_failed"`
+	Webhooks         counters `json:"webhooks"`
 }
 
 func newStats() *stats {
@@ -27,6 +28,7 @@ func newStats() *stats {
 		Issued:           counters{"client": 0, "federation": 0, "legacy": 0},
 		CreateRoom:       counters{"client": 0, "federation": 0},
 		CreateRoomFailed: counters{"client": 0, "federation": 0},
+		Webhooks:         counters{"accepted": 0, "refused": 0},
 	}
 }
 

@@ -1,0 +1,109 @@
+//! The host adapter of LiveKit's webhooks ([`crate::webhook`]): a POST to `webhooks.path` is
+//! read as it streams past, never held, and goes on to lk-jwt-service unchanged; with
+//! `webhooks.answer` the guard holds it and answers it itself (200, or 401 for a webhook
+//! without LiveKit's signature), and nothing reaches the upstream.
+
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{Action, BufferType, MapType};
+
+use crate::config::Config;
+use crate::host::{buffer, header, now_ms, HostStore, Metrics};
+use crate::webhook::{self, Intake, Received};
+
+pub struct WebhookStream {
+    /// Until the body is complete.
+    intake: Option<Intake>,
+    answer: bool,
+    metrics: Rc<Metrics>,
+}
+
+impl WebhookStream {
+    /// A stream for the request whose headers are being read, if it is a webhook: a POST to
+    /// the webhook path. A webhook without a body is taken at once.
+    pub fn start(
+        config: &Config,
+        metrics: &Rc<Metrics>,
+        end_of_stream: bool,
+    ) -> Option<(WebhookStream, Action)> {
+        let webhooks = config.webhooks.as_ref()?;
+        if header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
+            return None;
+        }
+        let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        if !config.is_webhook_path(&String::from_utf8_lossy(&path)) {
+            return None;
+        }
+        let authorization = header(MapType::HttpRequestHeaders, "authorization");
+        let intake = Intake::new(
+            authorization.as_deref(),
+            config.livekit.api_key.expose(),
+            config.livekit.api_secret.expose(),
+            now_ms() / 1000,
+        );
+        let mut stream = WebhookStream {
+            intake: Some(intake),
+            answer: webhooks.answer,
+            metrics: Rc::clone(metrics),
+        };
+        let action = if end_of_stream {
+            stream.finish()
+        } else if stream.answer {
+            Action::Pause // held until the body is complete, then answered
+        } else {
+            Action::Continue
+        };
+        Some((stream, action))
+    }
+
+    pub fn on_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(intake) = &mut self.intake else {
+            return Action::Continue;
+        };
+        if !self.answer {
+            // Each part goes on as it comes: the buffer holds just this part.
+            intake.feed(&buffer(BufferType::HttpRequestBody, body_size));
+            return if end_of_stream {
+                self.finish()
+            } else {
+                Action::Continue
+            };
+        }
+        if !end_of_stream {
+            return Action::Pause; // buffered by the host until the end
+        }
+        intake.feed(&buffer(BufferType::HttpRequestBody, body_size));
+        self.finish()
+    }
+
+    /// A body that ends with trailers is complete here.
+    pub fn on_trailers(&mut self) -> Action {
+        if self.answer {
+            if let Some(intake) = &mut self.intake {
+                intake.feed(&buffer(BufferType::HttpRequestBody, usize::MAX));
+            }
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Action {
+        let Some(intake) = self.intake.take() else {
+            return Action::Continue;
+        };
+        let received = intake.finish();
+        let store = HostStore::new(&self.metrics);
+        for counter in webhook::settle(&received, &store, now_ms()) {
+            self.metrics.count(counter);
+        }
+        if !self.answer {
+            return Action::Continue;
+        }
+        let status = match received {
+            Received::Refused(_) => 401,
+            Received::Read(_) | Received::Unreadable(_) => 200,
+        };
+        let _ = hostcalls::send_http_response(status, vec![("content-length", "0")], None);
+        Action::Pause
+    }
+}
