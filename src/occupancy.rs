@@ -301,11 +301,13 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     let mut occupied = present.clone();
     occupied.extend(record.r.iter().map(|res| res.user.as_str()));
     // Gone from the reservations after this list was taken: it may predate their connection.
+    // (On the view, unless an event of the user arrived since: LiveKit sends a room's events
+    // in order, so a connection before the departure was heard of first.)
     occupied.extend(
         record
             .d
             .iter()
-            .filter(|d| d.at >= taken)
+            .filter(|d| d.at >= taken && !(on_view && record.heard_of_since(&d.user, d.at)))
             .map(|d| d.user.as_str()),
     );
     let counted = occupied.contains(requester.as_str());

@@ -129,6 +129,20 @@ impl RoomRecord {
         view.listed()
     }
 
+    /// Whether the view learnt of `user` (a digest) at `at` or later.
+    pub(crate) fn heard_of_since(&self, user: &str, at: u64) -> bool {
+        self.w.as_ref().is_some_and(|view| {
+            view.members.iter().any(|m| {
+                let named = if m.user.is_empty() {
+                    &m.identity
+                } else {
+                    &m.user
+                };
+                m.at >= at && self.user_of(&m.identity, Some(named)) == user
+            })
+        })
+    }
+
     /// Drops the view's old tombstones, and the view itself once it is unverified and nothing
     /// in it is recent.
     pub(crate) fn forget_view_past(&mut self, now: u64) {

@@ -251,3 +251,14 @@ fn a_view_past_the_rooms_budget_is_dropped_and_the_room_asked_again() {
         "no view: a list is asked for"
     );
 }
+
+#[test]
+fn a_departure_the_view_heard_of_since_holds_no_place() {
+    let store = MemoryStore::default();
+    assert!(ask_listing(&store, &["@alice:x:D"], "@bob:x", "H-bob", 1_000).admitted);
+    // Bob joins and leaves within a second: his leave frees the place at once.
+    event(&store, "H-bob", 1_100, Presence::Joined, 1_200);
+    event(&store, "H-bob", 1_100, Presence::Left, 1_900);
+    let carol = ask(&store, "@carol:x", "H-carol", 1_901).unwrap();
+    assert!(carol.admitted && carol.on_view);
+}

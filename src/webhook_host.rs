@@ -47,10 +47,10 @@ impl WebhookStream {
             answer: webhooks.answer,
             metrics: Rc::clone(metrics),
         };
+        // The headers go on in both modes: a pause here would stall the stream in hosts that
+        // leave `allow_on_headers_stop_iteration` off.
         let action = if end_of_stream {
             stream.finish()
-        } else if stream.answer {
-            Action::Pause // held until the body is complete, then answered
         } else {
             Action::Continue
         };
