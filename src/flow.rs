@@ -50,6 +50,7 @@ use crate::livekit_names::{requester_of_identity, room_alias};
 use crate::lookup::{self, Settled};
 use crate::occupancy::{self, Outcome};
 use crate::openid::Userinfo;
+use crate::presence;
 use crate::reply::{self, LocalReply};
 use crate::room_view;
 use crate::route::Route;
@@ -1133,6 +1134,12 @@ impl Admission {
     }
 
     fn ask_livekit_now(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
+        if env.config.webhooks.is_some() {
+            // Events arriving while the list is on its way are kept for it.
+            if let Err(e) = presence::open(env.store, room, env.now_ms()) {
+                log::debug!("room view not opened for LiveKit room {}: {e}", clip(room));
+            }
+        }
         let cfg = &env.config.livekit;
         let request = livekit::list_request(
             room,

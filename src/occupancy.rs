@@ -274,10 +274,9 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     let mut connected = BTreeSet::new();
     connected.extend(listed.iter().map(|(d, _)| d.as_str()));
     // The view is up to date as its events arrived: its sightings and the reservations they
-    // ended were recorded then ([`crate::presence`]). A departure is counted for the time an
-    // event takes to arrive.
+    // ended were recorded then ([`crate::presence`]). Its departures are weighed below.
     let taken = if on_view {
-        now.saturating_sub(VIEW_LAG_MS)
+        0
     } else {
         record.note_connected(&connected, taken);
         taken
@@ -301,15 +300,23 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     let mut occupied = present.clone();
     occupied.extend(record.r.iter().map(|res| res.user.as_str()));
     // Gone from the reservations after this list was taken: it may predate their connection.
-    // (On the view, unless an event of the user arrived since: LiveKit sends a room's events
-    // in order, so a connection before the departure was heard of first.)
-    occupied.extend(
+    // On the view, unless a list taken since was merged into it, or the view knows of a
+    // session of the user that began since; else their connection may be an event still on
+    // its way (LiveKit may take 45 s to deliver one).
+    let view_listed = record.w.as_ref().map_or(0, |w| w.listed);
+    let mut departed = BTreeSet::new();
+    departed.extend(
         record
             .d
             .iter()
-            .filter(|d| d.at >= taken && !(on_view && record.heard_of_since(&d.user, d.at)))
+            .filter(|d| {
+                d.at >= taken
+                    && !(on_view && (view_listed > d.at || record.session_since(&d.user, d.at)))
+            })
             .map(|d| d.user.as_str()),
     );
+    let in_doubt = departed.iter().any(|u| !occupied.contains(u));
+    occupied.extend(departed);
     let counted = occupied.contains(requester.as_str());
     let reserved = record.r.iter().any(|res| res.user == requester);
     let listed = present.contains(requester.as_str());
@@ -335,9 +342,11 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     } else {
         None
     };
-    if refusal.is_some() && !on_view && matches!(q.participants, Participants::Cached) {
-        // A refusal is decided on a fresh list only: users who left since the list was taken
-        // would otherwise keep their places, and a user refused would never see why not.
+    if refusal.is_some() && matches!(q.participants, Participants::Cached) && (!on_view || in_doubt)
+    {
+        // A refusal is decided on a fresh list only (or on the view, with no one counted for
+        // an event that may be on its way): users who left since the list was taken would
+        // otherwise keep their places, and a user refused would never see why not.
         return None;
     }
     let mut verdict = Verdict {
@@ -375,9 +384,6 @@ type Listed = Vec<(String, Option<String>)>;
 
 /// The time [`RoomRecord::take_list`] gives the room's view: it is as new as its events.
 const ON_VIEW: u64 = u64::MAX;
-/// How long after an event happened it may still be on its way: a departure is counted this
-/// long on the view (a user whose reservation lapsed may have connected just before).
-pub const VIEW_LAG_MS: u64 = 2000;
 
 impl RoomRecord {
     /// Drops what no decision from `now` on needs. Reservations are settled with a list
@@ -385,8 +391,11 @@ impl RoomRecord {
     fn forget_past(&mut self, now: u64) {
         self.forget_view_past(now);
         self.i.retain(|p| p.until > now);
-        self.d
-            .retain(|d| d.at.saturating_add(MAX_LIST_AGE_MS) > now);
+        let d = std::mem::take(&mut self.d);
+        self.d = d
+            .into_iter()
+            .filter(|d| self.departure_matters(d.at, now))
+            .collect();
         self.l
             .retain(|l| l.cooling_until.saturating_add(LAPSE_MEMORY_MS) > now);
         if self.p.as_ref().is_some_and(|p| {
@@ -528,8 +537,15 @@ impl RoomRecord {
         }
     }
 
+    /// Whether a departure at `at` may still be needed: by a list taken before it (one older
+    /// than [`MAX_LIST_AGE_MS`] is asked for again), or by the room's view while no list taken
+    /// since was merged into it (the connection of the user may be an event on its way).
+    fn departure_matters(&self, at: u64, now: u64) -> bool {
+        at.saturating_add(MAX_LIST_AGE_MS) > now || self.w.as_ref().is_some_and(|w| w.listed <= at)
+    }
+
     pub(crate) fn depart(&mut self, user: String, at: u64, now: u64) {
-        if at.saturating_add(MAX_LIST_AGE_MS) <= now {
+        if !self.departure_matters(at, now) {
             return;
         }
         match self.d.iter_mut().find(|d| d.user == user) {

@@ -1,4 +1,6 @@
 use super::*;
+use crate::presence::RoomEvent;
+use crate::room_view::Presence;
 use crate::store::MemoryStore;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -132,6 +134,8 @@ mod orders {
     const USERS: [&str; 6] = ["@a:x", "@b:x", "@c:x", "@d:x", "@e:x", "@f:x"];
     const RESERVATION_MS: u64 = 30_000;
     const START_MS: u64 = 1_000_000_000;
+    /// How long a webhook's signature is valid (LiveKit signs for five minutes).
+    const SIGNATURE_MS: u64 = 5 * 60 * 1000;
 
     /// Users 0-3 join under `<user>:D` identities, 4-5 under hashed ones the guard learns.
     fn identity(user: usize) -> String {
@@ -154,6 +158,11 @@ mod orders {
         Leave(usize),
         Tick(u64),
         Back(u64),
+        /// With webhooks: the n-th of LiveKit's events in flight reaches the guard.
+        Deliver(usize),
+        /// With webhooks: the n-th event delivered reaches the guard again (LiveKit's retry,
+        /// or a replay while its signature is valid).
+        Replay(usize),
     }
 
     fn event() -> impl Strategy<Value = Event> {
@@ -173,6 +182,8 @@ mod orders {
             ]
             .prop_map(Event::Tick),
             1 => prop_oneof![Just(1u64), Just(5_000), Just(RESERVATION_MS)].prop_map(Event::Back),
+            4 => (0..6usize).prop_map(Event::Deliver),
+            1 => (0..6usize).prop_map(Event::Replay),
         ]
     }
 
@@ -198,7 +209,20 @@ mod orders {
         /// The last time each user was seen connected at the end of a step.
         last_connected: BTreeMap<usize, u64>,
         /// Requests waiting for their list: (user, taken at, the users it shows).
-        waiting: Vec<(usize, u64, BTreeMap<usize, bool>)>,
+        waiting: Vec<(usize, u64, Shown)>,
+        /// Each connected user's session (when they connected).
+        sessions: BTreeMap<usize, u64>,
+        /// LiveKit's events not yet delivered, in any order: (user, session, left, when sent).
+        in_flight: Vec<(usize, u64, bool, u64)>,
+        /// Events delivered, and when (for replays).
+        delivered: Vec<(usize, u64, bool, u64)>,
+        /// With webhooks, the lists decided on: when taken, and whom they showed.
+        lists: Vec<(u64, BTreeSet<usize>)>,
+        /// Users who connected since their latest admission. With webhooks, they connect
+        /// again only with a new admission: a reconnection on a token already used is counted
+        /// once its event arrives, and I1 does not cover what the guard admitted meanwhile
+        /// (see docs/security.md).
+        had_session: BTreeSet<usize>,
     }
 
     impl Model {
@@ -225,15 +249,21 @@ mod orders {
         }
 
         /// Asks LiveKit for the list now.
-        fn take_list(&self) -> (u64, BTreeMap<usize, bool>) {
-            (self.now, self.connected.clone())
+        fn take_list(&self) -> (u64, Shown) {
+            let shown = self.connected.iter().map(|(user, crowd)| {
+                (
+                    *user,
+                    (*crowd, self.sessions.get(user).copied().unwrap_or(0)),
+                )
+            });
+            (self.now, shown.collect())
         }
 
         /// A list taken at `taken` is decided on: a user it shows connected after their
         /// latest admission no longer holds a place by admission; one it shows connected after
         /// their run of admissions began, and admitted again since, starts a run at that
         /// admission. (A list taken but never decided on tells the guard nothing.)
-        fn decided_on(&mut self, taken: u64, shown: &BTreeMap<usize, bool>) {
+        fn decided_on(&mut self, taken: u64, shown: &Shown) {
             for user in shown.keys() {
                 if let Some(t) = self.tickets.get_mut(user) {
                     if taken > t.latest {
@@ -245,7 +275,39 @@ mod orders {
             }
         }
 
-        fn admitted(&mut self, user: usize) {
+        /// A delivered event of a session that began after the user's latest admission: that
+        /// admission's token is in use (or was), as the record learns.
+        fn heard(&mut self, user: usize, session: u64) {
+            if let Some(t) = self.tickets.get_mut(&user) {
+                if session > t.latest {
+                    t.shown = true;
+                }
+            }
+        }
+
+        /// Connected, with the event of their session delivered.
+        fn seen_by_view(&self, user: usize) -> bool {
+            self.sessions.get(&user).is_some_and(|session| {
+                self.delivered
+                    .iter()
+                    .any(|(u, s, left, _)| *u == user && s == session && !left)
+            })
+        }
+
+        /// `user` admitted; `in_call`: on the view, which shows them connected (their place is
+        /// held from now on, as by a new run).
+        /// The events delivered show `user` connected: a session joined and not left.
+        fn shown_by_view(&self, user: usize) -> bool {
+            let sessions = |left: bool| {
+                self.delivered
+                    .iter()
+                    .filter(move |(u, _, l, _)| *u == user && *l == left)
+            };
+            sessions(false).any(|(_, s, _, _)| !sessions(true).any(|(_, l, _, _)| l >= s))
+        }
+
+        fn admitted(&mut self, user: usize, in_call: bool) {
+            self.had_session.remove(&user);
             self.admissions.push((user, self.now));
             let now = self.now;
             let fresh = Ticket {
@@ -257,7 +319,7 @@ mod orders {
             let ticket = self.tickets.entry(user).or_insert(fresh);
             // Admitted again within the first admission's reservation time: that time still
             // bounds when the user may connect (asking again does not extend it).
-            if !ticket.shown && !ticket.spent && now < ticket.first + RESERVATION_MS {
+            if !in_call && !ticket.shown && !ticket.spent && now < ticket.first + RESERVATION_MS {
                 ticket.latest = ticket.latest.max(now);
             } else {
                 *ticket = fresh;
@@ -265,16 +327,196 @@ mod orders {
         }
     }
 
-    fn list_of(shown: &BTreeMap<usize, bool>) -> Vec<String> {
+    /// The users a list shows: whether with many devices, and their session.
+    type Shown = BTreeMap<usize, (bool, u64)>;
+
+    /// A list's identities, and their sessions.
+    fn list_of(shown: &Shown) -> (Vec<String>, Vec<u64>) {
         let mut list = Vec::new();
-        for (user, crowd) in shown {
+        let mut sessions = Vec::new();
+        for (user, (crowd, session)) in shown {
             if *crowd {
                 list.extend((0..300).map(|n| format!("{}:D{n}", USERS[*user])));
+                sessions.extend([*session; 300]);
             } else {
                 list.push(identity(*user));
+                sessions.push(*session);
             }
         }
-        list
+        (list, sessions)
+    }
+
+    /// The question of `user` at `m.now`, on a list (`Some(taken, list, sessions)`) or on the
+    /// room's view or cached list.
+    struct Run {
+        store: MemoryStore,
+        m: Model,
+        limit: u32,
+        cache_ms: u64,
+        verify_ms: u64,
+        went_back: bool,
+    }
+
+    /// What a decision rested on.
+    enum Basis<'a> {
+        List(u64, &'a Shown),
+        Record,
+    }
+
+    impl Run {
+        /// Decides `user`'s request; `Ok(false)` when a list is needed.
+        fn decide(&mut self, user: usize, basis: Basis) -> Result<bool, TestCaseError> {
+            let (list, sessions, participants_taken) = match &basis {
+                Basis::List(taken, shown) => {
+                    let (list, sessions) = list_of(shown);
+                    (list, sessions, Some(*taken))
+                }
+                Basis::Record => (Vec::new(), Vec::new(), None),
+            };
+            let identity = identity(user);
+            let participants = match participants_taken {
+                Some(taken) => Participants::Fresh {
+                    identities: &list,
+                    sessions: &sessions,
+                    taken_ms: taken,
+                },
+                None => Participants::Cached,
+            };
+            let q = Request {
+                room: ROOM,
+                max_users: self.limit,
+                participants,
+                requester: USERS[user],
+                identity: &identity,
+                reservation_ms: RESERVATION_MS,
+                list_cache_ms: self.cache_ms,
+                verify_ms: self.verify_ms,
+                doubt_ms: 0,
+                now_ms: self.m.now,
+                releasable: false,
+                exempt: false,
+                unverified: false,
+            };
+            let verdict = match admit(&self.store, &q) {
+                Ok(Outcome::Decided(verdict)) => verdict,
+                Ok(Outcome::NeedList) => return Ok(false),
+                Err(e) => return Err(TestCaseError::fail(format!("admit: {e:?}"))),
+            };
+            let m = &mut self.m;
+            // A decision settles the record's reservations as of now.
+            m.expire();
+            if let Basis::List(taken, shown) = basis {
+                m.decided_on(taken, shown);
+            }
+            let superseded = |m: &Model, taken: u64| {
+                m.lists
+                    .iter()
+                    .any(|(t, users)| *t > taken && !users.contains(&user))
+            };
+            let gone_since = match basis {
+                Basis::List(taken, _) => self.verify_ms > 0 && superseded(m, taken),
+                Basis::Record => false,
+            };
+            if let (true, Basis::List(taken, shown)) = (self.verify_ms > 0, &basis) {
+                m.lists.push((*taken, shown.keys().copied().collect()));
+            }
+            if verdict.admitted {
+                let in_call = matches!(basis, Basis::Record) && m.shown_by_view(user);
+                m.admitted(user, in_call);
+                return Ok(true);
+            }
+            // I2, and I3: what the basis shows, users connected within MAX_LIST_AGE_MS before
+            // it was taken (a list older than what ended a reservation counts its user), and
+            // users admitted lately; on the view, also users whose events are on their way.
+            // With webhooks a list is decided on with the events that arrived since it was
+            // taken: a user it shows whose leave arrived since is gone.
+            let webhooks = self.verify_ms > 0;
+            let left_since = |taken: u64| {
+                m.delivered
+                    .iter()
+                    .any(|(u, _, left, at)| *u == user && *left && *at > taken)
+            };
+            let (in_list, taken) = match basis {
+                Basis::List(taken, shown) => (
+                    shown.contains_key(&user) && !(webhooks && left_since(taken)) && !gone_since
+                        || webhooks && m.seen_by_view(user),
+                    taken,
+                ),
+                Basis::Record => (m.seen_by_view(user), m.now),
+            };
+            prop_assert!(
+                !in_list && !m.by_admission(user),
+                "user {} refused while listed or holding a place: {:?}",
+                user,
+                verdict
+            );
+            let mut counted: BTreeSet<usize> = match basis {
+                Basis::List(_, shown) => shown.keys().copied().collect(),
+                Basis::Record => m.connected.keys().copied().collect(),
+            };
+            if webhooks {
+                // What the events told, and those on their way.
+                counted.extend(m.connected.keys());
+                counted.extend(m.in_flight.iter().map(|(u, ..)| *u));
+                counted.extend(
+                    m.delivered
+                        .iter()
+                        .filter(|(_, _, _, at)| *at > taken)
+                        .map(|(u, ..)| *u),
+                );
+            }
+            counted.extend(
+                m.last_connected
+                    .iter()
+                    .filter(|(_, at)| **at + MAX_LIST_AGE_MS >= taken)
+                    .map(|(u, _)| *u),
+            );
+            counted.extend(
+                m.admissions
+                    .iter()
+                    .filter(|(_, at)| self.went_back || *at + RESERVATION_MS >= taken)
+                    .map(|(u, _)| *u),
+            );
+            let needed = match verdict.refusal {
+                Some(Refusal::Full) => self.limit as usize,
+                Some(Refusal::Cooling) => self.limit as usize - 1,
+                other => return Err(TestCaseError::fail(format!("refused for {other:?}"))),
+            };
+            prop_assert!(
+                counted.len() >= needed,
+                "refused {} with only {:?} counted: {:?}",
+                user,
+                counted,
+                verdict
+            );
+            Ok(true)
+        }
+
+        /// LiveKit is asked for a list (the flow opens the room's view first).
+        fn open(&mut self) -> Result<(), TestCaseError> {
+            if self.verify_ms > 0 {
+                crate::presence::open(&self.store, ROOM, self.m.now)
+                    .map_err(|e| TestCaseError::fail(format!("open: {e:?}")))?;
+            }
+            Ok(())
+        }
+
+        /// LiveKit's event reaches the guard.
+        fn deliver(&mut self, user: usize, session: u64, left: bool) -> Result<(), TestCaseError> {
+            let event = RoomEvent::Participant {
+                identity: identity(user),
+                session,
+                presence: if left {
+                    Presence::Left
+                } else {
+                    Presence::Joined
+                },
+            };
+            crate::presence::observe(&self.store, ROOM, &event, self.m.now)
+                .map_err(|e| TestCaseError::fail(format!("observe: {e:?}")))?;
+            self.m.heard(user, session);
+            Ok(())
+        }
     }
 
     proptest! {
@@ -285,112 +527,110 @@ mod orders {
         fn no_order_of_events_lets_one_user_too_many_in(
             limit in 1u32..5,
             cache_ms in prop_oneof![Just(0u64), Just(1000)],
+            verify_ms in prop_oneof![Just(0u64), Just(60_000)],
             events in proptest::collection::vec(event(), 1..80),
         ) {
-            let store = MemoryStore::default();
-            let mut m = Model { now: START_MS, ..Model::default() };
-            let mut went_back = false;
+            let mut run = Run {
+                store: MemoryStore::default(),
+                m: Model { now: START_MS, ..Model::default() },
+                limit,
+                cache_ms,
+                verify_ms,
+                went_back: false,
+            };
+            let webhooks = verify_ms > 0;
             for event in events {
                 match event {
                     Event::Ask(user) => {
-                        let (taken, shown) = m.take_list();
-                        m.waiting.push((user, taken, shown));
+                        // With webhooks the room's view is tried first.
+                        if !(webhooks && run.decide(user, Basis::Record)?) {
+                            run.open()?;
+                            let (taken, shown) = run.m.take_list();
+                            run.m.waiting.push((user, taken, shown));
+                        }
                     }
                     Event::Answer(n) => {
-                        if m.waiting.is_empty() {
+                        if run.m.waiting.is_empty() {
                             continue;
                         }
-                        let (user, taken, shown) = m.waiting.remove(n % m.waiting.len());
-                        let list = list_of(&shown);
-                        let identity = identity(user);
-                        let q = Request {
-                            room: ROOM,
-                            max_users: limit,
-                            participants: Participants::Fresh { identities: &list, sessions: &[], taken_ms: taken },
-                            requester: USERS[user],
-                            identity: &identity,
-                            reservation_ms: RESERVATION_MS,
-                            list_cache_ms: cache_ms,
-                            verify_ms: 0,
-                            doubt_ms: 0,
-                            now_ms: m.now,
-                            releasable: false,
-                            exempt: false,
-                            unverified: false,
-                        };
-                        let verdict = match admit(&store, &q) {
-                            Ok(Outcome::Decided(verdict)) => verdict,
-                            Ok(Outcome::NeedList) => {
-                                // Asked again: a list taken now.
-                                let (taken, shown) = m.take_list();
-                                m.waiting.push((user, taken, shown));
-                                continue;
-                            }
-                            Err(e) => return Err(TestCaseError::fail(format!("admit: {e:?}"))),
-                        };
-                        // A decision settles the record's reservations as of now.
-                        m.expire();
-                        m.decided_on(taken, &shown);
-                        if verdict.admitted {
-                            m.admitted(user);
-                            continue;
+                        let (user, taken, shown) = run.m.waiting.remove(n % run.m.waiting.len());
+                        if !run.decide(user, Basis::List(taken, &shown))? {
+                            // Asked again: a list taken now.
+                            run.open()?;
+                            let (taken, shown) = run.m.take_list();
+                            run.m.waiting.push((user, taken, shown));
                         }
-                        // I2
-                        prop_assert!(!shown.contains_key(&user) && !m.by_admission(user),
-                            "user {} refused while in the list or holding a place: {:?}", user, verdict);
-                        // I3
-                        // What the list shows, users connected within MAX_LIST_AGE_MS before
-                        // it was taken (a list older than what ended a reservation counts its
-                        // user), and users admitted lately.
-                        let mut counted: BTreeSet<usize> = shown.keys().copied().collect();
-                        counted.extend(m.last_connected.iter()
-                            .filter(|(_, at)| **at + MAX_LIST_AGE_MS >= taken).map(|(u, _)| *u));
-                        if !went_back {
-                            counted.extend(m.admissions.iter()
-                                .filter(|(_, at)| *at + RESERVATION_MS >= taken)
-                                .map(|(u, _)| *u));
-                        } else {
-                            counted.extend(m.admissions.iter().map(|(u, _)| *u));
-                        }
-                        let needed = match verdict.refusal {
-                            Some(Refusal::Full) => limit as usize,
-                            Some(Refusal::Cooling) => limit as usize - 1,
-                            other => return Err(TestCaseError::fail(format!("refused for {other:?}"))),
-                        };
-                        prop_assert!(counted.len() >= needed,
-                            "refused {} with only {:?} counted: {:?}", user, counted, verdict);
                     }
                     // LiveKit's state changes between milliseconds: lists taken within one agree
                     // (the guard's clock has no finer grain to order them by).
                     Event::Connect(user) => {
-                        if m.by_admission(user) && !m.connected.contains_key(&user) {
+                        let m = &mut run.m;
+                        let reuse = webhooks && m.had_session.contains(&user);
+                        if m.by_admission(user) && !m.connected.contains_key(&user) && !reuse {
                             m.connected.insert(user, false);
                             m.now += 1;
+                            m.sessions.insert(user, m.now);
+                            m.had_session.insert(user);
+                            if webhooks {
+                                m.in_flight.push((user, m.now, false, m.now));
+                            }
                         }
                     }
                     Event::Crowd(user) => {
-                        if let Some(crowd) = m.connected.get_mut(&user) {
+                        // (Without webhooks: the crowd's devices would each send events.)
+                        if let (false, Some(crowd)) = (webhooks, run.m.connected.get_mut(&user)) {
                             *crowd = true;
-                            m.now += 1;
+                            run.m.now += 1;
                         }
                     }
                     Event::Leave(user) => {
+                        let m = &mut run.m;
                         if m.connected.remove(&user).is_some() {
                             m.now += 1;
                             m.last_connected.insert(user, m.now);
+                            if let (true, Some(session)) = (webhooks, m.sessions.get(&user)) {
+                                m.in_flight.push((user, *session, true, m.now));
+                            }
+                            m.sessions.remove(&user);
                         }
                     }
-                    Event::Tick(ms) => m.now += ms,
+                    Event::Tick(ms) => run.m.now += ms,
                     // Only with no list in flight: a list taken before a step back and decided
                     // on once the clock has caught up cannot be told from a newer one (proxy-wasm
                     // offers wall-clock time only); see docs/security.md.
+                    // Not with webhooks: the view's latest list, taken before the step, would
+                    // seem later than departures after it (see docs/security.md, clocks).
                     Event::Back(ms) => {
-                        if m.waiting.is_empty() {
-                            m.now -= ms;
-                            went_back = true;
+                        let quiet = !webhooks;
+                        if run.m.waiting.is_empty() && quiet {
+                            run.m.now -= ms;
+                            run.went_back = true;
+                        }
+                    }
+                    Event::Deliver(n) => {
+                        if run.m.in_flight.is_empty() {
+                            continue;
+                        }
+                        let (user, session, left, sent) =
+                            run.m.in_flight.remove(n % run.m.in_flight.len());
+                        // LiveKit's signature lives five minutes: a later one is refused, lost.
+                        if run.m.now < sent + SIGNATURE_MS {
+                            run.deliver(user, session, left)?;
+                            run.m.delivered.push((user, session, left, run.m.now));
+                        }
+                    }
+                    Event::Replay(n) => {
+                        // Within the five minutes LiveKit's signature is valid.
+                        let now = run.m.now;
+                        let recent: Vec<_> = run.m.delivered.iter()
+                            .filter(|(_, _, _, at)| now < at + SIGNATURE_MS && *at <= now)
+                            .copied().collect();
+                        if let Some((user, session, left, _)) = recent.get(n % recent.len().max(1)) {
+                            run.deliver(*user, *session, *left)?;
                         }
                     }
                 }
+                let m = &mut run.m;
                 for user in m.connected.keys() {
                     m.last_connected.insert(*user, m.now);
                 }

@@ -62,6 +62,25 @@ pub fn observe(
     })
 }
 
+/// Opens `room`'s view as LiveKit is asked for its participants at `now_ms`: events arriving
+/// while the list is on its way are kept in the room's record, and the list is merged with
+/// them (a room the guard kept no record of would otherwise lose them).
+pub fn open(store: &dyn SharedStore, room: &str, now_ms: u64) -> Result<(), StoreError> {
+    BUCKETS.update(store, room, now_ms, |old: Option<(&RoomRecord, u64)>| {
+        let opened = old.and_then(|(r, _)| r.w.as_ref()).map_or(0, |w| w.opened);
+        if opened <= now_ms && now_ms < opened.saturating_add(REOPEN_MS) {
+            return (Change::Keep, ());
+        }
+        let mut record = old.map(|(r, _)| r.clone()).unwrap_or_default();
+        record.w.get_or_insert_with(View::default).opened = now_ms;
+        let until = record.expires_at();
+        (Change::Put(record, until), ())
+    })
+}
+
+/// A view opened this recently is not written again for another list.
+const REOPEN_MS: u64 = 1000;
+
 impl RoomRecord {
     /// Whether the event changed the record.
     fn take_event(&mut self, event: &RoomEvent, now: u64) -> bool {
@@ -129,8 +148,9 @@ impl RoomRecord {
         view.listed()
     }
 
-    /// Whether the view learnt of `user` (a digest) at `at` or later.
-    pub(crate) fn heard_of_since(&self, user: &str, at: u64) -> bool {
+    /// Whether the view knows of a session of `user` (a digest) that began at `at` or later
+    /// (connected or since ended): then a departure at `at` says nothing the view does not.
+    pub(crate) fn session_since(&self, user: &str, at: u64) -> bool {
         self.w.as_ref().is_some_and(|view| {
             view.members.iter().any(|m| {
                 let named = if m.user.is_empty() {
@@ -138,7 +158,7 @@ impl RoomRecord {
                 } else {
                     &m.user
                 };
-                m.at >= at && self.user_of(&m.identity, Some(named)) == user
+                m.session >= at && self.user_of(&m.identity, Some(named)) == user
             })
         })
     }

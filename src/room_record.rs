@@ -261,12 +261,12 @@ mod tests {
         assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],1,2]").is_err());
         assert!(serde_json::from_str::<RoomRecord>("[[],[],null,[],[],1,null,3]").is_err());
         let viewed: RoomRecord =
-            serde_json::from_str(r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]]]]"#).unwrap();
+            serde_json::from_str(r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]],3]]"#).unwrap();
         let view = viewed.w.as_ref().unwrap();
         assert_eq!((view.listed, view.members[0].gone), (9, true));
         assert_eq!(
             serde_json::to_string(&viewed).unwrap(),
-            r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]]]]"#
+            r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]],3]]"#
         );
     }
 

@@ -34,12 +34,15 @@ pub struct Member {
     pub at: u64,
 }
 
-/// A room's view. Stored as `[listed, members]`.
+/// A room's view. Stored as `[listed, members, opened]`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct View {
     /// When the newest list merged in was taken: it verifies the view for the verify time.
     pub listed: u64,
     pub members: Vec<Member>,
+    /// When a list was last asked for: events are kept from then on, for it to be merged with.
+    #[serde(default)]
+    pub opened: u64,
 }
 
 crate::room_record::as_array!(Member {
@@ -49,7 +52,11 @@ crate::room_record::as_array!(Member {
     gone,
     at
 });
-crate::room_record::as_array!(View { listed, members });
+crate::room_record::as_array!(View {
+    listed,
+    members,
+    opened
+});
 
 /// How long the end of a session is remembered, so that a late or replayed `participant_joined`
 /// of it does not bring it back: longer than LiveKit's webhook signatures are valid (5 min).
@@ -171,9 +178,40 @@ impl View {
     }
 
     /// Merges a list taken at `taken` (identity and named user digests, and sessions): it
-    /// replaces what was learnt before it was taken, and leaves what was learnt since.
+    /// replaces what was learnt before it was taken, and leaves what was learnt since (a list
+    /// older than one merged already changes nothing). The end
+    /// of a session stays known whatever a list says (a late or replayed join of it must not
+    /// bring it back); a participant learnt before the list and not in it has left.
     pub fn merge(&mut self, listed: &[(&str, &str, u64)], taken: u64) {
-        self.members.retain(|m| m.at > taken);
+        if taken < self.listed {
+            // A newer list was merged: what this one says, that one said later.
+            return;
+        }
+        for m in &mut self.members {
+            if m.at > taken {
+                continue;
+            }
+            match listed
+                .iter()
+                .find(|(identity, _, _)| *identity == m.identity)
+            {
+                // A session the entry does not know of (without LiveKit's session times, any
+                // later than the one that ended).
+                Some((_, _, session)) if m.gone && *session <= m.session => {
+                    if *session == 0 {
+                        m.session = m.session.saturating_add(1);
+                        m.gone = false;
+                        m.at = taken;
+                    }
+                }
+                Some((_, _, session)) => {
+                    m.session = m.session.max(*session);
+                    m.gone = false;
+                    m.at = taken;
+                }
+                None => m.gone = true,
+            }
+        }
         for (identity, user, session) in listed {
             if !self.members.iter().any(|m| m.identity == *identity) {
                 let member = Member::new(identity, user, *session, false, taken);
@@ -188,7 +226,12 @@ impl View {
     pub fn expires_at(&self) -> u64 {
         let newest = self.members.iter().map(|m| m.at).max().unwrap_or(0);
         let verified = self.listed.saturating_add(MAX_VERIFY_MS);
-        verified.max(newest.saturating_add(TOMBSTONE_MS))
+        let awaited = self
+            .opened
+            .saturating_add(crate::occupancy::MAX_LIST_AGE_MS);
+        verified
+            .max(newest.saturating_add(TOMBSTONE_MS))
+            .max(awaited)
     }
 
     /// Forgets the ends of sessions too old to be heard of again.
@@ -234,8 +277,14 @@ mod tests {
         view.apply("early", "early", 1, Presence::Joined, 100);
         view.apply("late", "late", 2, Presence::Joined, 300);
         view.apply("left-late", "left-late", 3, Presence::Left, 300);
-        // Taken at 200: shows "left-late" and "other", not "early" nor "late".
-        let listed = [("left-late", "left-late", 3), ("other", "@o:x", 4)];
+        view.apply("ended", "ended", 5, Presence::Left, 150);
+        // Taken at 200: shows "left-late", "ended" (its session 5) and "other", not "early"
+        // nor "late".
+        let listed = [
+            ("left-late", "left-late", 3),
+            ("ended", "ended", 5),
+            ("other", "@o:x", 4),
+        ];
         view.merge(&listed, 200);
         let mut now = connected(&view);
         now.sort_unstable();
@@ -243,12 +292,19 @@ mod tests {
         assert!(view.verified(60_199, 60_000, 0));
         assert!(!view.verified(60_200, 60_000, 0));
         assert!(!view.verified(1_000, 60_000, 200));
-        // An older list changes no member learnt after it, and shortens nothing.
-        view.merge(&[], 150);
+        // The ends of sessions stay known: a late join of them changes nothing.
+        for (identity, session) in [("early", 1), ("ended", 5), ("left-late", 3)] {
+            assert!(!view.apply(identity, identity, session, Presence::Joined, 250));
+        }
+        // An older list changes nothing.
+        view.merge(&[("early", "early", 7)], 150);
         let mut now = connected(&view);
         now.sort_unstable();
         assert_eq!(now, ["late", "other"]);
         assert!(view.verified(60_199, 60_000, 0));
+        // A list taken later shows "ended" in a session of its own.
+        view.merge(&[("ended", "ended", 9)], 400);
+        assert_eq!(connected(&view), ["ended"]);
     }
 
     #[test]
