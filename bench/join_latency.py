@@ -10,6 +10,11 @@ room limited to 1,000, so every token is let in; joins alternate between the two
 client leaving before the next join. The first join of each Envoy (a cold limit cache) is
 reported apart. Overrides: ``JOIN_ROUNDS`` (default 40 joins per Envoy).
 
+Last, with LiveKit's webhooks (``webhooks`` in the configuration, LiveKit posting to the
+Envoy): in a room limited to 1, how long after a participant's client leaves the next user's
+token is let through (``FREED_ROUNDS``, default 10), each refusal meanwhile decided on the
+room's view.
+
 Then the same through Synapse, as current clients ask (MSC4195's client-server get_token,
 forwarded by Synapse to lk-jwt-service as its application service): Synapse's proxy URL is one
 port, so the two Envoys take turns on it, in blocks of ``BLOCK`` joins, each user joined to the
@@ -32,6 +37,7 @@ import stack  # noqa: E402
 from realstack import LiveKitClients, LiveKitServer, LkJwtService, missing_binaries  # noqa: E402
 from stack import (  # noqa: E402
     LIVEKIT_SECRET,
+    free_port,
     SERVER_NAME,
     AppService,
     Envoy,
@@ -42,6 +48,7 @@ from stack import (  # noqa: E402
 )
 
 ROUNDS = int(os.environ.get("JOIN_ROUNDS", "40"))
+FREED_ROUNDS = int(os.environ.get("FREED_ROUNDS", "10"))
 BLOCK = 10
 RESULTS = REPO / "bench" / "join-latency.md"
 
@@ -116,6 +123,53 @@ def through_synapse(synapse: Synapse, lk_jwt: LkJwtService, livekit: LiveKitServ
     return samples, cold
 
 
+def place_freed(synapse: Synapse, lk_jwt: LkJwtService, livekit: LiveKitServer,
+                clients: LiveKitClients, port: int) -> str:
+    """In a room limited to 1, one user after another: each joins, and once the guard has read
+    LiveKit's participant_joined, leaves; the next user asks for a token until it is let
+    through. The time from the leave to that token, over ``FREED_ROUNDS`` leaves."""
+    config = default_plugin_config(synapse.admin_token, LIVEKIT_SECRET, webhooks={})
+    envoy = Envoy(lk_jwt=lk_jwt.address, synapse=synapse, livekit=livekit.address,
+                  plugin_config=config, name="bench-envoy-webhooks", stop_iteration=False,
+                  listen_port=port).start()
+    try:
+        room = synapse.create_room("bench-freed")
+        synapse.set_limit(room, 1)
+        bodies = [join_body(f"@freed{i:03d}:{SERVER_NAME}", "D", room) for i in range(FREED_ROUNDS + 1)]
+        freed: list[float] = []
+        refused = 0
+        resp = http().post(f"{envoy.url}/sfu/get", json=bodies[0], timeout=30)
+        handle = clients.join(resp)
+        for body in bodies[1:]:
+            accepted = envoy.stats().get("webhooks_accepted", 0)
+            deadline = time.monotonic() + 15
+            # Until the guard has read the join (and anything LiveKit sent before it).
+            while envoy.stats().get("webhooks_accepted", 0) <= accepted and time.monotonic() < deadline:
+                time.sleep(0.02)
+            left = time.perf_counter()
+            clients.leave(handle)
+            while True:
+                resp = http().post(f"{envoy.url}/sfu/get", json=body, timeout=30)
+                if resp.status_code == 200 or time.perf_counter() - left > 30:
+                    break
+                refused += 1
+            freed.append((time.perf_counter() - left) * 1000)
+            if resp.status_code != 200:
+                raise RuntimeError(f"place not freed: {resp.status_code} {resp.text[:200]}")
+            handle = clients.join(resp)
+        clients.leave(handle)
+        stats = envoy.stats()
+    finally:
+        envoy.stop()
+    return (f"With LiveKit's webhooks (`webhooks`), a room limited to 1: a participant's place is "
+            f"free {statistics.median(freed):.0f} ms after their client leaves (median of {len(freed)}; "
+            f"p90 {percentile(freed, 0.9):.0f} ms, max {max(freed):.0f} ms): the client's leave, LiveKit's "
+            f"participant_left and the guard reading it. {refused} refusals meanwhile, "
+            f"{stats.get('livekit_lookups', 0)} ListParticipants calls for "
+            f"{stats.get('token_requests', 0)} token requests "
+            f"({stats.get('livekit_lookups_avoided', 0)} decided on the room's view).")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -130,7 +184,10 @@ def main() -> int:
     parts: list = [synapse]
     try:
         stack.OPENID_PROVIDER = synapse.openid_token
-        livekit = LiveKitServer(name="bench-livekit").start()
+        # LiveKit posts its webhooks to the Envoy of the last part (started then).
+        webhook_port = free_port()
+        livekit = LiveKitServer(name="bench-livekit",
+                                webhook_urls=[f"http://127.0.0.1:{webhook_port}/sfu_webhook"]).start()
         parts.append(livekit)
         lk_jwt = LkJwtService(livekit.ws_url, {SERVER_NAME: synapse.base_url}, name="bench-lk-jwt",
                               appservice=synapse.appservice, server_name=SERVER_NAME,
@@ -177,6 +234,7 @@ def main() -> int:
         lines += ["", "Through Synapse's client-server get_token (its application-service proxy to the "
                   "Envoy), the guard deciding on the request:", ""]
         lines += report(rtc_samples, rtc_cold)[2:]
+        lines += ["", place_freed(synapse, lk_jwt, livekit, clients, webhook_port)]
     finally:
         for part in reversed(parts):
             part.stop()

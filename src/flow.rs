@@ -902,7 +902,7 @@ impl Admission {
             list_cache_ms: env.config.participants_cache.as_millis() as u64,
             verify_ms,
             doubt_ms: if verify_ms > 0 {
-                room_view::doubt_since(env.store)
+                room_view::untrusted_before(env.store, env.now_ms())
             } else {
                 0
             },

@@ -111,7 +111,8 @@ pub struct Request<'a> {
     /// With LiveKit's webhooks read (`webhooks.verify_seconds`, 0: not read): how long a list
     /// verifies the room's view.
     pub verify_ms: u64,
-    /// The last doubt on every view ([`crate::room_view::doubt_since`]).
+    /// No view listed before this is verified: the last doubt on every view, or now while
+    /// webhooks do not arrive ([`crate::room_view::untrusted_before`]).
     pub doubt_ms: u64,
     pub now_ms: u64,
     /// The admission is taken before lk-jwt-service has answered: its reservation is marked so

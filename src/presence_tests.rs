@@ -286,7 +286,10 @@ fn a_leave_while_a_list_is_on_its_way_is_kept_for_it() {
         taken_ms: 1_000,
     };
     let carol = admit(&store, &q).unwrap();
-    assert!(matches!(carol, Outcome::Decided(v) if v.admitted), "bob is gone");
+    assert!(
+        matches!(carol, Outcome::Decided(v) if v.admitted),
+        "bob is gone"
+    );
 }
 
 #[test]
@@ -296,7 +299,11 @@ fn the_leave_of_a_session_before_the_admission_does_not_settle_a_lapse_on_the_vi
     // Alice connects (session 1,500, its join still on its way) and is admitted again; she
     // leaves and connects with her new token (its join on its way too). Her first run's time
     // runs out; then the leave of her first session arrives.
-    assert!(ask(&store, "@alice:x", "@alice:x:E", 2_000).unwrap().admitted);
+    assert!(
+        ask(&store, "@alice:x", "@alice:x:E", 2_000)
+            .unwrap()
+            .admitted
+    );
     event(&store, "@alice:x:D", 1_500, Presence::Left, 40_000);
     assert!(ask(&store, "@bob:x", "@bob:x:D", 40_001).unwrap().admitted);
     // Alice may be in the call: carol is not refused on the view, a list is asked for.

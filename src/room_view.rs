@@ -86,10 +86,7 @@ const DOUBT_KEY: &str = "voice_limit_guard.webhook_doubt";
 
 /// When the last doubt was (ms; 0: never): views listed before it are not verified.
 pub fn doubt_since(store: &dyn SharedStore) -> u64 {
-    store
-        .get(DOUBT_KEY)
-        .and_then(|(bytes, _)| std::str::from_utf8(&bytes).ok()?.parse().ok())
-        .unwrap_or(0)
+    store.get(DOUBT_KEY).map_or(0, |(bytes, _)| read_ms(&bytes))
 }
 
 /// Puts every view in doubt at `now`: a list taken after it verifies a view again.
@@ -112,6 +109,43 @@ pub fn doubt(store: &dyn SharedStore, now: u64) {
             return;
         }
     }
+}
+
+/// The shared data key of when a webhook was last taken in.
+const HEARD_KEY: &str = "voice_limit_guard.webhook_heard";
+/// Views are trusted only while webhooks keep arriving: LiveKit sends one for every join and
+/// leave in any of its rooms, so a process that heard none for this long may not be getting
+/// them (LiveKit not configured to send them here, or a route that no longer leads here).
+pub const STREAM_QUIET_MS: u64 = 10 * 60 * 1000;
+
+/// A webhook was taken in at `now` (written at most once a second).
+pub fn heard(store: &dyn SharedStore, now: u64) {
+    let (last, cas) = match store.get(HEARD_KEY) {
+        Some((bytes, cas)) => (read_ms(&bytes), Some(cas)),
+        None => (0, None),
+    };
+    if last <= now && now < last.saturating_add(1000) {
+        return;
+    }
+    // A lost race means another worker just wrote it.
+    let _ = store.set(HEARD_KEY, now.to_string().as_bytes(), cas);
+}
+
+/// The time before which no view is verified at `now`: the last doubt, or `now` itself when
+/// no webhook arrived within [`STREAM_QUIET_MS`].
+pub fn untrusted_before(store: &dyn SharedStore, now: u64) -> u64 {
+    let heard = store.get(HEARD_KEY).map_or(0, |(bytes, _)| read_ms(&bytes));
+    if heard == 0 || heard.saturating_add(STREAM_QUIET_MS) <= now {
+        return now;
+    }
+    doubt_since(store)
+}
+
+fn read_ms(bytes: &[u8]) -> u64 {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(0)
 }
 
 /// What an event says of one participant.
@@ -305,6 +339,20 @@ mod tests {
         // A list taken later shows "ended" in a session of its own.
         view.merge(&[("ended", "ended", 9)], 400);
         assert_eq!(connected(&view), ["ended"]);
+    }
+
+    #[test]
+    fn views_are_trusted_only_while_webhooks_arrive() {
+        let store = crate::store::MemoryStore::default();
+        assert_eq!(untrusted_before(&store, 5_000), 5_000, "none heard yet");
+        heard(&store, 6_000);
+        assert_eq!(untrusted_before(&store, 7_000), 0);
+        doubt(&store, 6_500);
+        assert_eq!(untrusted_before(&store, 7_000), 6_500);
+        let quiet = 6_000 + STREAM_QUIET_MS;
+        assert_eq!(untrusted_before(&store, quiet), quiet);
+        heard(&store, quiet);
+        assert_eq!(untrusted_before(&store, quiet + 1), 6_500);
     }
 
     #[test]

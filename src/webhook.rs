@@ -163,6 +163,7 @@ pub fn settle(received: &Received, store: &dyn SharedStore, now_ms: u64) -> Vec<
         }
         Received::Read(event) => {
             counters.push(Counter::WebhooksAccepted);
+            room_view::heard(store, now_ms);
             if let Some((room, event)) = event {
                 if let Err(e) = presence::observe(store, room, event, now_ms) {
                     log::warn!(

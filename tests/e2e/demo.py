@@ -392,8 +392,11 @@ class Demo:
                                         appservice=AppService(),
                                         proxy_port=self.ports.listener).start()
         stack.OPENID_PROVIDER = self.synapse.openid_token
+        # LiveKit posts its webhooks to lk-jwt-service's /sfu_webhook through Envoy, where
+        # the guard reads them (envoy/envoy.yaml sets `webhooks`).
         self.livekit = LiveKitServer(secret=LIVEKIT_SECRET, run_dir=self.run_dir / "livekit",
-                                     port=self.ports.livekit).start()
+                                     port=self.ports.livekit,
+                                     webhook_urls=[f"http://127.0.0.1:{self.ports.listener}/sfu_webhook"]).start()
         self.lk_jwt = LkJwtService(self.livekit.ws_url, {SERVER_NAME: self.synapse.base_url},
                                    secret=LIVEKIT_SECRET, run_dir=self.run_dir / "lk-jwt",
                                    port=self.ports.lk_jwt, appservice=self.synapse.appservice,

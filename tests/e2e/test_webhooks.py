@@ -266,3 +266,21 @@ def test_the_guard_answers_webhooks_itself_when_configured(
     assert post_webhook(call.envoy, body, "forged", path=path).status_code == 401
     # Nothing reached lk-jwt-service.
     assert real_lk_jwt.stats()["webhooks"] == jwt_before
+
+
+def test_until_webhooks_arrive_every_decision_asks_livekit(
+        start_envoy, plugin_config, new_room, livekit):
+    """`webhooks` configured, but LiveKit's webhooks do not reach this Envoy: the guard decides
+    as without them (a list for every refusal), never on a view nothing keeps up to date."""
+    envoy = start_envoy(plugin_config(webhooks={}))
+    room = new_room(limit=1)
+    resp = ask(envoy, "/get_token", "new", "alice", "D1", room)
+    assert resp.status_code == 200, resp.text
+    livekit.connect(resp)
+    alias = jwt_claims(resp.json()["jwt"])["video"]["room"]
+    poll(lambda: livekit.list_participants(alias), "alice in LiveKit", 15)
+    with counting(envoy, livekit) as counts:
+        for _ in range(3):
+            assert_channel_full(ask(envoy, "/get_token", "new", "bob", "D1", room))
+    assert counts.list_participants == 3
+    assert "livekit_lookups_avoided" not in counts.guard
