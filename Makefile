@@ -93,7 +93,7 @@ test-oracle:
 ## fuzz: each target in turn for FUZZ_SECONDS, growing fuzz/corpus/<target>; e.g.
 ##   nice -n 19 make fuzz FUZZ_TARGETS=jwt FUZZ_SECONDS=3600
 .PHONY: fuzz-smoke fuzz
-FUZZ_TARGETS       ?= token_body rtc_request synapse_answer livekit_answer jwt shared_records config
+FUZZ_TARGETS       ?= token_body rtc_request synapse_answer livekit_answer jwt shared_records config webhook
 FUZZ_SECONDS       ?= 600
 FUZZ_SMOKE_SECONDS ?= 15
 ## Generated interleavings of the room occupancy (src/occupancy_interleavings.rs): 256 cases

@@ -138,7 +138,7 @@ impl Intake {
         if self.too_long {
             return Received::Unreadable("body longer than the guard reads");
         }
-        match read(&self.body) {
+        match read_event(&self.body) {
             Some(event) => Received::Read(event),
             None => Received::Unreadable("body is not a LiveKit webhook event"),
         }
@@ -269,11 +269,12 @@ struct Participant {
     joined_at: Scalar,
 }
 
-/// The room and what the event says of it, if it is an event the guard uses; `None` when it
-/// is not an event as LiveKit writes them (no event name; a room or participant event without
+/// Reads a webhook's body (only once its signature is checked, [`Intake`]): the room and what
+/// the event says of it, if it is an event the guard uses; `None` when it is not an event as
+/// LiveKit writes them (no event name; a room or participant event without
 /// the room's name or the participant's identity).
 #[allow(clippy::option_option)]
-fn read(body: &[u8]) -> Option<Option<(String, RoomEvent)>> {
+pub fn read_event(body: &[u8]) -> Option<Option<(String, RoomEvent)>> {
     let event: Event = json::object(body)?;
     let presence = match event.event.as_str()? {
         "participant_joined" => Some(Presence::Joined),

@@ -8,12 +8,13 @@ use voice_limit_guard::upstream::{CallError, Service};
 
 fuzz_target!(|data: &[u8]| {
     match parse_list_response(Some(200), data) {
-        Ok(identities) => {
-            // Every identity listed comes from the answer's own bytes.
+        Ok(list) => {
+            // Every identity listed comes from the answer's own bytes, each with its session.
             assert!(
-                identities.iter().map(String::len).sum::<usize>() <= data.len(),
+                list.identities.iter().map(String::len).sum::<usize>() <= data.len(),
                 "more identity bytes than the answer holds"
             );
+            assert_eq!(list.identities.len(), list.sessions.len());
         }
         Err(error) => assert_eq!(error, CallError::BadBody(Service::LiveKit)),
     }
