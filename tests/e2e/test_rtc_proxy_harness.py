@@ -268,6 +268,7 @@ def test_what_synapse_forwards_to_the_proxy_url(synapse, users, call_room, fault
 
 def test_stand_in_stats_shape(real_lk_jwt):
     stats = real_lk_jwt.stats()
-    assert set(stats) == {"requests", "issued", "create_room", "create_room_failed"}
+    assert set(stats) == {"requests", "issued", "create_room", "create_room_failed", "webhooks"}
+    assert set(stats["webhooks"]) == {"accepted", "refused"}
     assert set(stats["issued"]) >= {"client", "federation", "legacy"}
     assert set(stats["create_room"]) >= {"client", "federation"}
