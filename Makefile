@@ -145,7 +145,7 @@ fuzz:
 DECISION_TESTS := $(addprefix tests/e2e/,test_filter.py test_livekit.py test_limit_holds.py \
   test_attacks.py test_faults.py test_body_parsing.py test_cache.py test_participants_cache.py \
   test_moderators.py test_passthrough.py test_hot_swap.py test_rtc_routes.py \
-  test_legacy_phases.py)
+  test_legacy_phases.py test_webhooks.py)
 ## Run in the first pass only: the 10,000-room shared-state test (about 100 s) measures shared
 ## data, which neither the decision phase nor the Envoy version changes.
 REPEATED_ONCE := not ten_thousand_rooms
