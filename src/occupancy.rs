@@ -502,29 +502,20 @@ impl RoomRecord {
     ) {
         for mut res in std::mem::take(&mut self.r) {
             let shown = present.contains(res.user.as_str());
-            let Some(taken) = sighted else {
-                if res.until <= now {
-                    if !shown {
-                        self.lapse(&res.user, res.until, reservation_ms);
-                    }
-                    self.depart(res.user, res.until.saturating_sub(1), now);
-                } else {
-                    self.r.push(res);
+            if let Some(taken) = sighted {
+                // The run of admissions began when its time was last set (`until` is never
+                // moved by asking again, only by being in the call).
+                let run_began = res.until.saturating_sub(reservation_ms);
+                if shown && taken > res.since {
+                    self.depart(res.user, now, now);
+                    continue;
                 }
-                continue;
-            };
-            // The run of admissions began when its time was last set (`until` is never moved
-            // by asking again, only by being in the call).
-            let run_began = res.until.saturating_sub(reservation_ms);
-            if shown && taken > res.since {
-                self.depart(res.user, now, now);
-                continue;
-            }
-            if shown && taken > run_began {
-                // In the call after the run began, and admitted again since (the list was
-                // decided on late): that admission starts a run of its own, as it would have
-                // had the list arrived in order.
-                res.until = res.until.max(res.since.saturating_add(reservation_ms));
+                if shown && taken > run_began {
+                    // In the call after the run began, and admitted again since (the list was
+                    // decided on late): that admission starts a run of its own, as it would
+                    // have had the list arrived in order.
+                    res.until = res.until.max(res.since.saturating_add(reservation_ms));
+                }
             }
             if res.until <= now {
                 if !shown {

@@ -156,14 +156,6 @@ pub enum Presence {
 }
 
 impl View {
-    /// The identities connected (digests).
-    pub fn connected(&self) -> impl Iterator<Item = &str> {
-        self.members
-            .iter()
-            .filter(|m| !m.gone)
-            .map(|m| m.identity.as_str())
-    }
-
     /// The participants connected, as a list: each identity's digest and its named user's.
     pub fn listed(&self) -> Vec<(String, Option<String>)> {
         let named = |m: &Member| match m.user.as_str() {
@@ -282,8 +274,11 @@ mod tests {
 
     use super::*;
 
-    fn connected(view: &View) -> Vec<&str> {
-        view.connected().collect()
+    fn connected(view: &View) -> Vec<String> {
+        view.listed()
+            .into_iter()
+            .map(|(identity, _)| identity)
+            .collect()
     }
 
     #[test]
