@@ -268,6 +268,18 @@ def shut(server: _Server | None) -> None:
         server.server_close()
 
 
+class _QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP/1.1 handler that logs nothing, for the servers the tests put in between."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def read_body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+
 class WebhookRelay:
     """Where the session's LiveKit posts its webhooks: each is passed on byte for byte (body,
     ``Authorization``, ``Content-Type``) to ``target`` (the Envoy under test, a URL with the path
@@ -295,14 +307,9 @@ class WebhookRelay:
     def start(self) -> "WebhookRelay":
         relay = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(_QuietHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.read_body()
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() in ("authorization", "content-type")}
                 try:
@@ -371,14 +378,9 @@ class LiveKitAPIProxy:
     def start(self) -> "LiveKitAPIProxy":
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(_QuietHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.read_body()
                 if self.path.endswith("/ListParticipants"):
                     with proxy._lock:
                         proxy.list_participants_calls += 1
