@@ -364,8 +364,8 @@ fn who_an_openid_token_belongs_to_is_asked_once() {
         assert_eq!(userinfo_calls(&d), 1);
     }
     // The bucket holds alice as the answer, and nothing of her token.
-    let key = "example.com\nopenid:@a:example.com";
-    let bucket = crate::limit_cache::OPENID_USERS.buckets.key_for(key);
+    let key = crate::livekit_names::hash_of_strings(&["example.com", "openid:@a:example.com"]);
+    let bucket = crate::limit_cache::OPENID_USERS.buckets.key_for(&key);
     let (bytes, _) = store.get(&bucket).unwrap();
     let text = String::from_utf8_lossy(&bytes);
     assert!(

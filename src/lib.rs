@@ -30,6 +30,7 @@ pub mod limit_cache;
 pub mod livekit;
 pub mod livekit_names;
 pub mod lookup;
+mod memo;
 pub mod occupancy;
 pub mod openid;
 pub mod presence;

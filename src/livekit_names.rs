@@ -10,11 +10,22 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
+use std::cell::RefCell;
+
 use crate::gojson::write_string;
+use crate::memo::{self, Memo};
 
 /// `b64std_nopad(sha256(json.Marshal([room, slot])))`: the LiveKit room of a Matrix call.
 pub fn room_alias(room: &str, slot: &str) -> String {
-    hash_of_strings(&[room, slot])
+    // The room's length first: no other pair of strings gives the same text.
+    let pair = format!("{}:{room}{slot}", room.len());
+    memo::named(&ALIASES, &pair, |_| hash_of_strings(&[room, slot]))
+}
+
+thread_local! {
+    /// Aliases by the (room, slot) they name: a call's alias is asked for on each of its
+    /// requests.
+    static ALIASES: RefCell<Memo<String>> = RefCell::new(Memo::default());
 }
 
 /// `b64std_nopad(sha256(json.Marshal(items)))`, lk-jwt-service's naming hash. Besides the

@@ -17,6 +17,7 @@
 //!   the guard kinder go, state whose loss could let a limit be exceeded never does. A write that cannot fit fails with
 //!   [`StoreError::Full`], which the caller treats as a failure of its request.
 
+use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,6 +27,8 @@ use sha2::{Digest, Sha256};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::memo::{self, Memo};
 
 /// The host's shared data, as the core sees it.
 pub trait SharedStore {
@@ -87,8 +90,15 @@ pub fn set_bucket_seed(seed: u64) {
 /// base64 characters. Long ids then cost no more room than short ones, and no two ids anyone
 /// can find share one.
 pub fn digest(id: &str) -> String {
-    let hash = Sha256::digest(id.as_bytes());
-    URL_SAFE_NO_PAD.encode(&hash[..12])
+    memo::named(&DIGESTS, id, |id| {
+        URL_SAFE_NO_PAD.encode(&Sha256::digest(id.as_bytes())[..12])
+    })
+}
+
+thread_local! {
+    static DIGESTS: RefCell<Memo<String>> = RefCell::new(Memo::default());
+    /// A digest's keyed hash, with the seed it was keyed with.
+    static BUCKET_HASHES: RefCell<Memo<(u64, u32)>> = RefCell::new(Memo::default());
 }
 
 /// Whether another room's live entry may be dropped to make room for a write.
@@ -351,11 +361,22 @@ impl<T: Record> Buckets<T> {
 /// The bucket of a digested id: SHA-256 keyed by the process's secret seed, so which ids
 /// share a bucket cannot be worked out from outside.
 fn bucket_index(digest: &str, count: u32) -> u32 {
-    let mut hasher = Sha256::new();
-    hasher.update(BUCKET_SEED.load(Ordering::Relaxed).to_le_bytes());
-    hasher.update(digest.as_bytes());
-    let hash = hasher.finalize();
-    u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % count.max(1)
+    let seed = BUCKET_SEED.load(Ordering::Relaxed);
+    let keyed = |digest: &str| {
+        let mut hasher = Sha256::new();
+        hasher.update(seed.to_le_bytes());
+        hasher.update(digest.as_bytes());
+        let hash = hasher.finalize();
+        (
+            seed,
+            u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]),
+        )
+    };
+    let hash = match memo::named(&BUCKET_HASHES, digest, keyed) {
+        (with, hash) if with == seed => hash,
+        _ => keyed(digest).1,
+    };
+    hash % count.max(1)
 }
 
 /// An in-process [`SharedStore`] with the host's semantics (CAS starts at 1 and changes on
