@@ -60,18 +60,29 @@ pub fn parse_first_value(input: &[u8]) -> Result<Value, SyntaxError> {
 /// backslashes and control characters (`\n`, `\r`, `\t`, `\b`, `\f` short, the others as
 /// `\u00XX`), and also `<`, `>`, `&`, U+2028 and U+2029; other non-ASCII stays UTF-8.
 pub fn write_string(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
+    // Runs of characters written as they are go in whole.
+    let mut plain_from = 0;
+    for (at, c) in s.char_indices() {
+        // The short escape, or `None` for `\uXXXX`.
+        let short = match c {
+            '"' => Some("\\\""),
+            '\\' => Some("\\\\"),
+            '\n' => Some("\\n"),
+            '\r' => Some("\\r"),
+            '\t' => Some("\\t"),
             // Go 1.22 and later write these two short forms too.
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' | '\u{0}'..='\u{1f}' => {
+            '\u{8}' => Some("\\b"),
+            '\u{c}' => Some("\\f"),
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' | '\u{0}'..='\u{1f}' => None,
+            _ => continue,
+        };
+        out.push_str(&s[plain_from..at]);
+        plain_from = at + c.len_utf8();
+        match short {
+            Some(escape) => out.push_str(escape),
+            None => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
                 out.push_str("\\u");
                 let code = c as u32;
@@ -79,9 +90,9 @@ pub fn write_string(out: &mut String, s: &str) {
                     out.push(HEX[((code >> shift) & 0xf) as usize] as char);
                 }
             }
-            _ => out.push(c),
         }
     }
+    out.push_str(&s[plain_from..]);
     out.push('"');
 }
 
