@@ -95,7 +95,7 @@ test-oracle:
 .PHONY: fuzz-smoke fuzz
 FUZZ_TARGETS       ?= token_body rtc_request synapse_answer livekit_answer jwt shared_records config webhook
 FUZZ_SECONDS       ?= 600
-FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_SMOKE_SECONDS ?= 5
 ## Generated interleavings of the room occupancy (src/occupancy_interleavings.rs): 256 cases
 ## in `make test`, this many under `make fuzz`.
 OCCUPANCY_CASES    ?= 200000
