@@ -24,7 +24,9 @@
 //!   again. (A token lives an hour in LiveKit's eyes: a user who leaves and comes back later
 //!   with a token obtained earlier is not seen by the guard; see docs/security.md.)
 //! - **I2** A user LiveKit lists, or who holds a reservation, is never refused for another
-//!   device or member id (except past [`MAX_IDENTITIES_PER_USER`] connected devices).
+//!   device or member id (except past [`MAX_IDENTITIES_PER_USER`] connected devices). A user
+//!   shown in the call only by events heard since the view's newest list takes a place a
+//!   newcomer could not only once a list shows them: a join may arrive after its leave.
 //! - **I3** No cap lets a request through unchecked, and none refuses while the room has
 //!   space without saying so: a record is bounded by [`ROOM_BUDGET`] bytes (caches and
 //!   lapses go first, then pairings of identities not connected), and an admission that cannot
@@ -266,8 +268,9 @@ pub fn release(
 fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     let now = q.now_ms;
     record.forget_past(now);
-    // (digest of the identity, the identity itself when known), and when the list was taken.
-    let (listed, taken) = record.take_list(q)?;
+    // (digest of the identity, the identity itself when known), what the list itself showed
+    // when events since were merged into it, and when the list was taken.
+    let (listed, shown_by_list, taken) = record.take_list(q)?;
     let on_view = taken == ON_VIEW;
     // Every set here is a `BTreeSet<&str>` filled with `extend`: one element type and no
     // `collect` (which sorts a vector first) keep the set code in the module once, several KB
@@ -294,8 +297,24 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
         .collect();
     let mut present = BTreeSet::new();
     present.extend(users.iter().map(String::as_str));
+    // Who the list saw in the call when it was taken: a leave heard since does not undo that
+    // they used a token (and so whether their reservation lapsed unused).
+    let seen_users: Option<Vec<String>> = shown_by_list.map(|shown| {
+        shown
+            .iter()
+            .map(|(d, named)| record.user_of(d, named.as_deref()))
+            .collect()
+    });
+    let mut seen = BTreeSet::new();
+    seen.extend(
+        seen_users
+            .as_ref()
+            .unwrap_or(&users)
+            .iter()
+            .map(String::as_str),
+    );
     let sighted = if on_view { None } else { Some(taken) };
-    record.settle_reservations(&present, sighted, now, q.reservation_ms);
+    record.settle_reservations(&seen, sighted, now, q.reservation_ms);
 
     let requester = digest(q.requester);
     let mut occupied = present.clone();
@@ -318,31 +337,57 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     );
     let in_doubt = departed.iter().any(|u| !occupied.contains(u));
     occupied.extend(departed);
-    let counted = occupied.contains(requester.as_str());
     let reserved = record.r.iter().any(|res| res.user == requester);
     let listed = present.contains(requester.as_str());
-    if counted && !reserved && (!listed || occupied.len() >= q.max_users as usize && stale) {
-        // Counted only because this list may predate the requester's connection, or in a full
-        // room only by a list older than one already decided on (which may have shown them gone
-        // and given their place away): a newer list is to say whether they are in the call.
+    // What the requester is refused, if anything, with `occupied` counting the room's users
+    // and `counted` whether they are among them.
+    let refusal_for = |occupied: &BTreeSet<&str>, counted: bool| {
+        let cooling = !counted
+            && record
+                .l
+                .iter()
+                .any(|l| l.user == requester && l.cooling_until > now);
+        if q.unverified {
+            (counted || occupied.len() >= q.max_users as usize).then_some(Refusal::Full)
+        } else if q.exempt {
+            None
+        } else if should_block(q.max_users, occupied, &requester) {
+            Some(Refusal::Full)
+        } else if cooling && occupied.len() + 1 >= q.max_users as usize {
+            Some(Refusal::Cooling)
+        } else {
+            None
+        }
+    };
+    let mut counted = occupied.contains(requester.as_str());
+    if counted && !reserved && !listed {
+        // Counted only by a departure: this list may predate their connection, so whether
+        // they are in the call is not known. When they would get in as a newcomer too (a free
+        // place beyond any cooling), no list can change the answer: they are decided as one.
+        let mut newcomer = occupied.clone();
+        newcomer.remove(requester.as_str());
+        if refusal_for(&newcomer, false).is_some() {
+            return None; // a newer list is to say whether they are in the call
+        }
+        occupied = newcomer;
+        counted = false;
+    }
+    if counted && !reserved && record.shown_only_by_events(&requester) {
+        // I2 is for users in the call. A join heard since the view's newest list may be of a
+        // session long over (events arrive late, a leave after its join): before such a user
+        // takes a place a newcomer could not, a list is to show them in the call.
+        let mut newcomer = occupied.clone();
+        newcomer.remove(requester.as_str());
+        if refusal_for(&newcomer, false).is_some() {
+            return None;
+        }
+    }
+    if counted && !reserved && occupied.len() >= q.max_users as usize && stale {
+        // Counted in a full room only by a list older than one already decided on (which may
+        // have shown them gone and given their place away): a newer list is to say.
         return None;
     }
-    let cooling = !counted
-        && record
-            .l
-            .iter()
-            .any(|l| l.user == requester && l.cooling_until > now);
-    let refusal = if q.unverified {
-        (counted || occupied.len() >= q.max_users as usize).then_some(Refusal::Full)
-    } else if q.exempt {
-        None
-    } else if should_block(q.max_users, &occupied, &requester) {
-        Some(Refusal::Full)
-    } else if cooling && occupied.len() + 1 >= q.max_users as usize {
-        Some(Refusal::Cooling)
-    } else {
-        None
-    };
+    let refusal = refusal_for(&occupied, counted);
     if refusal.is_some() && matches!(q.participants, Participants::Cached) && (!on_view || in_doubt)
     {
         // A refusal is decided on a fresh list only (or on the view, with no one counted for
@@ -409,7 +454,7 @@ impl RoomRecord {
     /// The list to decide on, and when it was taken ([`ON_VIEW`] for the room's view); caches
     /// a fresh one and merges it into the view. An older list never replaces a newer cached
     /// one; a list too long to cache ends the cached one.
-    fn take_list(&mut self, q: &Request) -> Option<(Listed, u64)> {
+    fn take_list(&mut self, q: &Request) -> Option<(Listed, Option<Listed>, u64)> {
         match q.participants {
             Participants::Fresh {
                 identities,
@@ -421,7 +466,7 @@ impl RoomRecord {
                 if taken_ms.saturating_add(MAX_LIST_AGE_MS) <= q.now_ms || taken_ms > q.now_ms {
                     return None;
                 }
-                let mut listed: Listed = identities
+                let listed: Listed = identities
                     .iter()
                     .map(|identity| (digest(identity), Some(user_named_by(identity))))
                     .collect();
@@ -439,19 +484,20 @@ impl RoomRecord {
                 }
                 if q.verify_ms > 0 {
                     // With the events that arrived since it was taken.
-                    listed = self.merge_list(&listed, sessions, taken_ms);
+                    let merged = self.merge_list(&listed, sessions, taken_ms);
+                    return Some((merged, Some(listed), taken_ms));
                 }
-                Some((listed, taken_ms))
+                Some((listed, None, taken_ms))
             }
             Participants::Cached => match &self.w {
                 Some(view)
                     if q.verify_ms > 0 && view.verified(q.now_ms, q.verify_ms, q.doubt_ms) =>
                 {
-                    Some((view.listed(), ON_VIEW))
+                    Some((view.listed(), None, ON_VIEW))
                 }
                 _ => self.p.as_ref().map(|p| {
                     let listed = p.identities.iter().map(|d| (d.clone(), None)).collect();
-                    (listed, p.taken)
+                    (listed, None, p.taken)
                 }),
             },
         }
@@ -489,19 +535,19 @@ impl RoomRecord {
     /// Ends the reservations of users a list taken after their latest admission (in a later
     /// millisecond: within one, which came first is not known) shows connected, and those whose
     /// time is up; both are kept as departures for lists taken before (or in the same
-    /// millisecond). A
-    /// reservation that lapsed with its user nowhere to be seen is a lapse.
-    /// On the view (`sighted` is `None`) only time ends reservations: its events ended those
-    /// of users who connected after their admission.
+    /// millisecond). A reservation that lapsed with its user nowhere to be seen is a lapse.
+    /// `seen`: the users the list showed (on the view, the users it shows). On the view
+    /// (`sighted` is `None`) only time ends reservations: its events ended those of users who
+    /// connected after their admission.
     fn settle_reservations(
         &mut self,
-        present: &BTreeSet<&str>,
+        seen: &BTreeSet<&str>,
         sighted: Option<u64>,
         now: u64,
         reservation_ms: u64,
     ) {
         for mut res in std::mem::take(&mut self.r) {
-            let shown = present.contains(res.user.as_str());
+            let shown = seen.contains(res.user.as_str());
             if let Some(taken) = sighted {
                 // The run of admissions began when its time was last set (`until` is never
                 // moved by asking again, only by being in the call).

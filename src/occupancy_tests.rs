@@ -674,13 +674,20 @@ fn a_user_listed_only_by_an_older_list_is_looked_for_again_in_a_full_room() {
 }
 
 #[test]
-fn a_user_counted_only_for_a_list_that_may_predate_them_is_looked_for_again() {
+fn a_user_counted_only_for_a_list_that_may_predate_them_is_looked_for_again_when_it_matters() {
     let store = MemoryStore::default();
     assert!(admitted(ask_on(&store, 2, &[], 0, "@f:x", 0)));
     assert!(admitted(ask_on(&store, 2, &["@f:x:D"], 10, "@a:x", 12)));
-    // A list of 5 does not show f, who may have connected since: f's request waits for one
-    // that can say.
-    assert_eq!(ask_on(&store, 2, &[], 5, "@f:x", 13), Outcome::NeedList);
+    // A list of 5 does not show f, who may have connected since. As a newcomer f would get a
+    // free place as well: no list can change the answer, and none is asked for.
+    assert!(admitted(ask_on(&store, 2, &[], 5, "@f:x", 13)));
+    // h's reservation lapsed (at 30 s) after the list of 5 was taken. In the call, h would get
+    // in; as a newcomer, h may not take the last place while cooling: a list is to say which.
+    let store = MemoryStore::default();
+    assert!(admitted(ask_on(&store, 1, &[], 0, "@h:x", 0)));
+    assert_eq!(ask_on(&store, 1, &[], 5, "@h:x", 30_001), Outcome::NeedList);
+    let fresh = ask_on(&store, 1, &[], 30_002, "@h:x", 30_002);
+    assert!(matches!(fresh, Outcome::Decided(v) if v.refusal == Some(Refusal::Cooling)));
 }
 
 /// Ended calls leave records behind for a day (pairings, lapses) that only make the guard

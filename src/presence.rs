@@ -7,7 +7,7 @@
 
 use crate::occupancy::{user_named_by, BUCKETS, MAX_PAIRING_MS, ROOM_BUDGET};
 use crate::room_record::RoomRecord;
-use crate::room_view::{Presence, View};
+use crate::room_view::{Member, Presence, View};
 use crate::store::{digest, Change, SharedStore, StoreError};
 
 /// What a webhook says of a room.
@@ -152,15 +152,33 @@ impl RoomRecord {
     /// (connected or since ended): then a departure at `at` says nothing the view does not.
     pub(crate) fn session_since(&self, user: &str, at: u64) -> bool {
         self.w.as_ref().is_some_and(|view| {
-            view.members.iter().any(|m| {
-                let named = if m.user.is_empty() {
-                    &m.identity
-                } else {
-                    &m.user
-                };
-                m.session >= at && self.user_of(&m.identity, Some(named)) == user
-            })
+            view.members
+                .iter()
+                .any(|m| m.session >= at && self.user_of_member(m) == user)
         })
+    }
+
+    /// Whether the view shows `user` (a digest) connected only by events heard since its
+    /// newest list, no list having shown them since. Such a join may be one of a session that
+    /// ended long ago: LiveKit may deliver it minutes late, with its leave still on the way.
+    pub(crate) fn shown_only_by_events(&self, user: &str) -> bool {
+        self.w.as_ref().is_some_and(|view| {
+            let mut shown = view
+                .members
+                .iter()
+                .filter(|m| !m.gone && self.user_of_member(m) == user)
+                .peekable();
+            shown.peek().is_some() && shown.all(|m| m.at > view.listed)
+        })
+    }
+
+    fn user_of_member(&self, m: &Member) -> String {
+        let named = if m.user.is_empty() {
+            &m.identity
+        } else {
+            &m.user
+        };
+        self.user_of(&m.identity, Some(named))
     }
 
     /// Drops the view's old tombstones, and the view itself once it is unverified and nothing

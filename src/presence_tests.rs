@@ -309,3 +309,27 @@ fn the_leave_of_a_session_before_the_admission_does_not_settle_a_lapse_on_the_vi
     // Alice may be in the call: carol is not refused on the view, a list is asked for.
     assert_eq!(ask(&store, "@carol:x", "@carol:x:D", 40_002), None);
 }
+
+/// A join LiveKit delivers late, after a list taken once its session was over (its leave still
+/// on the way), shows its user in the call: before that user takes a place a newcomer could
+/// not, a list is asked for, and it shows them gone.
+#[test]
+fn a_late_join_of_a_session_over_does_not_let_its_user_back_into_a_full_room() {
+    // Alice connected at 1,000 and left; a list at 20,000 shows only bob; carol is admitted.
+    // Alice's join of 1,000 arrives then, in the millisecond of that list or later.
+    for heard in [20_000, 20_500] {
+        let store = MemoryStore::default();
+        assert!(ask_listing(&store, &["@b:x:D"], "@c:x", "@c:x:D", 20_000).admitted);
+        event(&store, "@a:x:D", 1_000, Presence::Joined, heard);
+        // Bob and carol hold the two places: alice's request waits for a list...
+        assert_eq!(ask(&store, "@a:x", "@a:x:D2", 21_000), None);
+        // ...which does not show her.
+        let v = ask_listing(&store, &["@b:x:D"], "@a:x", "@a:x:D2", 21_000);
+        assert_eq!(v.refusal, Some(Refusal::Full), "heard at {heard}");
+    }
+    // In a room with a place to spare, she is decided on the view at once.
+    let store = MemoryStore::default();
+    assert!(ask_listing(&store, &[], "@c:x", "@c:x:D", 20_000).admitted);
+    event(&store, "@a:x:D", 1_000, Presence::Joined, 20_500);
+    assert!(ask(&store, "@a:x", "@a:x:D2", 21_000).is_some_and(|v| v.admitted));
+}

@@ -6,7 +6,9 @@
 //! `joined_at_ms`) replaces an older one, and within a session leaving is final; what an
 //! event established is undone only by a newer event or a list *taken* after it arrived.
 //! A mistake in that order can only make the view show someone who is gone (a place held
-//! until the next list), never hide someone connected whose events arrived.
+//! until the next list), never hide someone connected whose events arrived; and someone shown
+//! only by events since the newest list is not let into a room a newcomer could not enter
+//! until a list shows them ([`crate::occupancy`], I2).
 //!
 //! LiveKit drops an event when it cannot deliver it (its queue per room and URL holds 200
 //! events for 30 s; a send is tried five times) and says nothing of it, so a view is trusted
@@ -186,6 +188,9 @@ impl View {
         now: u64,
     ) -> bool {
         let gone = presence == Presence::Left;
+        // Heard after the newest list even in the millisecond it was taken: that list may
+        // predate the event, so only a later one undoes it.
+        let now = now.max(self.listed.saturating_add(1));
         match self.members.iter_mut().find(|m| m.identity == identity) {
             // An older session, or the same one already as far (left is final).
             Some(m) if (session, gone) <= (m.session, m.gone) => false,
