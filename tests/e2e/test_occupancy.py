@@ -1,6 +1,6 @@
 """The room's occupancy as hostile or unlucky clients meet it, against the built module in real
 Envoy: accounts that take tokens and never connect, a room limited above what one room's record
-can hold, and a participant list that arrives after a newer one. (Every order of lists,
+can hold, a participant list that arrives after a newer one, and one too long to cache. (Every order of lists,
 connections and clock steps is explored by the generated interleavings in
 src/occupancy_interleavings.rs, which drive the same core.)"""
 
@@ -10,7 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from guard import assert_channel_full, assert_token_issued, ask, counting, fill_room
-from stack import wait_until
+from realstack import LiveKitClients
+from stack import jwt_claims, wait_until
 
 RESOURCE_LIMIT = b'"errcode":"M_RESOURCE_LIMIT_EXCEEDED"'
 
@@ -81,3 +82,44 @@ def test_a_list_answered_late_never_undoes_what_a_newer_list_showed(
         fill_room(standins, room, "legacy", [("bob", "B1")])
         assert_channel_full(ask(envoy, "/sfu/get", "legacy", "dave", "D1", room))
         assert_channel_full(carol.result(timeout=30))
+
+
+# One more participant than a cached participant list holds (src/occupancy.rs, MAX_CACHED_LIST).
+CROWD = 257
+
+
+def test_a_list_too_long_to_cache_leaves_no_older_cached_list_in_force(
+        start_envoy, plugin_config, new_room, livekit):
+    """Size: 257 users are admitted on the participant list cached when the first asked (it shows
+    nobody) and connect. The last place goes on that cached list too. The next request is
+    refused on a fresh list, which shows the 257 (too many to cache) and ends their
+    reservations: the older cached list, which shows none of them, must not decide the request
+    after it. (The module of 5a2bb19's parent let both late users in: its caps failed open past
+    256 pending reservations.)"""
+    envoy = start_envoy(plugin_config(participants_cache_ms=20_000, reservation_seconds=900))
+    room = new_room(limit=CROWD + 1)
+    started = time.monotonic()
+    tokens = [ask(envoy, "/sfu/get", "legacy", f"u{n}", "D", room) for n in range(CROWD)]
+    assert [t.status_code for t in tokens] == [200] * CROWD
+    # They connect (signalling only: LiveKit lists them JOINING), eight clients at a time.
+    drivers = [LiveKitClients(name=f"crowd{i}").start() for i in range(8)]
+    try:
+        with ThreadPoolExecutor(max_workers=len(drivers)) as pool:
+            list(pool.map(lambda i: [drivers[i].join(t, signal_only=True)
+                                     for t in tokens[i::len(drivers)]], range(len(drivers))))
+        alias = jwt_claims(tokens[0].json()["jwt"])["video"]["room"]
+        wait_until(lambda: len(livekit.livekit.states(alias)) == CROWD,
+                   f"LiveKit to list {CROWD} participants", timeout=60)
+        with counting(envoy, livekit) as counts:
+            assert ask(envoy, "/sfu/get", "legacy", "last", "D", room).status_code == 200
+            assert_channel_full(ask(envoy, "/sfu/get", "legacy", "late1", "D", room))
+            assert_channel_full(ask(envoy, "/sfu/get", "legacy", "late2", "D", room))
+        elapsed = time.monotonic() - started
+    finally:
+        for driver in drivers:
+            driver.stop()
+    # Each refusal was decided on a fresh list: the second could not rest on the older one.
+    assert counts.list_participants >= 2, counts.list_participants
+    assert counts.guard.get("blocked") == 2 and counts.guard.get("allowed") == 1
+    print(f"\n{CROWD} admitted and connected, then refused twice, {elapsed:.1f} s after the "
+          f"list the first admission cached (a cached list lives at most 20 s)")
