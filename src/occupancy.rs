@@ -360,26 +360,20 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
         }
     };
     let mut counted = occupied.contains(requester.as_str());
-    if counted && !reserved && !listed {
-        // Counted only by a departure: this list may predate their connection, so whether
-        // they are in the call is not known. When they would get in as a newcomer too (a free
-        // place beyond any cooling), no list can change the answer: they are decided as one.
-        let mut newcomer = occupied.clone();
-        newcomer.remove(requester.as_str());
-        if refusal_for(&newcomer, false).is_some() {
-            return None; // a newer list is to say whether they are in the call
-        }
-        occupied = newcomer;
-        counted = false;
-    }
-    if counted && !reserved && record.shown_only_by_events(&requester) {
-        // I2 is for users in the call. A join heard since the view's newest list may be of a
-        // session long over (events arrive late, a leave after its join): before such a user
-        // takes a place a newcomer could not, a list is to show them in the call.
+    if counted && !reserved && (!listed || record.shown_only_by_events(&requester)) {
+        // Whether they are in the call is not known: they are counted only by a departure
+        // (this list may predate their connection), or shown only by events since the view's
+        // newest list (a join may arrive after its leave; I2 is for users in the call). When
+        // they would get in as a newcomer too (a free place beyond any cooling), no list can
+        // change the answer; otherwise a newer list is to say.
         let mut newcomer = occupied.clone();
         newcomer.remove(requester.as_str());
         if refusal_for(&newcomer, false).is_some() {
             return None;
+        }
+        if !listed {
+            occupied = newcomer;
+            counted = false;
         }
     }
     if counted && !reserved && occupied.len() >= q.max_users as usize && stale {
