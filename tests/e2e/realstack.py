@@ -16,8 +16,6 @@ Like :mod:`stack`, no test-framework imports.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import subprocess
@@ -38,12 +36,13 @@ from stack import (
     OnLoopback,
     Process,
     StackError,
-    _b64url,
     free_port,
     http,
     jwt_claims,
     livekit_admin_token,
     run_dir_for,
+    sign_hs256,
+    signed_by,
     tail,
     wait_until,
 )
@@ -359,11 +358,16 @@ class WebhookRelay:
 class LiveKitAPIProxy:
     """What the guard reaches as LiveKit: a pass-through to the real server's HTTP API that
     counts ``ListParticipants`` calls and can hold each answer back (``delay_ms``), for tests
-    that need a slow LiveKit. Clients connect to the real server directly."""
+    that need a slow LiveKit. Clients connect to the real server directly.
+
+    ``clock_offset``: seconds the caller's wall clock runs ahead of LiveKit's (an Envoy under
+    :class:`stack.ShiftedClock`). A token signed with the API secret has its times moved back
+    by as much, so LiveKit judges it as the caller meant it; anything else passes unchanged."""
 
     def __init__(self, target: LiveKitServer):
         self.target = target
         self.delay_ms = 0
+        self.clock_offset = 0
         self.list_participants_calls = 0
         # Answers sent back (a delayed call counts once its answer has left).
         self.answered = 0
@@ -388,6 +392,8 @@ class LiveKitAPIProxy:
                     time.sleep(proxy.delay_ms / 1000)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() in ("authorization", "content-type")}
+                for name in [k for k in headers if k.lower() == "authorization"]:
+                    headers[name] = proxy.restamped(headers[name])
                 try:
                     resp = requests.post(f"{proxy.target.url}{self.path}", data=body,
                                          headers=headers, timeout=30)
@@ -407,6 +413,18 @@ class LiveKitAPIProxy:
 
         self._server = serve(Handler)
         return self
+
+    def restamped(self, authorization: str) -> str:
+        """``Bearer <token>`` with the token's times moved back by :attr:`clock_offset`, when
+        the API secret signed it."""
+        scheme, _, token = authorization.partition(" ")
+        if not self.clock_offset or scheme != "Bearer" or not signed_by(token, self.target.secret):
+            return authorization
+        claims = jwt_claims(token)
+        for name in ("nbf", "iat", "exp"):
+            if isinstance(claims.get(name), int):
+                claims[name] -= self.clock_offset
+        return f"Bearer {sign_hs256(claims, self.target.secret)}"
 
     def stop(self) -> None:
         shut(self._server)
@@ -552,6 +570,7 @@ class RealStandIns:
             room.clear()
         self.rooms.clear()
         self.proxy.delay_ms = 0
+        self.proxy.clock_offset = 0
         self.webhooks.reset()
 
 
@@ -599,9 +618,7 @@ class ForeignHomeserver:
 def join_token(key: str, secret: str, alias: str, identity: str, ttl: int = 3600) -> str:
     """A LiveKit join token for ``identity`` in room ``alias`` (what lk-jwt-service mints)."""
     now = int(time.time())
-    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    payload = _b64url(json.dumps({
+    return sign_hs256({
         "iss": key, "sub": identity, "nbf": now - 5, "exp": now + ttl,
-        "video": {"roomJoin": True, "room": alias, "canPublish": True, "canSubscribe": True}}).encode())
-    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64url(signature)}"
+        "video": {"roomJoin": True, "room": alias, "canPublish": True, "canSubscribe": True}},
+        secret)

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -44,6 +45,9 @@ VENV_BIN = REPO / ".venv" / "bin"
 # Overridable so the same suite can run a debug build or binaries built elsewhere.
 WASM_PATH = Path(os.environ.get(
     "VLG_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "voice_limit_guard.wasm"))
+
+# The wall-clock shim of tests/clockshift (`make clockshift`): see ShiftedClock.
+CLOCKSHIFT = Path(os.environ.get("VLG_CLOCKSHIFT", REPO / "target" / "clockshift" / "clockshift.so"))
 
 SERVER_NAME = "test.local"
 OPENID_USERINFO_PATH = "/_matrix/federation/v1/openid/userinfo"
@@ -456,11 +460,23 @@ def _b64url(data: bytes) -> str:
 def livekit_admin_token(key: str, secret: str, room: str, ttl: int = 60) -> str:
     """An HS256 LiveKit token with ``roomAdmin`` for one room, as server SDKs mint per call."""
     now = int(time.time())
+    return sign_hs256({"iss": key, "nbf": now - 5, "exp": now + ttl,
+                       "video": {"roomAdmin": True, "room": room}}, secret)
+
+
+def sign_hs256(claims: dict, secret: str) -> str:
+    """An HS256 JWT carrying ``claims``."""
     header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    payload = _b64url(json.dumps({"iss": key, "nbf": now - 5, "exp": now + ttl,
-                                  "video": {"roomAdmin": True, "room": room}}).encode())
+    payload = _b64url(json.dumps(claims).encode())
     signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
     return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def signed_by(token: str, secret: str) -> bool:
+    """Whether ``token`` is an HS256 JWT signed with ``secret``."""
+    head, _, signature = token.rpartition(".")
+    expected = hmac.new(secret.encode(), head.encode(), hashlib.sha256).digest()
+    return hmac.compare_digest(_b64url(expected), signature)
 
 
 def jwt_claims(token: str) -> dict:
@@ -1483,3 +1499,34 @@ __all__ = [
     "stats_delta",
     "wait_until",
 ]
+
+
+class ShiftedClock:
+    """A wall clock that a test moves for the Envoy it starts with ``env=clock.env`` (and
+    ``host_env_keys=[]``): Envoy, and the guard in it, read the time through the shim of
+    tests/clockshift, :attr:`offset` seconds ahead of the real one. Its monotonic clock, and so
+    its timers, are left alone."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        if not CLOCKSHIFT.exists():
+            raise StackError(f"clock shim not built: {CLOCKSHIFT} (make clockshift)")
+        self.path = Path(run_dir) / "clock-offset"
+        self.offset = 0
+        self.path.write_text("0\n")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"LD_PRELOAD": str(CLOCKSHIFT), "CLOCKSHIFT_FILE": str(self.path)}
+
+    def shift(self, seconds: int, envoy: "Envoy") -> None:
+        """Move the clock ``seconds`` ahead; return once ``envoy`` tells that time (the
+        ``Date`` of its admin answers: the shim's reading is process-wide)."""
+        self.offset += seconds
+        self.path.write_text(f"{self.offset}\n")
+        wanted = time.time() + self.offset - 1
+
+        def told() -> bool:
+            date = http().get(f"{envoy.admin_url}/ready", timeout=5).headers.get("date", "")
+            return bool(date) and parsedate_to_datetime(date).timestamp() >= wanted
+
+        wait_until(told, f"{envoy.name} to tell the time {self.offset} s ahead", timeout=10)

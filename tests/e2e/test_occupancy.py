@@ -1,19 +1,20 @@
 """The room's occupancy as hostile or unlucky clients meet it, against the built module in real
 Envoy: accounts that take tokens and never connect, a room limited above what one room's record
-can hold, a participant list that arrives after a newer one, and one too long to cache. (Every order of lists,
-connections and clock steps is explored by the generated interleavings in
-src/occupancy_interleavings.rs, which drive the same core.)"""
+can hold, a participant list that arrives after a newer one, one too long to cache, and an hour
+in which nobody asks. (Every order of lists, connections and clock steps is explored by the
+generated interleavings in src/occupancy_interleavings.rs, which drive the same core.)"""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from guard import assert_channel_full, assert_token_issued, ask, counting, fill_room
+from guard import assert_channel_full, assert_token_issued, ask, counting, fill_room, identity
 from realstack import LiveKitClients
 from stack import jwt_claims, wait_until
 
 RESOURCE_LIMIT = b'"errcode":"M_RESOURCE_LIMIT_EXCEEDED"'
+HOUR_AND_A_MINUTE = 3660
 
 
 def test_accounts_that_never_connect_cannot_keep_a_room_full(start_envoy, plugin_config,
@@ -123,3 +124,35 @@ def test_a_list_too_long_to_cache_leaves_no_older_cached_list_in_force(
     assert counts.guard.get("blocked") == 2 and counts.guard.get("allowed") == 1
     print(f"\n{CROWD} admitted and connected, then refused twice, {elapsed:.1f} s after the "
           f"list the first admission cached (a cached list lives at most 20 s)")
+
+
+def test_a_quiet_hour_forgets_nobody_still_in_the_call(start_envoy, plugin_config, new_room,
+                                                        livekit, shifted_clock):
+    """Time: alice and bob take both places of a room limited to 2 and connect. Nothing asks
+    the guard about the room for an hour (Envoy's clock is moved an hour and a minute ahead):
+    their tokens have expired, their reservations lapsed, and LiveKit lists alice's first device
+    under a hashed identity that only the pairing the guard learnt says is hers. Her second
+    device still gets in; carol is refused. (The module of 5a2bb19's parent kept a pairing no
+    list saw for the token's hour, and refused alice.)"""
+    clock = shifted_clock
+    envoy = start_envoy(plugin_config(), env=clock.env, host_env_keys=[])
+    room = new_room(limit=2)
+    first = [ask(envoy, "/get_token", "new", who, device, room)
+             for who, device in (("alice", "A1"), ("bob", "B1"))]
+    for token in first:
+        livekit.connect(token)
+    claims = jwt_claims(first[0].json()["jwt"])
+    # A hashed identity: nothing in it names alice.
+    assert claims["sub"] == identity("new", "alice", "A1") and "@" not in claims["sub"]
+    alias = claims["video"]["room"]
+    wait_until(lambda: sorted(livekit.livekit.states(alias).values()) == ["ACTIVE"] * 2,
+               "alice and bob in the call", timeout=20)
+    livekit.proxy.clock_offset = HOUR_AND_A_MINUTE  # LiveKit judges the guard's API tokens
+    clock.shift(HOUR_AND_A_MINUTE, envoy)
+    assert clock.offset > claims["exp"] - claims["nbf"]  # the first tokens' lifetime is over
+    with counting(envoy) as counts:
+        assert_token_issued(ask(envoy, "/get_token", "new", "alice", "A2", room), room, "new",
+                            "alice", "A2", livekit)
+        assert_channel_full(ask(envoy, "/get_token", "new", "carol", "C1", room))
+    assert counts.guard.get("allowed") == 1 and counts.guard.get("blocked") == 1
+    assert "fail_open" not in counts.guard
