@@ -9,7 +9,7 @@ use proxy_wasm::types::{Action, BufferType, MapType, MetricType};
 
 use crate::affinity;
 use crate::config::EdgeConfig;
-use crate::host::{buffer, token_route};
+use crate::host::{buffer, posted_path};
 
 /// The edge's counters, defined once per VM.
 pub struct EdgeMetrics {
@@ -75,7 +75,13 @@ impl HttpContext for EdgeStream {
         // Whatever the request, a room header the client sent never reaches the hash.
         let _ =
             hostcalls::set_map_value(MapType::HttpRequestHeaders, &self.config.room_header, None);
-        if token_route(end_of_stream, |path| self.config.route_of(path)).is_none() {
+        // Only a POST with a body to a token path can get a token (lk-jwt-service refuses an
+        // empty body).
+        if end_of_stream
+            || posted_path()
+                .and_then(|p| self.config.route_of(&p))
+                .is_none()
+        {
             return Action::Continue;
         }
         // Routing waits for the body (this needs `allow_on_headers_stop_iteration`).

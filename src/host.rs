@@ -18,7 +18,6 @@ use crate::edge::{EdgeMetrics, EdgeStream};
 use crate::flow::Admission;
 use crate::flow::{CallKind, Counter, HttpCall, MAX_REQUEST_BODY};
 use crate::reply::LocalReply;
-use crate::route::Route;
 use crate::rtc_request::RtcHeaders;
 use crate::store::{self, Held, SharedStore, StoreError};
 use crate::stream::{self, hand_over, Host, Phase, Stream, WAIT_POLL};
@@ -479,19 +478,14 @@ fn take_call_answer(token_id: u32, num_headers: usize, body_size: usize) -> Opti
     })
 }
 
-/// The token route of the request whose headers are being read, if it is a token request: a
-/// POST with a body to a token path. A request without a body (GET, HEAD, OPTIONS preflight, a
-/// bare POST) can never get a token, as lk-jwt-service refuses an empty body; it is told apart
-/// without reading more.
-pub(crate) fn token_route(
-    end_of_stream: bool,
-    route_of: impl Fn(&str) -> Option<Route>,
-) -> Option<Route> {
-    if end_of_stream || header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
+/// The path of the request whose headers are being read, if it is a POST: the only method of
+/// token requests and LiveKit's webhooks. Anything else is told apart by one header read.
+pub(crate) fn posted_path() -> Option<String> {
+    if header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
         return None;
     }
     let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
-    route_of(&String::from_utf8_lossy(&path))
+    Some(String::from_utf8_lossy(&path).into_owned())
 }
 
 /// The headers a MatrixRTC request is decided on (a value that is not UTF-8 reads as absent).
@@ -593,13 +587,24 @@ impl GuardStream {
 
 impl HttpContext for GuardStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // A request without a body (GET, HEAD, an OPTIONS preflight, a bare POST) can never
+        // get a token, as lk-jwt-service refuses an empty body; only a webhook may have none.
+        if end_of_stream && self.config.webhooks.is_none() {
+            return Action::Continue;
+        }
+        let Some(path) = posted_path() else {
+            return Action::Continue;
+        };
         if let Some((webhook, action)) =
-            WebhookStream::start(&self.config, &self.metrics, end_of_stream)
+            WebhookStream::start(&self.config, &self.metrics, &path, end_of_stream)
         {
             self.webhook = Some(webhook);
             return action;
         }
-        let Some(route) = token_route(end_of_stream, |path| self.config.route_of(path)) else {
+        if end_of_stream {
+            return Action::Continue;
+        }
+        let Some(route) = self.config.route_of(&path) else {
             return Action::Continue;
         };
         let admission = Admission::deciding(route, self.config.decision_phase);

@@ -20,19 +20,16 @@ pub struct WebhookStream {
 }
 
 impl WebhookStream {
-    /// A stream for the request whose headers are being read, if it is a webhook: a POST to
-    /// the webhook path. A webhook without a body is taken at once.
+    /// A stream for the POST to `path` whose headers are being read, if it is a webhook: one
+    /// to the webhook path. A webhook without a body is taken at once.
     pub fn start(
         config: &Config,
         metrics: &Rc<Metrics>,
+        path: &str,
         end_of_stream: bool,
     ) -> Option<(WebhookStream, Action)> {
         let webhooks = config.webhooks.as_ref()?;
-        if header(MapType::HttpRequestHeaders, ":method").as_deref() != Some(b"POST") {
-            return None;
-        }
-        let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
-        if !config.is_webhook_path(&String::from_utf8_lossy(&path)) {
+        if !config.is_webhook_path(path) {
             return None;
         }
         let authorization = header(MapType::HttpRequestHeaders, "authorization");
