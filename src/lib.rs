@@ -21,6 +21,7 @@ pub mod affinity;
 pub mod budget;
 pub mod config;
 pub mod decision;
+mod decoded;
 pub mod flow;
 pub mod gojson;
 pub mod json;

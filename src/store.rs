@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::decoded::{decoded, remember};
 use crate::memo::{self, Memo};
 
 /// The host's shared data, as the core sees it.
@@ -111,7 +112,9 @@ pub enum Eviction {
 }
 
 /// A value kept in a bucket, written as JSON (serde_json).
-pub trait Record: Serialize + DeserializeOwned {
+pub trait Record:
+    Serialize + DeserializeOwned + Clone + PartialEq + std::fmt::Debug + 'static
+{
     /// Whether this entry, live at `now_ms`, may be evicted for another room's entry.
     fn eviction(&self, _now_ms: u64) -> Eviction {
         Eviction::Rank(0)
@@ -224,11 +227,12 @@ impl<T: Record> Buckets<T> {
     /// The live entry for `id`, if any.
     pub fn get(&self, store: &dyn SharedStore, id: &str, now_ms: u64) -> Option<T> {
         let k = digest(id);
-        let (bytes, _) = store.get(&self.key_of(bucket_index(&k, self.count)))?;
-        decode::<T>(&bytes)
-            .into_iter()
+        let key = self.key_of(bucket_index(&k, self.count));
+        let (bytes, _) = store.get(&key)?;
+        decoded(&key, bytes, decode::<T>)
+            .iter()
             .find(|entry| entry.k == k && entry.e > now_ms)
-            .map(|entry| entry.v)
+            .map(|entry| entry.v.clone())
     }
 
     /// Atomically applies `change` to the live entry for `id` (its value and expiry).
@@ -267,8 +271,9 @@ impl<T: Record> Buckets<T> {
                 Some((bytes, cas)) => (bytes, Some(cas)),
                 None => (Vec::new(), None),
             };
+            let old_size = old_bytes.len();
             // A bucket that does not parse (another version of the guard) is started afresh.
-            let mut entries: Vec<Entry<T>> = decode(&old_bytes);
+            let mut entries: Vec<Entry<T>> = decoded(&key, old_bytes, decode::<T>).to_vec();
             let old_entries = entries.len();
             entries.retain(|entry| entry.e > now_ms);
             let position = entries.iter().position(|entry| entry.k == k);
@@ -289,15 +294,20 @@ impl<T: Record> Buckets<T> {
                     entries.push(Entry { k: k.clone(), e, v });
                 }
             }
-            let (bytes, new_entries) =
-                self.encode_within_cap(entries, &k, old_bytes.len(), now_ms)?;
+            let (bytes, new_entries) = self.encode_within_cap(&entries, &k, old_size, now_ms)?;
             match store.set(&key, &bytes, cas) {
                 Ok(()) => {
                     store.account(Held {
                         keys: i64::from(cas.is_none()),
-                        bytes: bytes.len() as i64 - old_bytes.len() as i64,
+                        bytes: bytes.len() as i64 - old_size as i64,
                         entries: new_entries as i64 - old_entries as i64,
                     });
+                    // What was written is what the next read of it decodes (unless entries
+                    // had to go, which are then decoded from the bytes).
+                    if new_entries == entries.len() {
+                        debug_assert_eq!(decode::<T>(&bytes), entries, "a bucket reads back");
+                        remember(&key, bytes, entries);
+                    }
                     return Ok(());
                 }
                 Err(StoreError::CasMismatch) => continue,
@@ -314,20 +324,20 @@ impl<T: Record> Buckets<T> {
     /// [`StoreError::Full`]. Returns the bucket's bytes and how many entries they hold.
     fn encode_within_cap(
         &self,
-        entries: Vec<Entry<T>>,
+        entries: &[Entry<T>],
         keep: &str,
         old_size: usize,
         now_ms: u64,
     ) -> Result<(Vec<u8>, usize), StoreError> {
         let mut encoded: Vec<(Eviction, u64, String)> = entries
-            .into_iter()
+            .iter()
             .filter_map(|entry| {
                 let eviction = if entry.k == keep {
                     Eviction::Never
                 } else {
                     entry.v.eviction(now_ms)
                 };
-                Some((eviction, entry.e, encode_entry(&entry)?))
+                Some((eviction, entry.e, encode_entry(entry)?))
             })
             .collect();
         // "[" + entries joined by "," + "]"
