@@ -329,8 +329,16 @@ impl Reader<'_> {
                 }
                 0x00..=0x1f => return Err(self.error("control character in string")),
                 0x20..=0x7f => {
-                    out.push(byte as char);
-                    self.pos += 1;
+                    // A run of plain ASCII is taken whole.
+                    let run = self.input[self.pos..]
+                        .iter()
+                        .take_while(|b| matches!(b, 0x20..=0x7f) && !matches!(b, b'"' | b'\\'))
+                        .count();
+                    let end = self.pos + run;
+                    out.push_str(
+                        std::str::from_utf8(&self.input[self.pos..end]).unwrap_or_default(),
+                    );
+                    self.pos = end;
                 }
                 _ => self.utf8_rune(&mut out),
             }
