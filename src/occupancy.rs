@@ -196,19 +196,19 @@ pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Outcome, StoreError
                 return (Change::Keep, Outcome::NeedList);
             };
             refused_for_space = Some(verdict.clone());
-            if !record.fit(ROOM_BUDGET, &digest(q.identity)) {
+            let Some(json) = record.fit(ROOM_BUDGET, &digest(q.identity)) else {
                 if verdict.admitted {
                     verdict.refuse(Refusal::AtCapacity);
                 }
                 return (Change::Keep, Outcome::Decided(verdict));
-            }
+            };
             let change = if old.is_some_and(|(unchanged, _)| *unchanged == record) {
                 Change::Keep // a repeated decision in the same millisecond changes nothing
             } else if record.is_empty() {
                 Change::Remove
             } else {
                 let until = record.expires_at();
-                Change::Put(record, until)
+                Change::PutEncoded(record, until, json)
             };
             (change, Outcome::Decided(verdict))
         },
@@ -679,11 +679,13 @@ impl RoomRecord {
     /// Brings the record within `budget` bytes, dropping first what only saves work or
     /// weakens no limit: the cached list and the view, lapses, then pairings of identities not seen
     /// connected (oldest first; never `keep`, the identity being admitted). Whether it fits.
-    pub(crate) fn fit(&mut self, budget: usize, keep: &str) -> bool {
-        let mut size = self.size();
-        if size <= budget {
-            return true;
+    /// Its JSON when it fits (what the store then writes as is), `None` when it cannot.
+    pub(crate) fn fit(&mut self, budget: usize, keep: &str) -> Option<Vec<u8>> {
+        let json = serde_json::to_vec(self).ok()?;
+        if json.len() <= budget {
+            return Some(json);
         }
+        let mut size = json.len();
         let entry_size = |bytes: usize| bytes + 1; // and its comma
         if let Some(p) = self.p.take() {
             size -= serde_json::to_vec(&p).map_or(0, |b| b.len()).min(size);
@@ -718,7 +720,9 @@ impl RoomRecord {
             let gone = self.i.remove(oldest);
             size -= entry_size(serde_json::to_vec(&gone).map_or(0, |b| b.len())).min(size);
         }
-        self.size() <= budget
+        serde_json::to_vec(self)
+            .ok()
+            .filter(|json| json.len() <= budget)
     }
 
     /// When the record may be dropped: nothing in it matters after that.

@@ -51,12 +51,15 @@ pub fn observe(
             return (Change::Keep, Applied::Known);
         }
         // Past the room's budget, the view goes first: decisions then ask LiveKit.
-        record.fit(ROOM_BUDGET, "");
+        let json = record.fit(ROOM_BUDGET, "");
         let change = if record.is_empty() {
             Change::Remove
         } else {
             let until = record.expires_at();
-            Change::Put(record, until)
+            match json {
+                Some(json) => Change::PutEncoded(record, until, json),
+                None => Change::Put(record, until),
+            }
         };
         (change, Applied::Changed)
     })

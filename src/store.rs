@@ -164,12 +164,24 @@ fn encode_entry<T: Record>(entry: &Entry<T>) -> Option<String> {
     serde_json::to_string(entry).ok()
 }
 
+/// The same, given the value's JSON: `[id, expiry, value]` as serde_json writes it.
+fn encode_entry_with<T>(entry: &Entry<T>, value: &[u8]) -> Option<String> {
+    let mut out = serde_json::to_string(&(&entry.k, entry.e)).ok()?;
+    out.pop(); // the closing bracket
+    out.push(',');
+    out.push_str(std::str::from_utf8(value).ok()?);
+    out.push(']');
+    Some(out)
+}
+
 /// What an update does to an entry.
 pub enum Change<T> {
     /// Leave the bucket as it is (no write).
     Keep,
     /// Store this value until this time (ms since the epoch).
     Put(T, u64),
+    /// The same, with the value's JSON as serde_json writes it (so it is written only once).
+    PutEncoded(T, u64, Vec<u8>),
     Remove,
 }
 
@@ -278,6 +290,14 @@ impl<T: Record> Buckets<T> {
             entries.retain(|entry| entry.e > now_ms);
             let position = entries.iter().position(|entry| entry.k == k);
             let change = change(position.map(|i| (&entries[i].v, entries[i].e)));
+            // The written value and its JSON, when the change gives it.
+            let (change, json) = match change {
+                Change::PutEncoded(v, e, json) => {
+                    debug_assert_eq!(serde_json::to_vec(&v).ok().as_ref(), Some(&json));
+                    (Change::Put(v, e), Some(json))
+                }
+                change => (change, None),
+            };
             match change {
                 Change::Keep => return Ok(()),
                 Change::Remove => match position {
@@ -287,14 +307,16 @@ impl<T: Record> Buckets<T> {
                     // Nothing to remove: no write, and no CAS change for the bucket's others.
                     None => return Ok(()),
                 },
-                Change::Put(v, e) => {
+                Change::Put(v, e) | Change::PutEncoded(v, e, _) => {
                     if let Some(i) = position {
                         entries.remove(i);
                     }
                     entries.push(Entry { k: k.clone(), e, v });
                 }
             }
-            let (bytes, new_entries) = self.encode_within_cap(&entries, &k, old_size, now_ms)?;
+            let own = json.as_deref().map(|json| (k.as_str(), json));
+            let (bytes, new_entries) =
+                self.encode_within_cap(&entries, own, &k, old_size, now_ms)?;
             match store.set(&key, &bytes, cas) {
                 Ok(()) => {
                     store.account(Held {
@@ -325,6 +347,7 @@ impl<T: Record> Buckets<T> {
     fn encode_within_cap(
         &self,
         entries: &[Entry<T>],
+        own: Option<(&str, &[u8])>,
         keep: &str,
         old_size: usize,
         now_ms: u64,
@@ -337,7 +360,11 @@ impl<T: Record> Buckets<T> {
                 } else {
                     entry.v.eviction(now_ms)
                 };
-                Some((eviction, entry.e, encode_entry(entry)?))
+                let json = match own {
+                    Some((k, value)) if k == entry.k => encode_entry_with(entry, value)?,
+                    _ => encode_entry(entry)?,
+                };
+                Some((eviction, entry.e, json))
             })
             .collect();
         // "[" + entries joined by "," + "]"
