@@ -196,15 +196,18 @@ pub fn admit(store: &dyn SharedStore, q: &Request) -> Result<Outcome, StoreError
                 return (Change::Keep, Outcome::NeedList);
             };
             refused_for_space = Some(verdict.clone());
+            if old.is_some_and(|(unchanged, _)| *unchanged == record) {
+                // Most refusals, and a repeated decision in the same millisecond, change
+                // nothing: the record stays as written, within its budget.
+                return (Change::Keep, Outcome::Decided(verdict));
+            }
             let Some(json) = record.fit(ROOM_BUDGET, &digest(q.identity)) else {
                 if verdict.admitted {
                     verdict.refuse(Refusal::AtCapacity);
                 }
                 return (Change::Keep, Outcome::Decided(verdict));
             };
-            let change = if old.is_some_and(|(unchanged, _)| *unchanged == record) {
-                Change::Keep // a repeated decision in the same millisecond changes nothing
-            } else if record.is_empty() {
+            let change = if record.is_empty() {
                 Change::Remove
             } else {
                 let until = record.expires_at();
