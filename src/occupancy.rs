@@ -681,8 +681,8 @@ impl RoomRecord {
 
     /// Brings the record within `budget` bytes, dropping first what only saves work or
     /// weakens no limit: the cached list and the view, lapses, then pairings of identities not seen
-    /// connected (oldest first; never `keep`, the identity being admitted). Whether it fits.
-    /// Its JSON when it fits (what the store then writes as is), `None` when it cannot.
+    /// connected (oldest first; never `keep`, the identity being admitted). Its JSON when it
+    /// fits (what the store then writes as is), `None` when it cannot.
     pub(crate) fn fit(&mut self, budget: usize, keep: &str) -> Option<Vec<u8>> {
         let json = serde_json::to_vec(self).ok()?;
         if json.len() <= budget {
