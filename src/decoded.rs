@@ -9,8 +9,9 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
+
+use crate::memo::Memo;
 
 /// Buckets kept per VM before the memo starts afresh (at most 32 KiB of bytes each); a
 /// request reads at most seven.
@@ -22,7 +23,7 @@ struct Decoded {
 }
 
 thread_local! {
-    static LAST: RefCell<HashMap<String, Decoded>> = RefCell::new(HashMap::new());
+    static LAST: RefCell<Memo<Decoded>> = RefCell::new(Memo::bounded(CAPACITY));
 }
 
 /// `decode(&bytes)` of the bucket `key`, from the memo when this VM decoded these very bytes
@@ -50,10 +51,7 @@ pub fn remember<V: 'static>(key: &str, bytes: Vec<u8>, value: V) {
 fn keep(key: &str, bytes: Vec<u8>, value: Rc<dyn Any>) {
     LAST.with(|last| {
         if let Ok(mut last) = last.try_borrow_mut() {
-            if last.len() >= CAPACITY && !last.contains_key(key) {
-                last.clear();
-            }
-            last.insert(key.to_owned(), Decoded { bytes, value });
+            last.keep(key, Decoded { bytes, value });
         }
     });
 }
@@ -97,7 +95,10 @@ mod tests {
             for i in 0..CAPACITY + 1 {
                 length_of(&format!("memo.bound.{i}"), b"[]", &mut decodes);
             }
-            assert!(LAST.with(|l| l.borrow().len()) <= CAPACITY, "round {round}");
+            assert!(
+                LAST.with(|l| l.borrow().held()) <= CAPACITY,
+                "round {round}"
+            );
         }
     }
 }

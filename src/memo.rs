@@ -17,26 +17,50 @@ pub const CAPACITY: usize = 512;
 /// One kind of derived name, by the text it was derived from.
 pub struct Memo<V> {
     names: HashMap<String, V>,
+    capacity: usize,
 }
 
 impl<V> Default for Memo<V> {
     fn default() -> Self {
+        Memo::bounded(CAPACITY)
+    }
+}
+
+impl<V> Memo<V> {
+    /// A memo that starts afresh past `capacity` names.
+    pub fn bounded(capacity: usize) -> Self {
         Memo {
             names: HashMap::new(),
+            capacity,
         }
+    }
+
+    /// What is kept for `text`, if anything.
+    pub fn get(&self, text: &str) -> Option<&V> {
+        self.names.get(text)
+    }
+
+    /// Keeps `value` for `text`, starting afresh first when the memo is full.
+    pub fn keep(&mut self, text: &str, value: V) {
+        if self.names.len() >= self.capacity && !self.names.contains_key(text) {
+            self.names.clear();
+        }
+        self.names.insert(text.to_owned(), value);
+    }
+
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.names.len()
     }
 }
 
 impl<V: Clone> Memo<V> {
     fn name(&mut self, text: &str, derive: impl FnOnce(&str) -> V) -> V {
-        if let Some(name) = self.names.get(text) {
+        if let Some(name) = self.get(text) {
             return name.clone();
         }
         let name = derive(text);
-        if self.names.len() >= CAPACITY {
-            self.names.clear();
-        }
-        self.names.insert(text.to_owned(), name.clone());
+        self.keep(text, name.clone());
         name
     }
 }
@@ -80,6 +104,6 @@ mod tests {
         assert_eq!(derived, CAPACITY, "asked again, a name comes from the memo");
         // One more id starts the memo afresh rather than growing it.
         named(&LENGTHS, "!one-more:example.com", |t| t.len());
-        LENGTHS.with(|memo| assert_eq!(memo.borrow().names.len(), 1));
+        LENGTHS.with(|memo| assert_eq!(memo.borrow().held(), 1));
     }
 }

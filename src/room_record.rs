@@ -203,6 +203,7 @@ impl RoomRecord {
     }
 
     /// The bytes the record takes in its bucket.
+    #[cfg(test)]
     pub fn size(&self) -> usize {
         serde_json::to_vec(self).map_or(usize::MAX, |bytes| bytes.len())
     }
