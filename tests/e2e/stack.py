@@ -1470,37 +1470,6 @@ def huge_json(size: int) -> bytes:
     return ('{"participants":[' + ",".join(parts_p) + '],"state":[' + ",".join(parts_e) + "]}").encode()
 
 
-__all__ = [
-    "AppService",
-    "ConfigRejected",
-    "DELETE",
-    "Envoy",
-    "FaultServer",
-    "Process",
-    "StackError",
-    "Synapse",
-    "default_plugin_config",
-    "free_port",
-    "go_json_string_list",
-    "http",
-    "huge_json",
-    "install_signal_handlers",
-    "port_is_free",
-    "join_body",
-    "jwt_claims",
-    "livekit_admin_token",
-    "livekit_alias",
-    "livekit_identity",
-    "merge",
-    "openid_token",
-    "quote_segment",
-    "rejection_lines",
-    "rtc_identity",
-    "stats_delta",
-    "wait_until",
-]
-
-
 class ShiftedClock:
     """A wall clock that a test moves for the Envoy it starts with ``env=clock.env`` (and
     ``host_env_keys=[]``): Envoy, and the guard in it, read the time through the shim of
@@ -1530,3 +1499,38 @@ class ShiftedClock:
             return bool(date) and parsedate_to_datetime(date).timestamp() >= wanted
 
         wait_until(told, f"{envoy.name} to tell the time {self.offset} s ahead", timeout=10)
+
+
+__all__ = [
+    "AppService",
+    "ConfigRejected",
+    "DELETE",
+    "Envoy",
+    "FaultServer",
+    "Process",
+    "StackError",
+    "Synapse",
+    "default_plugin_config",
+    "free_port",
+    "go_json_string_list",
+    "http",
+    "huge_json",
+    "install_signal_handlers",
+    "port_is_free",
+    "join_body",
+    "jwt_claims",
+    "livekit_admin_token",
+    "livekit_alias",
+    "livekit_identity",
+    "merge",
+    "openid_token",
+    "quote_segment",
+    "rejection_lines",
+    "rtc_identity",
+    "ShiftedClock",
+    "sign_hs256",
+    "signed_by",
+    "stats_delta",
+    "wait_until",
+]
+
