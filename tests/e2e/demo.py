@@ -49,6 +49,7 @@ from stack import (  # noqa: E402  (the path above makes the harness importable)
     http,
     install_signal_handlers,
     join_body,
+    jwt_claims,
     livekit_alias,
     openid_token,
     rejection_lines,
@@ -288,8 +289,9 @@ class Walkthrough:
         self.clients = clients
         self.out = out
         self.failures: list[str] = []
-        # (who, device) -> the LiveKit client connected with that token
+        # (who, device) -> the LiveKit client connected with that token, and its identity
         self.connected: dict[tuple[str, str], str] = {}
+        self.identities: dict[tuple[str, str], str] = {}
 
     def run(self, steps: list[Step]) -> None:
         for step in steps:
@@ -324,6 +326,7 @@ class Walkthrough:
         """Join LiveKit with the issued JWT, as a client would; a failure fails the step."""
         try:
             self.connected[(step.who, step.device)] = self.clients.join(resp)
+            self.identities[(step.who, step.device)] = jwt_claims(resp.json()["jwt"])["sub"]
         except (StackError, requests.RequestException, ValueError, KeyError) as exc:
             self.failures.append(f"connecting to LiveKit with the issued token: {exc}")
             return f" (but connecting to LiveKit failed: {exc})"
@@ -421,6 +424,12 @@ class Demo:
         walk.leave("bob", "B1")
         wait_until(lambda: len(self.livekit.list_participants(livekit_alias(limited))) == 2,
                    "LiveKit to drop bob", 15)
+        # LiveKit lists bob as gone a few milliseconds before it posts participant_left; the
+        # guard frees his place when that webhook arrives, not before.
+        bob = walk.identities.get(("bob", "B1"), "")
+        wait_until(lambda: self.livekit.delivered("participant_left", bob),
+                   "LiveKit's participant_left of bob to reach the guard", 15)
+        print("  LiveKit posts participant_left of bob to /sfu_webhook: the guard frees his place")
         walk.run([token_step("carol", "C1", limited, 200, "token issued: bob's place is free")])
         self.print_call(limited)
         open_room = self.new_room("Open call", None)

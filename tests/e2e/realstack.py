@@ -128,6 +128,22 @@ class LiveKitServer(OnLoopback):
         if resp.status_code not in (200, 404, 503):
             raise StackError(f"RemoveParticipant: HTTP {resp.status_code} {resp.text[:300]}")
 
+    def delivered(self, event: str, identity: str) -> bool:
+        """Whether LiveKit's log shows ``event`` of ``identity`` posted to a webhook URL and
+        answered 200. LiveKit writes that line once the answer is back, so whatever read the
+        webhook on its way (the guard) has read it."""
+        for line in (self.dir / "livekit.log").read_text(errors="replace").splitlines():
+            if "sent webhook" not in line or "{" not in line:
+                continue
+            try:
+                fields = json.loads(line[line.index("{"):])
+            except ValueError:
+                continue
+            if (fields.get("event"), fields.get("participant"), fields.get("statusCode")) == \
+                    (event, identity, 200):
+                return True
+        return False
+
     def states(self, alias: str) -> dict[str, str]:
         """Identity -> state of each participant LiveKit lists in the room."""
         return {p["identity"]: p.get("state", "JOINING") for p in self.list_participants(alias)}
