@@ -13,7 +13,7 @@ LIVEKIT  := target/livekit/$(LIVEKIT_VERSION)/server
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
 TOOLS    := $(CURDIR)/target/tools
 
-.PHONY: all build livekit lkstack clockshift venv test test-unit test-wasm test-monitoring test-e2e envoy-oldest lint demo bench clean
+.PHONY: all build livekit lkstack clockshift venv test test-unit test-wasm test-monitoring test-e2e envoy-oldest lint demo bench bench-ab clean
 
 all: build
 
@@ -188,6 +188,13 @@ demo: build livekit lkstack venv
 bench: build livekit lkstack venv
 	VLG_WASM_OPT="$(if $(WASM_OPT),$(WASM_OPT) $(WASM_OPT_FLAGS))" $(VENV)/bin/python bench/bench.py
 	$(VENV)/bin/python bench/join_latency.py
+
+## Paired A/B of modules in Envoy (bench/ab.py): MODULES="a.wasm b.wasm" (or "empty"),
+## AB_SCENARIO (default allowed), AB_ROUNDS (default 7).
+AB_SCENARIO ?= allowed
+AB_ROUNDS ?= 7
+bench-ab: venv
+	$(VENV)/bin/python bench/ab.py $(AB_SCENARIO) $(AB_ROUNDS) $(MODULES)
 
 clean:
 	$(CARGO) clean
