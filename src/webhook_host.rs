@@ -1,7 +1,11 @@
 //! The host adapter of LiveKit's webhooks ([`crate::webhook`]): a POST to `webhooks.path` is
 //! read as it streams past, never held, and goes on to lk-jwt-service unchanged; with
-//! `webhooks.answer` the guard holds it and answers it itself (200, or 401 for a webhook
-//! without LiveKit's signature), and nothing reaches the upstream.
+//! `webhooks.answer` the guard holds its body and answers it itself (200, or 401 for a webhook
+//! without LiveKit's signature), and the body never reaches the upstream. The headers go
+//! upstream in both modes (holding them would stall hosts without
+//! `allow_on_headers_stop_iteration`), so the path must lead to an upstream that reads a
+//! request's body before it answers, as lk-jwt-service does: once an answer that came on the
+//! headers alone is complete, Envoy passes no more of the request through the filter.
 
 use std::rc::Rc;
 

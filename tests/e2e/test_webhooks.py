@@ -14,6 +14,7 @@ import concurrent.futures
 import hashlib
 import hmac
 import json
+import socket
 import time
 from typing import Any
 
@@ -268,6 +269,34 @@ def test_the_guard_answers_webhooks_itself_when_configured(
     assert post_webhook(call.envoy, body, "forged", path=path).status_code == 401
     # Nothing reached lk-jwt-service.
     assert real_lk_jwt.stats()["webhooks"] == jwt_before
+
+
+def test_the_guard_answers_a_webhook_whose_headers_reached_lk_jwt_service_first(
+        start_envoy, plugin_config, new_room, livekit):
+    """With ``answer``, a webhook's headers still go upstream (holding them would stall hosts
+    without ``allow_on_headers_stop_iteration``). lk-jwt-service reads a body before it
+    answers, even on a path it does not serve, so the guard reads the event and answers."""
+    path = "/voice-limit-guard/livekit"
+    call = Call(start_envoy, plugin_config, new_room, livekit, limit=1, path=path, answer=True)
+    body = participant_event("participant_left", "!nowhere", "@nobody:test.local:D1", 1)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {sign(body)}\r\n"
+            f"Content-Type: application/webhook+json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", call.envoy.port), timeout=10) as conn:
+        conn.sendall(head.encode())
+        poll(lambda: upstream_requests_active(call.envoy) == 1, "the headers to reach lk-jwt-service", 10)
+        conn.sendall(body)
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"content-length: 0" in answer.lower()
+    assert call.events_read() == 1
+
+
+def upstream_requests_active(envoy: Any) -> int:
+    """Requests Envoy has open to lk-jwt-service (the cluster every path leads to)."""
+    resp = requests.get(f"{envoy.admin_url}/stats", timeout=5, params={
+        "filter": r"^cluster\.lk_jwt\.upstream_rq_active$", "format": "json"})
+    resp.raise_for_status()
+    return sum(int(s.get("value", 0)) for s in resp.json().get("stats", []))
 
 
 def test_until_webhooks_arrive_every_decision_asks_livekit(
