@@ -680,6 +680,9 @@ impl HttpContext for GuardStream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Some(webhook) = &mut self.webhook {
+            return webhook.on_response();
+        }
         let Some(stream) = self.pending() else {
             return Action::Continue;
         };

@@ -125,6 +125,16 @@ impl Intake {
         }
     }
 
+    /// The body will not be read: an answer came before it was whole (an upstream that
+    /// answered on the headers alone), and the host passes no more of it to the filter. A
+    /// webhook LiveKit signed is then lost to the guard: unreadable.
+    pub fn cut_short(self) -> Received {
+        match self.signed_for {
+            Ok(_) => Received::Unreadable("answered upstream before its body was read"),
+            Err(refusal) => Received::Refused(refusal),
+        }
+    }
+
     /// The body is complete: checks it against the token and reads it.
     pub fn finish(self) -> Received {
         let expected = match self.signed_for {

@@ -5,7 +5,8 @@
 //! upstream in both modes (holding them would stall hosts without
 //! `allow_on_headers_stop_iteration`), so the path must lead to an upstream that reads a
 //! request's body before it answers, as lk-jwt-service does: once an answer that came on the
-//! headers alone is complete, Envoy passes no more of the request through the filter.
+//! headers alone is complete, Envoy passes no more of the request through the filter. Such an
+//! answer makes the webhook unreadable (every view in doubt), in either mode.
 
 use std::rc::Rc;
 
@@ -88,15 +89,28 @@ impl WebhookStream {
         self.finish()
     }
 
+    /// The upstream's answer. One that comes before the whole body did ends what the filter
+    /// sees of the request: the webhook is not read, and every view is put in doubt.
+    pub fn on_response(&mut self) -> Action {
+        if let Some(intake) = self.intake.take() {
+            self.settle(&intake.cut_short());
+        }
+        Action::Continue
+    }
+
+    fn settle(&self, received: &Received) {
+        let store = HostStore::new(&self.metrics);
+        for counter in webhook::settle(received, &store, now_ms()) {
+            self.metrics.count(counter);
+        }
+    }
+
     fn finish(&mut self) -> Action {
         let Some(intake) = self.intake.take() else {
             return Action::Continue;
         };
         let received = intake.finish();
-        let store = HostStore::new(&self.metrics);
-        for counter in webhook::settle(&received, &store, now_ms()) {
-            self.metrics.count(counter);
-        }
+        self.settle(&received);
         if !self.answer {
             return Action::Continue;
         }

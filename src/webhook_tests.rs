@@ -199,3 +199,21 @@ fn a_signed_body_longer_than_the_guard_reads_is_unreadable_and_memory_stays_boun
     intake.feed(body.as_bytes());
     assert!(intake.body.is_empty());
 }
+
+#[test]
+fn a_webhook_cut_short_by_an_answer_is_unreadable_when_signed_and_refused_otherwise() {
+    let (first, _) = BODY.as_bytes().split_at(77);
+    let mut intake = Intake::new(Some(TOKEN.as_bytes()), KEY, SECRET, NOW);
+    intake.feed(first);
+    assert!(matches!(intake.cut_short(), Received::Unreadable(_)));
+    let intake = Intake::new(Some(b"not a token"), KEY, SECRET, NOW);
+    assert_eq!(intake.cut_short(), Received::Refused(Refusal::Malformed));
+    // Doubt follows only from what LiveKit signed.
+    let store = crate::store::MemoryStore::default();
+    let unsigned = Intake::new(None, KEY, SECRET, NOW).cut_short();
+    assert!(!settle(&unsigned, &store, 5_000).contains(&Counter::WebhooksUnreadable));
+    assert_eq!(crate::room_view::doubt_since(&store), 0);
+    let signed = Intake::new(Some(TOKEN.as_bytes()), KEY, SECRET, NOW).cut_short();
+    assert!(settle(&signed, &store, 5_000).contains(&Counter::WebhooksUnreadable));
+    assert_eq!(crate::room_view::doubt_since(&store), 5_000);
+}

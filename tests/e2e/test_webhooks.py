@@ -272,23 +272,44 @@ def test_the_guard_answers_webhooks_itself_when_configured(
 
 
 def test_the_guard_answers_a_webhook_whose_headers_reached_lk_jwt_service_first(
-        start_envoy, plugin_config, new_room, livekit):
+        start_envoy, plugin_config):
     """With ``answer``, a webhook's headers still go upstream (holding them would stall hosts
     without ``allow_on_headers_stop_iteration``). lk-jwt-service reads a body before it
     answers, even on a path it does not serve, so the guard reads the event and answers."""
     path = "/voice-limit-guard/livekit"
-    call = Call(start_envoy, plugin_config, new_room, livekit, limit=1, path=path, answer=True)
+    # No relay posts LiveKit's own webhooks to this Envoy: the one below is the only one.
+    envoy = start_envoy(plugin_config(webhooks={"path": path, "answer": True}))
     body = participant_event("participant_left", "!nowhere", "@nobody:test.local:D1", 1)
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {sign(body)}\r\n"
             f"Content-Type: application/webhook+json\r\nContent-Length: {len(body)}\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", call.envoy.port), timeout=10) as conn:
+    with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as conn:
         conn.sendall(head.encode())
-        poll(lambda: upstream_requests_active(call.envoy) == 1, "the headers to reach lk-jwt-service", 10)
+        poll(lambda: upstream_requests_active(envoy) == 1, "the headers to reach lk-jwt-service", 10)
         conn.sendall(body)
         answer = conn.recv(4096)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert b"content-length: 0" in answer.lower()
-    assert call.events_read() == 1
+    stats = envoy.stats()
+    assert stats["webhooks_accepted"] == 1 and stats["webhooks_unreadable"] == 0
+
+
+def test_a_webhook_answered_upstream_before_its_body_puts_views_in_doubt(
+        start_envoy, plugin_config, fault_server):
+    """An upstream answering on the headers alone (lk-jwt-service does not; a misrouted path
+    might) ends what Envoy passes through the filter: the guard never reads that event, so it
+    counts the webhook unreadable and trusts no view until LiveKit lists it again."""
+    upstream = fault_server("early", body={"from": "the upstream"})
+    envoy = start_envoy(plugin_config(webhooks={"path": WEBHOOK_PATH}), lk_jwt=upstream)
+    body = participant_event("participant_left", "!nowhere", "@nobody:test.local:D1", 1)
+    head = (f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {sign(body)}\r\n"
+            f"Content-Type: application/webhook+json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as conn:
+        conn.sendall(head.encode())
+        answer = conn.recv(4096)
+        conn.sendall(body)
+    assert b"the upstream" in answer, answer[:300]
+    stats = envoy.wait_for_stats({"webhooks_received": 1})
+    assert stats["webhooks_unreadable"] == 1 and stats["webhooks_accepted"] == 0
 
 
 def upstream_requests_active(envoy: Any) -> int:
