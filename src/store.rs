@@ -290,24 +290,23 @@ impl<T: Record> Buckets<T> {
             entries.retain(|entry| entry.e > now_ms);
             let position = entries.iter().position(|entry| entry.k == k);
             let change = change(position.map(|i| (&entries[i].v, entries[i].e)));
-            // The written value and its JSON, when the change gives it.
-            let (change, json) = match change {
+            // The value to write, if any, and its JSON when the change gives it.
+            let (put, json) = match change {
+                Change::Keep => return Ok(()),
+                Change::Remove => (None, None),
+                Change::Put(v, e) => (Some((v, e)), None),
                 Change::PutEncoded(v, e, json) => {
                     debug_assert_eq!(serde_json::to_vec(&v).ok().as_ref(), Some(&json));
-                    (Change::Put(v, e), Some(json))
+                    (Some((v, e)), Some(json))
                 }
-                change => (change, None),
             };
-            match change {
-                Change::Keep => return Ok(()),
-                Change::Remove => match position {
-                    Some(i) => {
-                        entries.remove(i);
-                    }
-                    // Nothing to remove: no write, and no CAS change for the bucket's others.
-                    None => return Ok(()),
-                },
-                Change::Put(v, e) | Change::PutEncoded(v, e, _) => {
+            match (put, position) {
+                // Nothing to remove: no write, and no CAS change for the bucket's others.
+                (None, None) => return Ok(()),
+                (None, Some(i)) => {
+                    entries.remove(i);
+                }
+                (Some((v, e)), position) => {
                     if let Some(i) = position {
                         entries.remove(i);
                     }
