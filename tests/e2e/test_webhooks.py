@@ -280,10 +280,8 @@ def test_the_guard_answers_a_webhook_whose_headers_reached_lk_jwt_service_first(
     # No relay posts LiveKit's own webhooks to this Envoy: the one below is the only one.
     envoy = start_envoy(plugin_config(webhooks={"path": path, "answer": True}))
     body = participant_event("participant_left", "!nowhere", "@nobody:test.local:D1", 1)
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {sign(body)}\r\n"
-            f"Content-Type: application/webhook+json\r\nContent-Length: {len(body)}\r\n\r\n")
     with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as conn:
-        conn.sendall(head.encode())
+        conn.sendall(webhook_head(path, body))
         poll(lambda: upstream_requests_active(envoy) == 1, "the headers to reach lk-jwt-service", 10)
         conn.sendall(body)
         answer = conn.recv(4096)
@@ -301,15 +299,20 @@ def test_a_webhook_answered_upstream_before_its_body_puts_views_in_doubt(
     upstream = fault_server("early", body={"from": "the upstream"})
     envoy = start_envoy(plugin_config(webhooks={"path": WEBHOOK_PATH}), lk_jwt=upstream)
     body = participant_event("participant_left", "!nowhere", "@nobody:test.local:D1", 1)
-    head = (f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {sign(body)}\r\n"
-            f"Content-Type: application/webhook+json\r\nContent-Length: {len(body)}\r\n\r\n")
     with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as conn:
-        conn.sendall(head.encode())
+        conn.sendall(webhook_head(WEBHOOK_PATH, body))
         answer = conn.recv(4096)
         conn.sendall(body)
     assert b"the upstream" in answer, answer[:300]
     stats = envoy.wait_for_stats({"webhooks_received": 1})
     assert stats["webhooks_unreadable"] == 1 and stats["webhooks_accepted"] == 0
+
+
+def webhook_head(path: str, body: bytes) -> bytes:
+    """The request line and headers of a webhook LiveKit signed for ``body``, sent on their
+    own so that the body can follow later."""
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {sign(body)}\r\n"
+            f"Content-Type: application/webhook+json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
 
 
 def upstream_requests_active(envoy: Any) -> int:
