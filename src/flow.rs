@@ -165,10 +165,15 @@ pub enum Counter {
     WebhooksUnreadable,
     /// Decisions taken on a room's view kept by webhooks, where LiveKit would have been asked.
     LivekitLookupsAvoided,
+    /// Places reserved on a request and given back as its stream ended (reset, timed out,
+    /// client gone) before lk-jwt-service's token passed whole.
+    Abandoned,
+    /// Places of requesters nobody verified moved to the user the token issued names.
+    Rekeyed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 29] = [
+    pub const ALL: [Counter; 31] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -198,6 +203,8 @@ impl Counter {
         Counter::WebhooksRefused,
         Counter::WebhooksUnreadable,
         Counter::LivekitLookupsAvoided,
+        Counter::Abandoned,
+        Counter::Rekeyed,
     ];
 }
 
@@ -394,12 +401,21 @@ enum Stage {
     /// Request phase: the request went on undecided (the reason): lk-jwt-service refuses
     /// such a request, and a 200 for it is answered 503.
     Unchecked(String),
-    /// Request phase: the request went on with a place; its answer is watched, and the hold
-    /// the admission took on the reservation of the requester named here is given back if
-    /// lk-jwt-service refuses it.
-    Watching(Watch, Option<String>),
+    /// Request phase: the request went on with a place; its answer is watched. The hold the
+    /// admission took on a reservation is given back if lk-jwt-service refuses the token or
+    /// the stream ends before the token passed whole, and pinned once it did.
+    Watching(Watch, Option<Hold>),
     /// Passed or replaced; nothing more to do.
     Done,
+}
+
+/// The hold a request-phase admission took on a reservation, until its token has passed.
+#[derive(Debug)]
+struct Hold {
+    /// The requester the place was reserved for (a stand-in, when `unverified`).
+    requester: String,
+    /// Nobody verified who asked: the token issued names whose place it is.
+    unverified: bool,
 }
 
 /// One token request on its way through the guard.
@@ -623,17 +639,19 @@ impl Admission {
         env: &Env,
     ) -> Vec<Effect> {
         match std::mem::replace(&mut self.stage, Stage::Done) {
-            Stage::Watching(watch, _) if status == Some(200) => {
+            Stage::Watching(watch, hold) if status == Some(200) => {
                 if end_of_stream {
+                    // No token can have passed: the place is given back.
                     let mut effects = self.mismatch(&watch, "the 200 has no body".to_owned());
+                    effects.extend(self.release(&watch, hold.as_ref(), Counter::Released, env));
                     effects.push(Effect::PassResponse);
                     return effects;
                 }
-                self.stage = Stage::Watching(watch, None);
+                self.stage = Stage::Watching(watch, hold);
                 vec![Effect::PassResponse]
             }
-            Stage::Watching(watch, holds) => {
-                let mut effects = self.release(&watch, holds.as_deref(), env);
+            Stage::Watching(watch, hold) => {
+                let mut effects = self.release(&watch, hold.as_ref(), Counter::Released, env);
                 effects.push(Effect::PassResponse);
                 effects
             }
@@ -647,13 +665,20 @@ impl Admission {
     }
 
     /// Gives back the hold a request-phase admission took on its requester's reservation, as
-    /// lk-jwt-service refused its token; the place is free once no admission holds it.
-    fn release(&self, watch: &Watch, holder: Option<&str>, env: &Env) -> Vec<Effect> {
-        let Some(requester) = holder else {
+    /// no token reached the client (lk-jwt-service refused it, or the stream ended first);
+    /// the place is free once no admission holds it, counted as `counter`.
+    fn release(
+        &self,
+        watch: &Watch,
+        hold: Option<&Hold>,
+        counter: Counter,
+        env: &Env,
+    ) -> Vec<Effect> {
+        let Some(Hold { requester, .. }) = hold else {
             return Vec::new();
         };
         match occupancy::release(env.store, &watch.room, requester, env.now_ms()) {
-            Ok(true) => vec![Effect::Count(Counter::Released)],
+            Ok(true) => vec![Effect::Count(counter)],
             Ok(false) => Vec::new(),
             Err(e) => {
                 log::warn!(
@@ -690,9 +715,15 @@ impl Admission {
         self.advance(env)
     }
 
-    /// A part of a watched 200's body (step 3, MatrixRTC); at its end, the token is checked
-    /// against what was counted.
-    pub fn on_response_chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<Effect> {
+    /// A part of a watched 200's body (step 3, request phase); at its end, the token is
+    /// checked against what was counted, and the place it was reserved is its user's
+    /// ([`Admission::issued`]).
+    pub fn on_response_chunk(
+        &mut self,
+        chunk: &[u8],
+        end_of_stream: bool,
+        env: &Env,
+    ) -> Vec<Effect> {
         let Stage::Watching(watch, _) = &mut self.stage else {
             return Vec::new();
         };
@@ -700,13 +731,71 @@ impl Admission {
         if !end_of_stream {
             return Vec::new();
         }
-        let Stage::Watching(watch, _) = std::mem::replace(&mut self.stage, Stage::Done) else {
+        let Stage::Watching(watch, hold) = std::mem::replace(&mut self.stage, Stage::Done) else {
             return Vec::new();
         };
-        match watch.mismatch() {
-            Some(reason) => self.mismatch(&watch, reason),
-            None => Vec::new(),
+        match watch.claims() {
+            Err(reason) => self.mismatch(&watch, reason),
+            Ok(claims) => self.issued(&watch, hold, &claims.identity, env),
         }
+    }
+
+    /// The token of a request-phase admission passed whole to its client: its place now
+    /// stands for a token in the user's hands (it may lapse, and its user cool). A stand-in's
+    /// place becomes the place of the user the token names, when that user is of the server
+    /// whose OpenID token lk-jwt-service checked.
+    fn issued(&self, watch: &Watch, hold: Option<Hold>, identity: &str, env: &Env) -> Vec<Effect> {
+        let Some(hold) = hold else {
+            return Vec::new();
+        };
+        let owner = match &self.request {
+            Some(Ok(request)) if hold.unverified => {
+                let user = requester_of_identity(identity, &request.device_id);
+                let server = &request.openid.matrix_server_name;
+                rtc_request::server_of(user)
+                    .is_some_and(|of| rtc_request::same_server(of, server))
+                    .then_some(user)
+            }
+            _ => None,
+        };
+        let reservation_ms = env.config.reservation.as_millis() as u64;
+        let now = env.now_ms();
+        match occupancy::issued(
+            env.store,
+            &watch.room,
+            &hold.requester,
+            owner,
+            now,
+            reservation_ms,
+        ) {
+            Ok(occupancy::Issued::Rekeyed) => vec![Effect::Count(Counter::Rekeyed)],
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                log::warn!(
+                    "room {}: the place of {} was not marked as issued: {e}",
+                    clip(self.room()),
+                    clip(&hold.requester)
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// The stream ended (reset, timed out, its client gone, or simply done). A place held for
+    /// a token that never passed whole is given back at once: only a request that can still
+    /// bring a token holds one.
+    pub fn on_stream_end(&mut self, env: &Env) -> Vec<Effect> {
+        let Stage::Watching(watch, hold) = std::mem::replace(&mut self.stage, Stage::Done) else {
+            return Vec::new();
+        };
+        if let Some(Hold { requester, .. }) = &hold {
+            log::debug!(
+                "room {}: the request of {} ended before its token passed; its place is given back",
+                clip(self.room()),
+                clip(requester)
+            );
+        }
+        self.release(&watch, hold.as_ref(), Counter::Abandoned, env)
     }
 
     fn mismatch(&mut self, watch: &Watch, reason: String) -> Vec<Effect> {
@@ -951,8 +1040,11 @@ impl Admission {
         if verdict.admitted {
             if self.on_request {
                 let watch = Watch::new(subject.room.clone(), subject.identity.clone());
-                let holder = verdict.holds.then(|| subject.requester.clone());
-                self.stage = Stage::Watching(watch, holder);
+                let hold = verdict.holds.then(|| Hold {
+                    requester: subject.requester.clone(),
+                    unverified: subject.unverified,
+                });
+                self.stage = Stage::Watching(watch, hold);
             }
             effects.extend([Effect::Count(Counter::Allowed), self.pass()]);
             return effects;

@@ -44,9 +44,9 @@ impl Drive<'_> {
     fn answered(&mut self, status: u32, room: &str, identity: &str) -> Vec<Effect> {
         let mut effects = self.response_headers(Some(status), false);
         if status == 200 {
-            let effects_of_body = self
-                .admission
-                .on_response_chunk(&issued(room, identity), true);
+            let effects_of_body =
+                self.admission
+                    .on_response_chunk(&issued(room, identity), true, &self.env);
             effects.extend(self.keep(effects_of_body));
         }
         effects
@@ -420,5 +420,84 @@ fn with_the_lookup_budget_spent_an_openid_token_is_not_shown_and_takes_only_a_fr
     let counted = counters(&d.all);
     assert!(counted.contains(&Counter::LookupsOverBudget));
     assert!(counted.contains(&Counter::UnverifiedRequesters));
+    assert_eq!(outcome(&d.all), Some(403));
+}
+
+/// A `/sfu/get` of remote.org (whose OpenID tokens nobody here verifies) with a fresh token,
+/// answered with lk-jwt-service's token for `identity`; the counters of its answer.
+fn remote_token<'a>(
+    cfg: &'a Config,
+    store: &'a MemoryStore,
+    present: &[&str],
+    token: &str,
+    device: &str,
+    identity: &str,
+) -> (Drive<'a>, Vec<Counter>) {
+    let mut d = ask(
+        cfg,
+        store,
+        3,
+        present,
+        &body_naming("remote.org", token, device),
+        "",
+    );
+    if outcome(&d.all) != Some(200) {
+        return (d, Vec::new());
+    }
+    let effects = d.answered(200, &legacy_alias(), identity);
+    (d, counters(&effects))
+}
+
+#[test]
+fn fresh_openid_tokens_of_one_account_hold_one_place() {
+    let cfg = ours(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    let alice = "@a:example.com:AD";
+    // Mallory, an account of remote.org, mints a fresh OpenID token per request: each token's
+    // place becomes mallory's once lk-jwt-service issued the token.
+    for (token, device) in [("t1", "D1"), ("t2", "D2"), ("t3", "D3")] {
+        let identity = format!("@mallory:remote.org:{device}");
+        let (d, counted) = remote_token(&cfg, &store, &[alice], token, device, &identity);
+        assert_eq!(outcome(&d.all), Some(200), "{token}");
+        assert_eq!(counted, [Counter::Rekeyed], "{token}");
+    }
+    // Alice and mallory hold two of three places: bob gets the third, carol is refused.
+    let d = ask(
+        &cfg,
+        &store,
+        3,
+        &[alice],
+        &legacy_body("@bob:example.com", "BD"),
+        "@bob:example.com",
+    );
+    assert_eq!(outcome(&d.all), Some(200));
+    let d = ask(
+        &cfg,
+        &store,
+        3,
+        &[alice],
+        &legacy_body("@c:example.com", "CD"),
+        "@c:example.com",
+    );
+    assert_eq!(outcome(&d.all), Some(403));
+}
+
+#[test]
+fn a_token_naming_a_user_of_another_server_than_it_was_checked_with_keeps_its_stand_in() {
+    let cfg = ours(r#", "participants_cache_ms": 0"#);
+    let store = MemoryStore::default();
+    // remote.org vouched for a user of example.com: the place is not moved to that user (whose
+    // own reservation it would pin, and whose cooling it could start).
+    let (_, counted) = remote_token(&cfg, &store, &[], "t1", "D1", "@a:example.com:D1");
+    assert!(counted.is_empty(), "{counted:?}");
+    // The stand-in keeps its place: another remote.org request finds it taken.
+    let (d, _) = remote_token(
+        &cfg,
+        &store,
+        &["@x:example.com:X"],
+        "t2",
+        "D2",
+        "@m:remote.org:D2",
+    );
     assert_eq!(outcome(&d.all), Some(403));
 }

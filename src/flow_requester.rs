@@ -103,8 +103,9 @@ impl Admission {
     /// A `/sfu/get` request's requester, once the room has a limit: its OpenID token's user
     /// as Synapse says (asked once). When Synapse does not vouch for the token (another
     /// homeserver's, one naming a server other than `synapse.server_name`, or none valid), or
-    /// cannot be asked, a stand-in unique to the token asks instead, which only ever takes a
-    /// free place: the limit holds either way.
+    /// cannot be asked, the stand-in of the server the token names asks instead
+    /// ([`unverified_stand_in`]), which only ever takes a free place: the limit holds either
+    /// way.
     /// `None`: wait (or the request ended), with `effects` to carry out.
     pub(super) fn requester(
         &mut self,
@@ -178,14 +179,20 @@ impl Admission {
             clip(&request.room),
             clip(&unverified)
         );
-        subject.requester = format!(
-            "unverified {}",
-            hash_of_strings(&[&openid.matrix_server_name, openid.access_token.expose()])
-        );
+        subject.requester = unverified_stand_in(&openid.matrix_server_name);
         subject.unverified = true;
         self.stage = Stage::Deciding(subject.clone());
         Some(subject)
     }
+}
+
+/// Who stands in for the requesters of `server` nobody verified. One stand-in per server: an
+/// account of that server mints fresh OpenID tokens at will, so a stand-in per token would let
+/// it take every free place. The requesters of one server thus hold at most one place of a
+/// room while their tokens are in flight (and none once the request ends without a token);
+/// the token issued names its user, whose place it then is ([`crate::occupancy::issued`]).
+pub(super) fn unverified_stand_in(server: &str) -> String {
+    format!("unverified {}", hash_of_strings(&[server]))
 }
 
 /// How long who an OpenID token belongs to is kept: Synapse's OpenID tokens live an hour, and

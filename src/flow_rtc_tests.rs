@@ -47,7 +47,7 @@ impl Drive<'_> {
     }
 
     fn chunk(&mut self, chunk: &[u8], end: bool) -> Vec<Effect> {
-        let effects = self.admission.on_response_chunk(chunk, end);
+        let effects = self.admission.on_response_chunk(chunk, end, &self.env);
         self.keep(effects)
     }
 
@@ -370,4 +370,81 @@ fn a_room_without_a_limit_needs_no_watch() {
         [Effect::Count(Counter::Allowed), Effect::PassRequest]
     );
     assert!(d.admission.finished());
+}
+
+#[test]
+fn a_stream_cut_short_before_its_token_passed_gives_the_place_back() {
+    let cfg = config("");
+    let store = MemoryStore::default();
+    let env = Env::at(&cfg, &store, 2_000);
+    // Reset before lk-jwt-service answered, and reset after the 200's headers but before its
+    // body ended: neither client holds a token, so neither holds the one place.
+    for cut_after_headers in [false, true] {
+        let mut d = admit(&cfg, &store, 1, &[], "@stranger:example.com", "m");
+        assert!(d.all.contains(&Effect::PassRequest));
+        if cut_after_headers {
+            d.response_headers(Some(200), false);
+            let body = issued(&alias(), &identity("@stranger:example.com", "m"));
+            d.chunk(&body[..body.len() / 2], false);
+        }
+        assert_eq!(
+            d.admission.on_stream_end(&env),
+            [Effect::Count(Counter::Abandoned)]
+        );
+        assert!(d.admission.finished());
+        let d = admit(&cfg, &store, 1, &[], "@member:example.com", "m");
+        assert!(d.all.contains(&Effect::PassRequest), "{:?}", d.all);
+        // (The member's request is refused by lk-jwt-service: the place is free again.)
+        let mut d = d;
+        d.response_headers(Some(401), false);
+    }
+}
+
+#[test]
+fn a_stream_that_ends_once_its_token_passed_keeps_the_place() {
+    let cfg = config("");
+    let store = MemoryStore::default();
+    let mut d = admit(&cfg, &store, 1, &[], "@a:example.com", "m");
+    d.issued(&alias(), &identity("@a:example.com", "m"));
+    assert!(d.admission.finished());
+    let env = Env::at(&cfg, &store, 2_000);
+    assert!(d.admission.on_stream_end(&env).is_empty());
+    let d = admit(&cfg, &store, 1, &[], "@b:example.com", "m");
+    assert_eq!(
+        outcome(&d.all),
+        Some(403),
+        "the token's place was given away"
+    );
+}
+
+#[test]
+fn a_present_identity_never_paired_is_its_requesters_own() {
+    // Alice (two devices) and bob were connected before the room had a limit, or before this
+    // Envoy started: the guard never paired their hashed identities. The limit is then set to
+    // 3. Bob reconnecting with the same member id is bob, not a newcomer.
+    let cfg = config("");
+    let store = MemoryStore::default();
+    let present = [
+        identity("@a:example.com", "a1"),
+        identity("@a:example.com", "a2"),
+        identity("@b:example.com", "b1"),
+    ];
+    let present: Vec<&str> = present.iter().map(String::as_str).collect();
+    let d = admit(&cfg, &store, 3, &present, "@b:example.com", "b1");
+    assert!(d.all.contains(&Effect::PassRequest), "{:?}", d.all);
+    // Alice's devices, each asking again for the member id it holds, are alice.
+    for member in ["a1", "a2"] {
+        let d = admit(&cfg, &store, 3, &present, "@a:example.com", member);
+        assert!(
+            d.all.contains(&Effect::PassRequest),
+            "{member}: {:?}",
+            d.all
+        );
+    }
+    // Two people are in the call now that their identities are known: carol gets the third
+    // place, and dave is refused.
+    let d = admit(&cfg, &store, 3, &present, "@c:example.com", "c1");
+    assert!(d.all.contains(&Effect::PassRequest), "{:?}", d.all);
+    let d = admit(&cfg, &store, 3, &present, "@d:example.com", "d1");
+    assert_eq!(outcome(&d.all), Some(403));
 }

@@ -85,6 +85,8 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::Untrusted => "voice_limit_guard.untrusted_requests",
         Counter::Relayed => "voice_limit_guard.relayed_requests",
         Counter::Released => "voice_limit_guard.released_reservations",
+        Counter::Abandoned => "voice_limit_guard.abandoned_reservations",
+        Counter::Rekeyed => "voice_limit_guard.rekeyed_reservations",
         Counter::TokenMismatches => "voice_limit_guard.token_mismatches",
         Counter::PowerLevelLookups => "voice_limit_guard.power_level_lookups",
         Counter::OpenidLookups => "voice_limit_guard.openid_lookups",
@@ -550,6 +552,15 @@ impl GuardStream {
 }
 
 impl Context for GuardStream {
+    /// The stream is over, complete or cut short (reset, timeout, client gone): a place held
+    /// for a token that never passed whole is given back now, not when its time runs out.
+    fn on_done(&mut self) -> bool {
+        if let Some(stream) = self.pending() {
+            Stream::end(stream);
+        }
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -578,8 +589,8 @@ impl GuardStream {
 
     /// A part of a watched answer: read, never held.
     fn watch_response(&self, stream: &Rc<RefCell<Stream>>, chunk: &[u8], end: bool) -> Action {
-        Stream::run(stream, Phase::ResponseCallback, |admission, _| {
-            admission.on_response_chunk(chunk, end)
+        Stream::run(stream, Phase::ResponseCallback, |admission, env| {
+            admission.on_response_chunk(chunk, end, env)
         });
         Action::Continue
     }

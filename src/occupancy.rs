@@ -123,9 +123,9 @@ pub struct Request<'a> {
     /// The requester may come in whatever the count (a moderator of the room); they still
     /// count, and the device caps still apply.
     pub exempt: bool,
-    /// Nobody verified who asks (`requester` is a stand-in unique to the request's OpenID
-    /// token): admitted only as one more user, with a place free, never on a place already
-    /// counted, and never exempt.
+    /// Nobody verified who asks (`requester` is the stand-in of the server its OpenID token
+    /// names): admitted only as one more user, with a place free (beyond any cooling of the
+    /// stand-in), never on a place already counted, and never exempt.
     pub unverified: bool,
 }
 
@@ -267,6 +267,70 @@ pub fn release(
     })
 }
 
+/// The end of the cooling time of a lapse at `at`, the `strikes`-th remembered: the
+/// reservation time, doubled for each earlier one, at most [`MAX_COOLING_MS`].
+fn cooling_after(at: u64, strikes: u32, reservation_ms: u64) -> u64 {
+    let doubled = reservation_ms.saturating_mul(1 << strikes.saturating_sub(1).min(20));
+    at.saturating_add(doubled.min(MAX_COOLING_MS))
+}
+
+/// What became of a reservation when the token of its admission passed ([`issued`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Issued {
+    /// The reservation now stands for a token issued to its user: it can lapse (and its user
+    /// cool), and no refusal or abandoned request ends it.
+    Pinned,
+    /// The hold of a stand-in for an unverified requester moved to the user the token names:
+    /// one account's fresh OpenID tokens hold one place, renewed only by being in the call.
+    Rekeyed,
+    /// The room's record no longer knew the reservation (a list ended it, or time did).
+    Gone,
+}
+
+/// The token of a releasable admission of `requester` in `room` passed to its client. Its
+/// reservation is pinned: from now on it stands for a token in the user's hands, so it
+/// lapses (and its user cools) if they never connect. With `owner` (the user the issued token
+/// names, when `requester` was a stand-in nobody verified), the stand-in's hold moves to the
+/// owner's reservation, which keeps its time (asking again renews nothing) or starts with the
+/// stand-in's; an owner's cooling is carried to the stand-in ([`RoomRecord::rekey`]).
+pub fn issued(
+    store: &dyn SharedStore,
+    room: &str,
+    requester: &str,
+    owner: Option<&str>,
+    now_ms: u64,
+    reservation_ms: u64,
+) -> Result<Issued, StoreError> {
+    let requester = digest(requester);
+    let owner = owner.map(digest).filter(|owner| *owner != requester);
+    BUCKETS.update(store, room, now_ms, |old: Option<(&RoomRecord, u64)>| {
+        let Some((old, _)) = old else {
+            return (Change::Keep, Issued::Gone);
+        };
+        let mut record = old.clone();
+        let Some(index) = record.r.iter().position(|res| res.user == requester) else {
+            return (Change::Keep, Issued::Gone);
+        };
+        let outcome = match owner.clone() {
+            None => {
+                if let Some(res) = record.r.get_mut(index) {
+                    res.holds = PINNED;
+                }
+                Issued::Pinned
+            }
+            Some(owner) => {
+                record.rekey(index, owner, reservation_ms);
+                Issued::Rekeyed
+            }
+        };
+        if record == *old {
+            return (Change::Keep, outcome);
+        }
+        let until = record.expires_at();
+        (Change::Put(record, until), outcome)
+    })
+}
+
 /// The decision on `record`, updated with what it learnt; `None` when it needs a fresh list.
 fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     let now = q.now_ms;
@@ -294,6 +358,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     if !on_view {
         record.n = record.n.min(now).max(taken);
     }
+    record.own_identity_listed(q, &connected);
     let users: Vec<String> = listed
         .iter()
         .map(|(d, named)| record.user_of(d, named.as_deref()))
@@ -350,9 +415,9 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
                 .l
                 .iter()
                 .any(|l| l.user == requester && l.cooling_until > now);
-        if q.unverified {
-            (counted || occupied.len() >= q.max_users as usize).then_some(Refusal::Full)
-        } else if q.exempt {
+        if q.unverified && (counted || occupied.len() >= q.max_users as usize) {
+            Some(Refusal::Full)
+        } else if q.exempt && !q.unverified {
             None
         } else if should_block(q.max_users, occupied, &requester) {
             Some(Refusal::Full)
@@ -500,6 +565,23 @@ impl RoomRecord {
         }
     }
 
+    /// A requester whose own identity is connected is in the call, whatever the record learnt:
+    /// lk-jwt-service derives an identity from its user (and device and member id), so the
+    /// identity is theirs. Paired now, it is no longer counted as a user of its own, as it was
+    /// when it connected before the room had a limit, or before this process started (I7).
+    fn own_identity_listed(&mut self, q: &Request, connected: &BTreeSet<&str>) {
+        if q.unverified || q.identity.is_empty() {
+            return;
+        }
+        let identity = digest(q.identity);
+        if !connected.contains(identity.as_str()) || self.i.iter().any(|p| p.identity == identity) {
+            return;
+        }
+        let until = q.now_ms.saturating_add(MAX_PAIRING_MS);
+        // A user with every device place connected keeps counting this identity apart.
+        let _ = self.remember(q.identity, q.requester, until, connected);
+    }
+
     /// The user behind a participant (by the digest of its identity): a learnt pairing
     /// first, the user its name says otherwise (`named`, a digest). Without it (a cached list
     /// holds identity digests only), an identity never learnt counts as a user of its own.
@@ -561,7 +643,9 @@ impl RoomRecord {
                 }
             }
             if res.until <= now {
-                if !shown {
+                // Only a token its user was given can lapse unused: a request refused or cut
+                // short never reached them, and a name anyone may claim must not cool.
+                if !shown && res.holds == PINNED {
                     self.lapse(&res.user, res.until, reservation_ms);
                 }
                 // The user connected before `until` if at all: a list taken then shows them.
@@ -592,10 +676,7 @@ impl RoomRecord {
     /// Counts a lapse of `user` at `at`: cooling for the reservation time, doubled for each
     /// lapse remembered, at most [`MAX_COOLING_MS`].
     fn lapse(&mut self, user: &str, at: u64, reservation_ms: u64) {
-        let cooling = |strikes: u32| {
-            let doubled = reservation_ms.saturating_mul(1 << strikes.saturating_sub(1).min(20));
-            at.saturating_add(doubled.min(MAX_COOLING_MS))
-        };
+        let cooling = |strikes: u32| cooling_after(at, strikes, reservation_ms);
         match self.l.iter_mut().find(|l| l.user == user) {
             Some(l) => {
                 l.strikes = l.strikes.saturating_add(1);
@@ -605,6 +686,57 @@ impl RoomRecord {
                 user: user.to_owned(),
                 cooling_until: cooling(1),
                 strikes: 1,
+            }),
+        }
+    }
+
+    /// Moves one hold of the reservation at `index` (a stand-in's) to `owner` (a digest), as
+    /// a token issued to `owner` (see [`issued`]). An owner whose tokens lapsed unused before
+    /// has the stand-in cool for as long as the owner would, should this token lapse too: the
+    /// owner's next fresh OpenID token, decided as the stand-in, is held to the cooling rule.
+    fn rekey(&mut self, index: usize, owner: String, reservation_ms: u64) {
+        let Some(stand_in) = self.r.get_mut(index) else {
+            return;
+        };
+        let (until, since) = (stand_in.until, stand_in.since);
+        let stand_in_user = stand_in.user.clone();
+        if stand_in.holds != PINNED {
+            stand_in.holds = stand_in.holds.saturating_sub(1);
+        }
+        if stand_in.holds == 0 {
+            self.r.remove(index);
+        }
+        let owner_until = match self.r.iter_mut().find(|res| res.user == owner) {
+            Some(res) => {
+                res.holds = PINNED;
+                res.since = res.since.max(since);
+                res.until
+            }
+            None => {
+                self.r.push(Reservation {
+                    user: owner.clone(),
+                    until,
+                    holds: PINNED,
+                    since,
+                });
+                until
+            }
+        };
+        let Some(lapsed) = self.l.iter().find(|l| l.user == owner).cloned() else {
+            return;
+        };
+        let next = cooling_after(
+            owner_until,
+            lapsed.strikes.saturating_add(1),
+            reservation_ms,
+        );
+        let cooling_until = next.max(lapsed.cooling_until);
+        match self.l.iter_mut().find(|l| l.user == stand_in_user) {
+            Some(l) => l.cooling_until = l.cooling_until.max(cooling_until),
+            None => self.l.push(Lapse {
+                user: stand_in_user,
+                cooling_until,
+                strikes: lapsed.strikes,
             }),
         }
     }

@@ -753,3 +753,67 @@ fn an_admission_after_being_in_the_call_holds_a_full_reservation_time_whatever_t
         "{again:?}"
     );
 }
+
+#[test]
+fn only_a_token_issued_to_its_user_lapses_into_cooling() {
+    // A place taken in the victim's name by a request that never brought a token (still in
+    // flight when its time ran out, or one lk-jwt-service never answered): no cooling.
+    let store = MemoryStore::default();
+    assert!(ask_releasable(&store, 1, "@victim:x", 0).admitted);
+    assert!(admitted(ask_on(
+        &store,
+        1,
+        &[],
+        30_001,
+        "@victim:x",
+        30_001
+    )));
+    // The same admission once its token passed to the client: its lapse cools the user.
+    let store = MemoryStore::default();
+    assert!(ask_releasable(&store, 1, "@h:x", 0).admitted);
+    assert_eq!(
+        issued(&store, ROOM, "@h:x", None, 10, 30_000),
+        Ok(Issued::Pinned)
+    );
+    let again = ask_on(&store, 1, &[], 30_001, "@h:x", 30_001);
+    assert!(matches!(again, Outcome::Decided(v) if v.refusal == Some(Refusal::Cooling)));
+    // A pinned place is given back by no refusal or abandoned request.
+    let store = MemoryStore::default();
+    assert!(ask_releasable(&store, 1, "@a:x", 0).admitted);
+    assert!(ask_releasable(&store, 1, "@a:x", 1).admitted);
+    assert_eq!(
+        issued(&store, ROOM, "@a:x", None, 2, 30_000),
+        Ok(Issued::Pinned)
+    );
+    assert_eq!(release(&store, ROOM, "@a:x", 3), Ok(false));
+    assert!(!ask_releasable(&store, 1, "@b:x", 4).admitted);
+}
+
+#[test]
+fn a_stand_in_takes_on_its_owners_cooling_when_its_place_is_rekeyed() {
+    let store = MemoryStore::default();
+    let stand_in = "unverified remote";
+    // The stand-in of remote asks with alice in the room (limit 2: the last place).
+    let ask_last_place = |now_ms: u64| {
+        let list = vec!["@a:x:D".to_owned()];
+        let mut q = question(2, fresh(&list, now_ms), stand_in, "", now_ms);
+        q.releasable = true;
+        q.unverified = true;
+        match admit(&store, &q) {
+            Ok(Outcome::Decided(verdict)) => verdict,
+            other => panic!("{other:?}"),
+        }
+    };
+    let rekey = |now_ms: u64| issued(&store, ROOM, stand_in, Some("@m:remote"), now_ms, 30_000);
+    // Mallory's first token: her place, which lapses unused at 30,001.
+    assert!(ask_last_place(0).admitted);
+    assert_eq!(rekey(1), Ok(Issued::Rekeyed));
+    // Her next fresh token is decided as the stand-in, which knows nothing of her yet.
+    assert!(ask_last_place(30_001).admitted);
+    assert_eq!(rekey(30_002), Ok(Issued::Rekeyed));
+    // Once that one lapses too, the stand-in cools as she does (a second strike, 60 s).
+    let refused = ask_last_place(60_002);
+    assert_eq!(refused.refusal, Some(Refusal::Cooling), "{refused:?}");
+    assert_eq!(ask_last_place(120_000).refusal, Some(Refusal::Cooling));
+    assert!(ask_last_place(120_001).admitted);
+}

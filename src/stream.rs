@@ -185,6 +185,14 @@ impl Stream {
             .is_some_and(Admission::watches_response)
     }
 
+    /// The stream ended, whichever way (done, reset, timed out): what only a request that can
+    /// still bring a token may hold is given back.
+    pub fn end(this: &Rc<RefCell<Stream>>) {
+        Stream::run(this, Phase::ResponseCallback, |admission, env| {
+            admission.on_stream_end(env)
+        });
+    }
+
     /// Runs one admission event and carries out its effects; returns whether a response
     /// callback may return `Continue`.
     pub fn run(

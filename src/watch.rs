@@ -45,17 +45,19 @@ impl Watch {
 
     /// Once the whole answer body is read: why the token is not the one counted, if it is not.
     pub fn mismatch(&self) -> Option<String> {
+        self.claims().err()
+    }
+
+    /// Once the whole answer body is read: the token's claims when it is the one counted,
+    /// else why not.
+    pub fn claims(&self) -> Result<jwt::JoinClaims, String> {
         if self.too_long {
-            return Some(format!("the 200's body is over {MAX_BODY} bytes"));
+            return Err(format!("the 200's body is over {MAX_BODY} bytes"));
         }
-        let claims = match issued_token(&self.body)
-            .and_then(|token| jwt::join_claims(&token).map_err(|e| e.to_string()))
-        {
-            Ok(claims) => claims,
-            Err(reason) => return Some(reason),
-        };
+        let claims = issued_token(&self.body)
+            .and_then(|token| jwt::join_claims(&token).map_err(|e| e.to_string()))?;
         if claims.room != self.room {
-            return Some(format!(
+            return Err(format!(
                 "the token admits to LiveKit room {:?}, not {:?}",
                 crate::flow::clip(&claims.room),
                 self.room
@@ -63,13 +65,13 @@ impl Watch {
         }
         // An empty identity: the guard could not know it (a requester nobody verified).
         if !self.identity.is_empty() && claims.identity != self.identity {
-            return Some(format!(
+            return Err(format!(
                 "the token names participant {:?}, not {:?}",
                 crate::flow::clip(&claims.identity),
                 self.identity
             ));
         }
-        None
+        Ok(claims)
     }
 }
 
