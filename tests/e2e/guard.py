@@ -45,7 +45,8 @@ GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_h
                                       "cooling_refusals", "capacity_refusals",
                                       "lookups_over_budget", "webhooks_received",
                                       "webhooks_accepted", "webhooks_refused",
-                                      "webhooks_unreadable", "livekit_lookups_avoided")))
+                                      "webhooks_unreadable", "livekit_lookups_avoided",
+                                      "abandoned_reservations", "rekeyed_reservations")))
 
 CHANNEL_FULL = b'{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}'
 

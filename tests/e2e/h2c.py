@@ -6,7 +6,9 @@ and a stream reset by the client before the answer.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -24,12 +26,14 @@ class H2Response:
 def request(address: tuple[str, int], method: str, path: str, body: bytes = b"", *,
             headers: list[tuple[str, str]] | None = None, frames: int = 1,
             empty_last_frame: bool = False, trailers: list[tuple[str, str]] | None = None,
-            reset: bool = False, timeout: float = 10.0) -> H2Response | None:
+            reset: bool = False, reset_when: Callable[[], Any] | None = None,
+            timeout: float = 10.0) -> H2Response | None:
     """Send one request over a new h2c connection and return the answer.
 
     The body goes in ``frames`` DATA frames; the stream then ends with an empty DATA frame
     (``empty_last_frame``), with a HEADERS frame of ``trailers``, or with the last DATA
-    frame. With ``reset`` the client resets the stream right after sending and returns None.
+    frame. With ``reset`` the client resets the stream right after sending and returns None;
+    with ``reset_when`` too, once that call returns (it waits for what the test needs first).
     """
     sock = socket.create_connection(address, timeout=timeout)
     try:
@@ -50,6 +54,8 @@ def request(address: tuple[str, int], method: str, path: str, body: bytes = b"",
             conn.send_headers(stream, trailers, end_stream=True)
         sock.sendall(conn.data_to_send())
         if reset:
+            if reset_when is not None:
+                reset_when()
             conn.reset_stream(stream)
             sock.sendall(conn.data_to_send())
             return None

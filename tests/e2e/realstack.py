@@ -593,7 +593,9 @@ class RealStandIns:
 class ForeignHomeserver:
     """Other homeservers' OpenID userinfo endpoint, for users not on the test Synapse (a
     server name with a port, say). It vouches for whoever an ``openid:@user:server`` token
-    names, as that user's own homeserver would for a token it issued."""
+    names, as that user's own homeserver would for a token it issued; ``#anything`` after the
+    user makes a fresh token of the same user, as ``/openid/request_token`` mints one per
+    request."""
 
     def __init__(self, server_names: list[str]):
         self.server_names = server_names
@@ -615,7 +617,8 @@ class ForeignHomeserver:
                 query = urllib.parse.urlparse(self.path).query
                 token = urllib.parse.parse_qs(query).get("access_token", [""])[0]
                 if token.startswith("openid:@"):
-                    status, body = 200, json.dumps({"sub": token[len("openid:"):]}).encode()
+                    sub = token[len("openid:"):].split("#", 1)[0]
+                    status, body = 200, json.dumps({"sub": sub}).encode()
                 else:
                     status, body = 401, b'{"errcode":"M_UNKNOWN_TOKEN","error":"Unknown token"}'
                 self.send_response(status)
