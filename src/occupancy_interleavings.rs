@@ -6,54 +6,106 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
 const ROOM: &str = "alias";
-/// Verified users, then stand-ins for unverified requesters (`/sfu/get` tokens of
-/// another homeserver).
-const USERS: [&str; 8] = [
-    "@a:x",
-    "@b:x",
-    "@c:x",
-    "@d:x",
-    "@e:x",
-    "unverified 1",
-    "unverified 2",
-    "unverified 3",
+/// Verified users.
+const USERS: [&str; 5] = ["@a:x", "@b:x", "@c:x", "@d:x", "@e:x"];
+/// Accounts of other homeservers, whose OpenID tokens nobody here verifies, and the stand-in
+/// each is decided as (one per server).
+const ACCOUNTS: [(&str, &str); 3] = [
+    ("@m:one.org", "unverified one.org"),
+    ("@n:one.org", "unverified one.org"),
+    ("@o:two.org", "unverified two.org"),
 ];
-const VERIFIED: usize = 5;
+
+/// Who a request is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Who {
+    User(usize),
+    Account(usize),
+}
+
+impl Who {
+    /// The requester the guard decides on.
+    fn requester(self) -> &'static str {
+        match self {
+            Who::User(u) => USERS[u],
+            Who::Account(a) => ACCOUNTS[a].1,
+        }
+    }
+
+    /// Whose place an issued token is.
+    fn owner(self) -> &'static str {
+        match self {
+            Who::User(u) => USERS[u],
+            Who::Account(a) => ACCOUNTS[a].0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// lk-jwt-service's token passed whole to the client.
+    Token,
+    /// lk-jwt-service refused the token.
+    Refused,
+    /// The stream ended first (reset, timeout, client gone).
+    Abandoned,
+}
 
 #[derive(Debug, Clone)]
 enum Step {
-    /// A request of this user (or stand-in) reaches the guard.
-    Ask(usize),
-    /// lk-jwt-service answers the n-th unanswered request: a token, or a refusal.
-    Answer(usize, bool),
+    /// A request reaches the guard.
+    Ask(Who),
+    /// The n-th request in flight ends so.
+    Answer(usize, Answer),
 }
 
 fn step() -> impl Strategy<Value = Step> {
+    let who = prop_oneof![
+        (0..USERS.len()).prop_map(Who::User),
+        (0..ACCOUNTS.len()).prop_map(Who::Account),
+    ];
+    let answer = prop_oneof![
+        Just(Answer::Token),
+        Just(Answer::Refused),
+        Just(Answer::Abandoned)
+    ];
     prop_oneof![
-        (0..USERS.len()).prop_map(Step::Ask),
-        (0..8usize, any::<bool>()).prop_map(|(n, ok)| Step::Answer(n, ok)),
+        who.prop_map(Step::Ask),
+        (0..8usize, answer).prop_map(|(n, a)| Step::Answer(n, a)),
     ]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+    /// Within a reservation time, with nobody connecting: the places the room's record holds
+    /// are exactly those of requests in flight and of tokens issued.
+    /// - I5: a stand-in for requesters nobody verified holds a place only while a request of
+    ///   it is in flight, and at most one (one per server);
+    /// - I6: one account holds at most one place, whatever tokens it minted (a token issued
+    ///   for a stand-in is its owner's place);
+    /// - a request that ends without a token (refused, or cut short) gives its place back.
     #[test]
-    fn places_are_held_exactly_by_pending_requests_and_issued_tokens(
+    fn places_are_held_exactly_by_requests_in_flight_and_tokens_issued(
         limit in 1u32..4,
         steps in proptest::collection::vec(step(), 1..60),
     ) {
         let store = MemoryStore::default();
-        let mut pending: Vec<usize> = Vec::new();
-        let mut tokens: BTreeSet<usize> = BTreeSet::new();
+        let mut in_flight: Vec<Who> = Vec::new();
+        let mut tokens: BTreeSet<&str> = BTreeSet::new();
+        // The places the model holds: requesters in flight, and owners of tokens issued.
+        let holding = |in_flight: &[Who], tokens: &BTreeSet<&'static str>| -> BTreeSet<&'static str> {
+            in_flight.iter().map(|w| w.requester()).chain(tokens.iter().copied()).collect()
+        };
         for (t, step) in steps.iter().enumerate() {
             let now_ms = t as u64; // well within the reservation time
             match *step {
-                Step::Ask(user) => {
+                Step::Ask(who) => {
+                    let unverified = matches!(who, Who::Account(_));
                     let q = Request {
                         room: ROOM,
                         max_users: limit,
                         participants: Participants::Fresh { identities: &[], sessions: &[], taken_ms: now_ms },
-                        requester: USERS[user],
+                        requester: who.requester(),
                         identity: "",
                         reservation_ms: 60_000,
                         list_cache_ms: 0,
@@ -62,50 +114,109 @@ proptest! {
                         now_ms,
                         releasable: true,
                         exempt: false,
-                        unverified: user >= VERIFIED,
+                        unverified,
                     };
-                    let holding: BTreeSet<usize> =
-                        pending.iter().copied().chain(tokens.iter().copied()).collect();
+                    let held = holding(&in_flight, &tokens);
                     let Ok(Outcome::Decided(verdict)) = admit(&store, &q) else {
                         panic!("no decision");
                     };
-                    let free = holding.len() < limit as usize;
-                    let room_for_one_more = if user >= VERIFIED {
-                        !holding.contains(&user) && free
-                    } else {
-                        holding.contains(&user) || free
-                    };
-                    prop_assert_eq!(verdict.admitted, room_for_one_more, "admission of {}", user);
+                    let free = held.len() < limit as usize;
+                    let counted = held.contains(who.requester());
+                    let expected = if unverified { !counted && free } else { counted || free };
+                    prop_assert_eq!(verdict.admitted, expected, "admission of {:?}", who);
                     if verdict.admitted {
                         prop_assert!(verdict.holds);
-                        pending.push(user);
+                        in_flight.push(who);
                     }
                 }
-                Step::Answer(n, issued) => {
-                    if pending.is_empty() {
+                Step::Answer(n, answer) => {
+                    if in_flight.is_empty() {
                         continue;
                     }
-                    let user = pending.remove(n % pending.len());
-                    if issued {
-                        tokens.insert(user);
-                    } else {
-                        release(&store, ROOM, USERS[user], now_ms).map_err(|e| {
-                            TestCaseError::fail(format!("release: {e:?}"))
-                        })?;
-                    }
+                    let who = in_flight.remove(n % in_flight.len());
+                    let done = match answer {
+                        Answer::Token => {
+                            tokens.insert(who.owner());
+                            let owner = matches!(who, Who::Account(_)).then(|| who.owner());
+                            issued(&store, ROOM, who.requester(), owner, now_ms, 60_000).map(|_| ())
+                        }
+                        Answer::Refused | Answer::Abandoned => {
+                            release(&store, ROOM, who.requester(), now_ms).map(|_| ())
+                        }
+                    };
+                    done.map_err(|e| TestCaseError::fail(format!("{answer:?}: {e:?}")))?;
                 }
             }
-            let holding: BTreeSet<String> = pending
-                .iter()
-                .chain(tokens.iter())
-                .map(|u| digest(USERS[*u]))
-                .collect();
-            prop_assert!(holding.len() <= limit as usize);
+            let held: BTreeSet<String> =
+                holding(&in_flight, &tokens).iter().map(|u| digest(u)).collect();
+            prop_assert!(held.len() <= limit as usize);
             let reserved: BTreeMap<String, u32> = BUCKETS
                 .get(&store, ROOM, now_ms)
                 .map(|record| record.r.iter().map(|res| (res.user.clone(), res.holds)).collect())
                 .unwrap_or_default();
-            prop_assert_eq!(reserved.keys().cloned().collect::<BTreeSet<_>>(), holding);
+            prop_assert_eq!(reserved.keys().cloned().collect::<BTreeSet<_>>(), held);
+            // I5: a stand-in's place is held by its requests in flight, never by a token.
+            for (_, stand_in) in ACCOUNTS {
+                let in_air = in_flight.iter().filter(|w| w.requester() == stand_in).count();
+                prop_assert!(in_air <= 1);
+                prop_assert_eq!(reserved.contains_key(&digest(stand_in)), in_air == 1);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// I7: a user whose hashed identity is connected, but who was never admitted by this
+    /// process (in the call before the room had a limit, or before a restart), is never
+    /// refused when asking again for an identity they hold, whatever the limit.
+    #[test]
+    fn a_connected_identity_always_gets_its_user_back_in(
+        limit in 1u32..4,
+        devices in proptest::collection::vec(0u8..3, 1..5),
+        asks in proptest::collection::vec((0usize..8, any::<bool>()), 1..8),
+    ) {
+        let store = MemoryStore::default();
+        // User n holds devices[n] connected identities (the guard learnt none of them).
+        let identities: Vec<(usize, String)> = devices
+            .iter()
+            .enumerate()
+            .flat_map(|(user, n)| (0..*n).map(move |d| (user, format!("hash-{user}-{d}"))))
+            .collect();
+        if identities.is_empty() {
+            return Ok(());
+        }
+        let listed: Vec<String> = identities.iter().map(|(_, i)| i.clone()).collect();
+        for (t, (pick, another_device)) in asks.iter().enumerate() {
+            let (user, identity) = &identities[pick % identities.len()];
+            let requester = format!("@u{user}:x");
+            let now_ms = 1_000 + t as u64;
+            // Its own identity, then (once that taught the guard who they are) a new device.
+            let mut asked = vec![identity.clone()];
+            if *another_device {
+                asked.push(format!("new-{user}-{t}"));
+            }
+            for identity in &asked {
+                let q = Request {
+                    room: ROOM,
+                    max_users: limit,
+                    participants: Participants::Fresh { identities: &listed, sessions: &[], taken_ms: now_ms },
+                    requester: &requester,
+                    identity,
+                    reservation_ms: 30_000,
+                    list_cache_ms: 0,
+                    verify_ms: 0,
+                    doubt_ms: 0,
+                    now_ms,
+                    releasable: true,
+                    exempt: false,
+                    unverified: false,
+                };
+                let Ok(Outcome::Decided(verdict)) = admit(&store, &q) else {
+                    panic!("no decision");
+                };
+                prop_assert!(verdict.admitted, "{} with {}: {:?}", requester, identity, verdict);
+            }
         }
     }
 }
