@@ -31,6 +31,13 @@
 //!   space without saying so: a record is bounded by [`ROOM_BUDGET`] bytes (caches and
 //!   lapses go first, then pairings of identities not connected), and an admission that cannot
 //!   be recorded is refused as [`Refusal::AtCapacity`].
+//! - **I5** A requester that proves nothing holds a place only while its request is in flight:
+//!   [`release`] gives it back when lk-jwt-service refuses the token or the stream ends first,
+//!   and only a token that passed ([`issued`]) pins a reservation and can lapse.
+//! - **I6** One account holds at most one place: the place of a stand-in nobody verified
+//!   becomes the place of the user its issued token names ([`issued`]).
+//! - **I7** A requester whose own identity is connected is in the call, even with no pairing
+//!   learnt (the identity is derived from the user).
 //! - Hoarding: a user whose reservation lapsed without their ever being seen connected
 //!   ([`Lapse`]) may not take the room's last free place for a cooling time that doubles with
 //!   each lapse (from `reservation_seconds` to an hour). A reservation is not renewed by asking
