@@ -6,6 +6,7 @@ asks as the next legitimate user does."""
 from __future__ import annotations
 
 import json
+import time
 
 import h2c
 from conftest import requires_standins, requires_wasm
@@ -50,6 +51,31 @@ def test_requests_cut_short_before_their_token_hold_no_place(start_envoy, plugin
         assert resp.status_code == 200 and resp.json()["jwt"], resp.text
     assert counts.guard["abandoned_reservations"] == 2, counts.guard
     assert counts.guard["allowed"] == 3, counts.guard
+
+
+def test_a_request_cut_short_in_a_victims_name_does_not_make_the_victim_cool(
+        start_envoy, plugin_config, fault_server, new_room, standins):
+    """Mallory sends a `/get_token` claiming alice with a made-up OpenID token into a room
+    limited to 1, and resets it once it reached a slow lk-jwt-service. Had the place stayed
+    held until `reservation_seconds` ran out, the lapse would have been alice's, and alice,
+    asking for the room's last place, would have been refused as cooling down. The place was
+    given back at the reset and no token ever reached alice: she gets in."""
+    lk_jwt = fault_server("slow", upstream=standins.jwt_address, delay=1.0)
+    proxy = start_envoy(plugin_config(reservation_seconds=1), lk_jwt=lk_jwt)
+    room = new_room(limit=1)
+    body = json.loads(made_up_claim("alice", room))
+    body["member"]["id"] = "m-alice-A1"
+    body["member"]["claimed_device_id"] = "A1"
+    reached = lambda: wait_until(lambda: lk_jwt.hits >= 1, "lk-jwt-service got it", 10)
+    with counting(proxy) as counts:
+        assert h2c.request(proxy.address, "POST", "/get_token", json.dumps(body).encode(),
+                           reset=True, reset_when=reached) is None
+        # Once the reservation time is over (the decision on alice's request settles what
+        # lapsed by then), alice asks.
+        time.sleep(1.5)
+        resp = ask(proxy, "/get_token", "new", "alice", "A1", room, timeout=30)
+        assert resp.status_code == 200 and resp.json()["jwt"], resp.text
+    assert "cooling_refusals" not in counts.guard, counts.guard
 
 
 def fresh_token_of(user: str, nonce: int, device: str, room: str) -> dict:
