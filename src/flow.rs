@@ -152,9 +152,13 @@ pub enum Counter {
     /// without their connecting (403, like a full room).
     CoolingRefusals,
     /// Synapse lookups not made because the process's budget was spent
-    /// (`synapse.max_lookups_per_second`): limit lookups (the token answered 429) and OpenID
-    /// checks (the requester decided on as unverified).
+    /// (`synapse.max_lookups_per_second`): limit lookups of rooms not seen within
+    /// `stale_limit_seconds` (the token answered 429) and OpenID checks (the requester
+    /// decided on as unverified).
     LookupsOverBudget,
+    /// Limit lookups not made because the process's budget was spent, decided instead on the
+    /// limit (or "no limit") seen last, within `stale_limit_seconds`.
+    StaleOverBudget,
     /// Requests on the webhook path (`webhooks.path`).
     WebhooksReceived,
     /// Webhooks LiveKit signed, read.
@@ -168,7 +172,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 29] = [
+    pub const ALL: [Counter; 30] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -193,6 +197,7 @@ impl Counter {
         Counter::CapacityRefusals,
         Counter::CoolingRefusals,
         Counter::LookupsOverBudget,
+        Counter::StaleOverBudget,
         Counter::WebhooksReceived,
         Counter::WebhooksAccepted,
         Counter::WebhooksRefused,
@@ -814,11 +819,10 @@ impl Admission {
             Some(Err(e)) => return self.unreadable(&e.to_string()),
             None => return self.unreadable("the request body never arrived complete"),
         };
-        let max_users = match self.limit_to_enforce(&request.room, env) {
-            Ok(max_users) => max_users,
-            Err(effects) => return effects,
-        };
         let mut effects = Vec::new();
+        let Some(max_users) = self.limit_to_enforce(&request.room, env, &mut effects) else {
+            return effects;
+        };
         // (LiveKit is asked meanwhile: the alias is known; see `ask_livekit_early`.)
         let Some(subject) = self.requester(&request, env, &mut effects) else {
             return effects;
@@ -849,32 +853,39 @@ impl Admission {
         effects
     }
 
-    /// The limit to enforce, once known. Otherwise the effects that get it, or that end the
-    /// request when there is nothing to enforce (no limit) or it cannot be known (a failure).
-    fn limit_to_enforce(&mut self, room: &str, env: &Env) -> Result<u32, Vec<Effect>> {
+    /// The limit to enforce, once known. Otherwise `None`, with the effects that get it, or
+    /// that end the request when there is nothing to enforce (no limit) or it cannot be known
+    /// (a failure, a spent lookup budget).
+    fn limit_to_enforce(
+        &mut self,
+        room: &str,
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) -> Option<u32> {
         if matches!(self.limit, Lookup::AskedByOther) {
             // The other request's answer may be cached by now; if not, ask ourselves.
             match limit_cache::LIMITS.peek(env.store, room, env.now_ms()) {
                 Some(Cached::Known(limit)) => self.limit = Lookup::Known(limit),
-                Some(Cached::Pending) => return Err(vec![Effect::AwaitSharedLimit]),
-                None | Some(Cached::Claimed) => {
-                    let mut effects = Vec::new();
-                    self.ask_synapse(env, &mut effects);
-                    return Err(effects);
+                Some(Cached::Pending) => {
+                    effects.push(Effect::AwaitSharedLimit);
+                    return None;
                 }
+                None | Some(Cached::Claimed) => self.ask_synapse(env, effects),
             }
         }
         match &self.limit {
-            Lookup::Unknown | Lookup::Asking | Lookup::AskedByOther => Err(Vec::new()),
+            Lookup::Unknown | Lookup::Asking | Lookup::AskedByOther => None,
             Lookup::Failed(reason) => {
                 let reason = format!("limit lookup failed: {reason}");
-                Err(self.fail(reason, env))
+                effects.extend(self.fail(reason, env));
+                None
             }
             Lookup::Known(Limit::None) => {
                 self.stage = Stage::Done;
-                Err(vec![Effect::Count(Counter::Allowed), self.pass()])
+                effects.extend([Effect::Count(Counter::Allowed), self.pass()]);
+                None
             }
-            Lookup::Known(Limit::MaxUsers(n, _)) => Ok(*n),
+            Lookup::Known(Limit::MaxUsers(n, _)) => Some(*n),
         }
     }
 
@@ -1077,7 +1088,7 @@ impl Admission {
         let cfg = env.config;
         let room = self.room().to_owned();
         if !budget::take(env.store, cfg.synapse.max_lookups_per_second, env.now_ms()) {
-            effects.extend(self.shed(&room, env));
+            self.over_budget(&room, env, effects);
             return;
         }
         let request = synapse::state_request(
@@ -1095,20 +1106,36 @@ impl Admission {
     }
 
     /// The process's lookup budget is spent: the claim on the room's lookup is given back (the
-    /// next request may ask) and the token is refused for now, 429. Neither let through (a
-    /// flood of room ids would then lift every uncached limit) nor counted as a full room.
-    fn shed(&mut self, room: &str, env: &Env) -> Vec<Effect> {
-        lookup::give_back_limit_claim(room, env);
+    /// next request may ask). A limit, or "no limit", seen within `stale_limit_seconds`
+    /// decides, as it would through a Synapse outage: a flood of new room ids never locks out
+    /// a room the guard knows. A room not seen (or seen longer ago) is refused for now, 429:
+    /// neither let through (a flood of room ids would then lift every uncached limit) nor
+    /// counted as a full room.
+    fn over_budget(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
+        let per_second = env.config.synapse.max_lookups_per_second;
+        if let Some(limit) = lookup::limit_over_budget(room, env) {
+            log::debug!(
+                "room {}: {per_second} limit lookups a second already spent; deciding on the \
+                 limit seen last",
+                clip(room)
+            );
+            effects.push(Effect::Count(Counter::StaleOverBudget));
+            self.limit = Lookup::Known(limit);
+            if matches!(self.stage, Stage::Waiting | Stage::Deciding(_)) {
+                self.ask_livekit_early(env, effects);
+            }
+            return;
+        }
         self.stage = Stage::Done;
         log::info!(
-            "room {}: {} limit lookups a second already spent; token refused for now (429)",
-            clip(room),
-            env.config.synapse.max_lookups_per_second
+            "room {}: {per_second} limit lookups a second already spent; token refused for now \
+             (429)",
+            clip(room)
         );
-        vec![
+        effects.extend([
             Effect::Count(Counter::LookupsOverBudget),
             Effect::Reply(reply::lookups_exhausted()),
-        ]
+        ]);
     }
 
     /// Asks LiveKit under the alias lk-jwt-service 0.4.3+ derives, before the token exists.
@@ -1269,6 +1296,10 @@ mod power_tests;
 #[cfg(test)]
 #[path = "flow_legacy_request_tests.rs"]
 mod legacy_request_tests;
+
+#[cfg(test)]
+#[path = "flow_budget_tests.rs"]
+mod budget_tests;
 
 #[cfg(test)]
 mod tests {
