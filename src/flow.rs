@@ -140,7 +140,8 @@ pub enum Counter {
     /// for rooms with a limit, on the request phase).
     OpenidLookups,
     /// `/sfu/get` requests decided without knowing who asks (another homeserver's OpenID
-    /// token, or Synapse's userinfo failed): they may only take a free place.
+    /// token, or Synapse's userinfo failed), and `/get_token` requests claiming a user of
+    /// another server than their OpenID token's: they may only take a free place.
     UnverifiedRequesters,
     /// Token request bodies over [`MAX_REQUEST_BODY`], answered 413.
     OversizedRequests,
@@ -297,8 +298,9 @@ struct Subject {
     identity: String,
     /// The Matrix user asking, as lk-jwt-service verified it or Synapse vouched for it.
     requester: String,
-    /// Nobody could verify who asks (a `/sfu/get` OpenID token of another homeserver):
-    /// `requester` stands in for them, and they only ever take a free place.
+    /// Nobody could verify who asks (a `/sfu/get` OpenID token of another homeserver, a
+    /// `/get_token` claim of another server than its OpenID token's): `requester` stands in
+    /// for them, and they only ever take a free place.
     unverified: bool,
 }
 
@@ -682,17 +684,26 @@ impl Admission {
             Ok(claims) => claims,
             Err(reason) => return self.fail(reason, env),
         };
-        let requester = match &self.request {
-            Some(Ok(request)) => requester_of(request, &claims).to_owned(),
-            _ => String::new(),
+        let mut effects = Vec::new();
+        let (requester, unverified) = match &self.request {
+            // A `/get_token` claim of another server than the OpenID token's proves nothing.
+            Some(Ok(request))
+                if request.shape == Shape::New && !requester::claim_provable(request) =>
+            {
+                effects.push(Effect::Count(Counter::UnverifiedRequesters));
+                (requester::unverified_stand_in(request), true)
+            }
+            Some(Ok(request)) => (requester_of(request, &claims).to_owned(), false),
+            _ => (String::new(), false),
         };
         self.stage = Stage::Deciding(Subject {
             room: claims.room,
             identity: claims.identity,
             requester,
-            unverified: false,
+            unverified,
         });
-        self.advance(env)
+        effects.extend(self.advance(env));
+        effects
     }
 
     /// A part of a watched 200's body (step 3, MatrixRTC); at its end, the token is checked
@@ -1302,6 +1313,10 @@ mod legacy_request_tests;
 mod budget_tests;
 
 #[cfg(test)]
+#[path = "flow_claim_tests.rs"]
+mod claim_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
@@ -1888,7 +1903,7 @@ mod tests {
     fn new_shape_requester_is_the_verified_claimed_user() {
         let cfg = config(r#", "participants_cache_ms": 0"#);
         let store = MemoryStore::default();
-        let body = br#"{"room_id":"!room:example.com","slot_id":"m.call#ROOM","openid_token":{},"member":{"id":"m1","claimed_user_id":"@a:example.com","claimed_device_id":"D2"}}"#;
+        let body = br#"{"room_id":"!room:example.com","slot_id":"m.call#ROOM","openid_token":{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600},"member":{"id":"m1","claimed_user_id":"@a:example.com","claimed_device_id":"D2"}}"#;
         let alias = room_alias(ROOM, "m.call#ROOM");
         let mut d = Drive::new(&cfg, &store, 0);
         d.request(body);
