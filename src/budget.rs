@@ -70,6 +70,28 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_of_n_allows_exactly_the_nth_lookup_of_a_second() {
+        for rate in [1u32, 2, 3, 100] {
+            let store = MemoryStore::default();
+            for n in 1..=rate {
+                assert!(take(&store, rate, 5_000), "rate {rate}: lookup {n}");
+            }
+            assert!(
+                !take(&store, rate, 5_000),
+                "rate {rate}: lookup {}",
+                rate + 1
+            );
+            // One lookup's refill takes 1000 / rate ms: not a ms less.
+            let refill = 1000 / u64::from(rate);
+            if 1000 % u64::from(rate) == 0 {
+                assert!(!take(&store, rate, 5_000 + refill - 1), "rate {rate}");
+                assert!(take(&store, rate, 5_000 + refill), "rate {rate}");
+                assert!(!take(&store, rate, 5_000 + refill), "rate {rate}");
+            }
+        }
+    }
+
+    #[test]
     fn no_rate_means_no_budget_and_a_clock_step_back_refills_nothing() {
         let store = MemoryStore::default();
         assert!((0..1000).all(|_| take(&store, 0, 5)));

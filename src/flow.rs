@@ -140,7 +140,8 @@ pub enum Counter {
     /// for rooms with a limit, on the request phase).
     OpenidLookups,
     /// `/sfu/get` requests decided without knowing who asks (another homeserver's OpenID
-    /// token, or Synapse's userinfo failed): they may only take a free place.
+    /// token, or Synapse's userinfo failed), and `/get_token` requests claiming a user of
+    /// another server than their OpenID token's: they may only take a free place.
     UnverifiedRequesters,
     /// Token request bodies over [`MAX_REQUEST_BODY`], answered 413.
     OversizedRequests,
@@ -152,9 +153,13 @@ pub enum Counter {
     /// without their connecting (403, like a full room).
     CoolingRefusals,
     /// Synapse lookups not made because the process's budget was spent
-    /// (`synapse.max_lookups_per_second`): limit lookups (the token answered 429) and OpenID
-    /// checks (the requester decided on as unverified).
+    /// (`synapse.max_lookups_per_second`): limit lookups of rooms not seen within
+    /// `stale_limit_seconds` (the token answered 429) and OpenID checks (the requester
+    /// decided on as unverified).
     LookupsOverBudget,
+    /// Limit lookups not made because the process's budget was spent, decided instead on the
+    /// limit (or "no limit") seen last, within `stale_limit_seconds`.
+    StaleOverBudget,
     /// Requests on the webhook path (`webhooks.path`).
     WebhooksReceived,
     /// Webhooks LiveKit signed, read.
@@ -173,7 +178,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 31] = [
+    pub const ALL: [Counter; 32] = [
         Counter::TokenRequests,
         Counter::Allowed,
         Counter::Blocked,
@@ -198,6 +203,7 @@ impl Counter {
         Counter::CapacityRefusals,
         Counter::CoolingRefusals,
         Counter::LookupsOverBudget,
+        Counter::StaleOverBudget,
         Counter::WebhooksReceived,
         Counter::WebhooksAccepted,
         Counter::WebhooksRefused,
@@ -299,8 +305,9 @@ struct Subject {
     identity: String,
     /// The Matrix user asking, as lk-jwt-service verified it or Synapse vouched for it.
     requester: String,
-    /// Nobody could verify who asks (a `/sfu/get` OpenID token of another homeserver):
-    /// `requester` stands in for them, and they only ever take a free place.
+    /// Nobody could verify who asks (a `/sfu/get` OpenID token of another homeserver, a
+    /// `/get_token` claim of another server than its OpenID token's): `requester` stands in
+    /// for them, and they only ever take a free place.
     unverified: bool,
 }
 
@@ -702,17 +709,29 @@ impl Admission {
             Ok(claims) => claims,
             Err(reason) => return self.fail(reason, env),
         };
-        let requester = match &self.request {
-            Some(Ok(request)) => requester_of(request, &claims).to_owned(),
-            _ => String::new(),
+        let mut effects = Vec::new();
+        let (requester, unverified) = match &self.request {
+            // A `/get_token` claim of another server than the OpenID token's proves nothing.
+            Some(Ok(request))
+                if request.shape == Shape::New && !requester::claim_provable(request) =>
+            {
+                effects.push(Effect::Count(Counter::UnverifiedRequesters));
+                (
+                    requester::unverified_stand_in(&request.openid.matrix_server_name),
+                    true,
+                )
+            }
+            Some(Ok(request)) => (requester_of(request, &claims).to_owned(), false),
+            _ => (String::new(), false),
         };
         self.stage = Stage::Deciding(Subject {
             room: claims.room,
             identity: claims.identity,
             requester,
-            unverified: false,
+            unverified,
         });
-        self.advance(env)
+        effects.extend(self.advance(env));
+        effects
     }
 
     /// A part of a watched 200's body (step 3, request phase); at its end, the token is
@@ -903,11 +922,10 @@ impl Admission {
             Some(Err(e)) => return self.unreadable(&e.to_string()),
             None => return self.unreadable("the request body never arrived complete"),
         };
-        let max_users = match self.limit_to_enforce(&request.room, env) {
-            Ok(max_users) => max_users,
-            Err(effects) => return effects,
-        };
         let mut effects = Vec::new();
+        let Some(max_users) = self.limit_to_enforce(&request.room, env, &mut effects) else {
+            return effects;
+        };
         // (LiveKit is asked meanwhile: the alias is known; see `ask_livekit_early`.)
         let Some(subject) = self.requester(&request, env, &mut effects) else {
             return effects;
@@ -938,32 +956,39 @@ impl Admission {
         effects
     }
 
-    /// The limit to enforce, once known. Otherwise the effects that get it, or that end the
-    /// request when there is nothing to enforce (no limit) or it cannot be known (a failure).
-    fn limit_to_enforce(&mut self, room: &str, env: &Env) -> Result<u32, Vec<Effect>> {
+    /// The limit to enforce, once known. Otherwise `None`, with the effects that get it, or
+    /// that end the request when there is nothing to enforce (no limit) or it cannot be known
+    /// (a failure, a spent lookup budget).
+    fn limit_to_enforce(
+        &mut self,
+        room: &str,
+        env: &Env,
+        effects: &mut Vec<Effect>,
+    ) -> Option<u32> {
         if matches!(self.limit, Lookup::AskedByOther) {
             // The other request's answer may be cached by now; if not, ask ourselves.
             match limit_cache::LIMITS.peek(env.store, room, env.now_ms()) {
                 Some(Cached::Known(limit)) => self.limit = Lookup::Known(limit),
-                Some(Cached::Pending) => return Err(vec![Effect::AwaitSharedLimit]),
-                None | Some(Cached::Claimed) => {
-                    let mut effects = Vec::new();
-                    self.ask_synapse(env, &mut effects);
-                    return Err(effects);
+                Some(Cached::Pending) => {
+                    effects.push(Effect::AwaitSharedLimit);
+                    return None;
                 }
+                None | Some(Cached::Claimed) => self.ask_synapse(env, effects),
             }
         }
         match &self.limit {
-            Lookup::Unknown | Lookup::Asking | Lookup::AskedByOther => Err(Vec::new()),
+            Lookup::Unknown | Lookup::Asking | Lookup::AskedByOther => None,
             Lookup::Failed(reason) => {
                 let reason = format!("limit lookup failed: {reason}");
-                Err(self.fail(reason, env))
+                effects.extend(self.fail(reason, env));
+                None
             }
             Lookup::Known(Limit::None) => {
                 self.stage = Stage::Done;
-                Err(vec![Effect::Count(Counter::Allowed), self.pass()])
+                effects.extend([Effect::Count(Counter::Allowed), self.pass()]);
+                None
             }
-            Lookup::Known(Limit::MaxUsers(n, _)) => Ok(*n),
+            Lookup::Known(Limit::MaxUsers(n, _)) => Some(*n),
         }
     }
 
@@ -1169,7 +1194,7 @@ impl Admission {
         let cfg = env.config;
         let room = self.room().to_owned();
         if !budget::take(env.store, cfg.synapse.max_lookups_per_second, env.now_ms()) {
-            effects.extend(self.shed(&room, env));
+            self.over_budget(&room, env, effects);
             return;
         }
         let request = synapse::state_request(
@@ -1187,20 +1212,36 @@ impl Admission {
     }
 
     /// The process's lookup budget is spent: the claim on the room's lookup is given back (the
-    /// next request may ask) and the token is refused for now, 429. Neither let through (a
-    /// flood of room ids would then lift every uncached limit) nor counted as a full room.
-    fn shed(&mut self, room: &str, env: &Env) -> Vec<Effect> {
-        lookup::give_back_limit_claim(room, env);
+    /// next request may ask). A limit, or "no limit", seen within `stale_limit_seconds`
+    /// decides, as it would through a Synapse outage: a flood of new room ids never locks out
+    /// a room the guard knows. A room not seen (or seen longer ago) is refused for now, 429:
+    /// neither let through (a flood of room ids would then lift every uncached limit) nor
+    /// counted as a full room.
+    fn over_budget(&mut self, room: &str, env: &Env, effects: &mut Vec<Effect>) {
+        let per_second = env.config.synapse.max_lookups_per_second;
+        if let Some(limit) = lookup::limit_over_budget(room, env) {
+            log::debug!(
+                "room {}: {per_second} limit lookups a second already spent; deciding on the \
+                 limit seen last",
+                clip(room)
+            );
+            effects.push(Effect::Count(Counter::StaleOverBudget));
+            self.limit = Lookup::Known(limit);
+            if matches!(self.stage, Stage::Waiting | Stage::Deciding(_)) {
+                self.ask_livekit_early(env, effects);
+            }
+            return;
+        }
         self.stage = Stage::Done;
         log::info!(
-            "room {}: {} limit lookups a second already spent; token refused for now (429)",
-            clip(room),
-            env.config.synapse.max_lookups_per_second
+            "room {}: {per_second} limit lookups a second already spent; token refused for now \
+             (429)",
+            clip(room)
         );
-        vec![
+        effects.extend([
             Effect::Count(Counter::LookupsOverBudget),
             Effect::Reply(reply::lookups_exhausted()),
-        ]
+        ]);
     }
 
     /// Asks LiveKit under the alias lk-jwt-service 0.4.3+ derives, before the token exists.
@@ -1361,6 +1402,14 @@ mod power_tests;
 #[cfg(test)]
 #[path = "flow_legacy_request_tests.rs"]
 mod legacy_request_tests;
+
+#[cfg(test)]
+#[path = "flow_budget_tests.rs"]
+mod budget_tests;
+
+#[cfg(test)]
+#[path = "flow_claim_tests.rs"]
+mod claim_tests;
 
 #[cfg(test)]
 mod tests {
@@ -1949,7 +1998,7 @@ mod tests {
     fn new_shape_requester_is_the_verified_claimed_user() {
         let cfg = config(r#", "participants_cache_ms": 0"#);
         let store = MemoryStore::default();
-        let body = br#"{"room_id":"!room:example.com","slot_id":"m.call#ROOM","openid_token":{},"member":{"id":"m1","claimed_user_id":"@a:example.com","claimed_device_id":"D2"}}"#;
+        let body = br#"{"room_id":"!room:example.com","slot_id":"m.call#ROOM","openid_token":{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600},"member":{"id":"m1","claimed_user_id":"@a:example.com","claimed_device_id":"D2"}}"#;
         let alias = room_alias(ROOM, "m.call#ROOM");
         let mut d = Drive::new(&cfg, &store, 0);
         d.request(body);

@@ -272,3 +272,224 @@ fn the_creators_of_a_version_12_room_get_in_and_those_of_older_rooms_by_their_le
         assert_eq!(outcome(&d.all), Some(expected), "{version} {user}");
     }
 }
+
+/// Whether `user` gets into a full room (limited to 1, alice in it) whose limit event is
+/// `limit`, power levels `levels` and create event of room version `version`, under `cfg`.
+fn exempt_at_boundary(cfg: &Config, limit: &[u8], levels: &str, version: &str, user: &str) -> bool {
+    let store = MemoryStore::default();
+    let mut d = Drive::new(cfg, &store, 1_000);
+    d.request(&legacy_body(user, "D"));
+    d.synapse(Some(200), limit);
+    d.token(&issued(&legacy_alias(), &format!("{user}:D")));
+    let Some(kind) = d.livekit_call() else {
+        panic!("LiveKit not asked")
+    };
+    let full = participants(&["@alice:example.com:A"]);
+    let effects = d.admission.on_call_response(kind, Some(200), &full, &d.env);
+    d.keep(effects);
+    d.power(Some(200), &power_answer(levels));
+    d.creators(Some(200), &create_answer(version, "@creator:example.com"));
+    match outcome(&d.all) {
+        Some(200) => {
+            assert!(counters(&d.all).contains(&Counter::ExemptAdmissions));
+            true
+        }
+        Some(403) => false,
+        other => panic!("{user}: {other:?} {:?}", d.all),
+    }
+}
+
+/// Synapse's answer with the limit event naming its own `exempt_power_level`.
+fn limit_naming_level(level: i64) -> Vec<u8> {
+    format!(r#"{{"state":[{{"type":"io.lotus.voice_limit","state_key":"","content":{{"max_users":1,"exempt_power_level":{level}}}}}]}}"#)
+        .into_bytes()
+}
+
+/// Users at 60, 59, 50, 49, 30, 29, 11 and 10 (`@l<level>`), the default `default`, the
+/// limit event sent at 60.
+fn levels_around(default: i64) -> String {
+    let users: Vec<String> = [60, 59, 50, 49, 30, 29, 11, 10]
+        .iter()
+        .map(|l| format!(r#""@l{l}:example.com":{l}"#))
+        .collect();
+    format!(
+        r#"{{"users":{{{}}},"users_default":{default},"events":{{"io.lotus.voice_limit":60}},"state_default":50}}"#,
+        users.join(",")
+    )
+}
+
+fn at(level: i64) -> String {
+    format!("@l{level}:example.com")
+}
+
+#[test]
+fn the_level_to_send_the_limit_event_exempts_at_that_level_and_not_one_below() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let levels = levels_around(0);
+    assert!(exempt_at_boundary(
+        &cfg,
+        &limit_answer(1),
+        &levels,
+        "10",
+        &at(60)
+    ));
+    assert!(!exempt_at_boundary(
+        &cfg,
+        &limit_answer(1),
+        &levels,
+        "10",
+        &at(59)
+    ));
+    // No entry for the limit event: `state_default` is the level.
+    let by_state_default =
+        r#"{"users":{"@l50:example.com":50,"@l49:example.com":49},"state_default":50}"#;
+    assert!(exempt_at_boundary(
+        &cfg,
+        &limit_answer(1),
+        by_state_default,
+        "10",
+        &at(50)
+    ));
+    assert!(!exempt_at_boundary(
+        &cfg,
+        &limit_answer(1),
+        by_state_default,
+        "10",
+        &at(49)
+    ));
+}
+
+#[test]
+fn the_limit_events_own_level_exempts_at_that_level_and_not_one_below() {
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let levels = levels_around(0);
+    // The event's level, below and above the room's 60, and over a configured one.
+    for (cfg, threshold) in [
+        (cfg.clone(), 30),
+        (cfg.clone(), 11),
+        (
+            config(r#", "participants_cache_ms": 0, "exempt_power_level": 50"#),
+            30,
+        ),
+        (
+            config(r#", "participants_cache_ms": 0, "exempt_power_level": 11"#),
+            30,
+        ),
+    ] {
+        let limit = limit_naming_level(threshold);
+        assert!(exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "10",
+            &at(threshold)
+        ));
+        assert!(!exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "10",
+            &at(threshold - 1)
+        ));
+    }
+}
+
+#[test]
+fn the_configured_level_exempts_at_that_level_and_not_one_below() {
+    let levels = levels_around(0);
+    for threshold in [50, 30, 11] {
+        let cfg = config(&format!(
+            r#", "participants_cache_ms": 0, "exempt_power_level": {threshold}"#
+        ));
+        let limit = limit_answer(1);
+        assert!(exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "10",
+            &at(threshold)
+        ));
+        assert!(!exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "10",
+            &at(threshold - 1)
+        ));
+    }
+}
+
+#[test]
+fn users_at_the_default_level_are_never_exempt_and_one_above_may_be() {
+    // A threshold at or below the default: only users above the default get in.
+    let levels = levels_around(10);
+    for cfg in [
+        config(r#", "participants_cache_ms": 0, "exempt_power_level": 10"#),
+        config(r#", "participants_cache_ms": 0, "exempt_power_level": 5"#),
+    ] {
+        let limit = limit_answer(1);
+        assert!(exempt_at_boundary(&cfg, &limit, &levels, "10", &at(11)));
+        assert!(!exempt_at_boundary(&cfg, &limit, &levels, "10", &at(10)));
+        // Not named in `users`: at the default.
+        assert!(!exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "10",
+            "@nobody:example.com"
+        ));
+    }
+    // The same with the limit event's level.
+    let cfg = config(r#", "participants_cache_ms": 0"#);
+    let limit = limit_naming_level(10);
+    assert!(exempt_at_boundary(&cfg, &limit, &levels, "10", &at(11)));
+    assert!(!exempt_at_boundary(&cfg, &limit, &levels, "10", &at(10)));
+}
+
+#[test]
+fn the_creators_of_a_version_12_room_are_exempt_at_any_threshold() {
+    let levels = levels_around(0);
+    for (cfg, limit) in [
+        (config(r#", "participants_cache_ms": 0"#), limit_answer(1)),
+        (
+            config(r#", "participants_cache_ms": 0"#),
+            limit_naming_level(i64::MAX),
+        ),
+        (
+            config(&format!(
+                r#", "participants_cache_ms": 0, "exempt_power_level": {}"#,
+                i64::MAX
+            )),
+            limit_answer(1),
+        ),
+    ] {
+        assert!(exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "12",
+            "@creator:example.com"
+        ));
+        assert!(exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "12",
+            "@co:example.com"
+        ));
+        assert!(!exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "11",
+            "@creator:example.com"
+        ));
+        assert!(!exempt_at_boundary(
+            &cfg,
+            &limit,
+            &levels,
+            "12",
+            "@nobody:example.com"
+        ));
+    }
+}

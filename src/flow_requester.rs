@@ -7,6 +7,7 @@ use crate::budget;
 use crate::limit_cache::{Cached, Lifetimes, VerifiedUser, OPENID_USERS};
 use crate::livekit_names::{hash_of_strings, room_alias};
 use crate::openid::{self, Userinfo};
+use crate::route::Route;
 use crate::rtc_request::{self, Asked};
 use crate::token_request::{self, Shape, TokenRequest};
 
@@ -59,8 +60,9 @@ impl Admission {
 
     /// Who asks for which call on a legacy route, decided on the request. `/get_token`
     /// names its user in `member.claimed_user_id`, which lk-jwt-service 0.4.0+ issues a
-    /// token for only when the OpenID check proves it. A `/sfu/get` body names none: its
-    /// OpenID token is shown to Synapse once the room turns out to have a limit
+    /// token for only when the OpenID check proves it (a claim of another server than the
+    /// OpenID token's is not trusted: see [`claim_provable`]). A `/sfu/get` body names none:
+    /// its OpenID token is shown to Synapse once the room turns out to have a limit
     /// ([`Admission::requester`]). `None` when the request goes on undecided.
     pub(super) fn read_legacy_request(
         &mut self,
@@ -100,12 +102,13 @@ impl Admission {
         Some(request)
     }
 
-    /// A `/sfu/get` request's requester, once the room has a limit: its OpenID token's user
-    /// as Synapse says (asked once). When Synapse does not vouch for the token (another
-    /// homeserver's, one naming a server other than `synapse.server_name`, or none valid), or
-    /// cannot be asked, the stand-in of the server the token names asks instead
+    /// A legacy request's requester, once the room has a limit. `/sfu/get`: its OpenID
+    /// token's user as Synapse says (asked once). When Synapse does not vouch for the token
+    /// (another homeserver's, one naming a server other than `synapse.server_name`, or none
+    /// valid), or cannot be asked, the stand-in of the server the token names asks instead
     /// ([`unverified_stand_in`]), which only ever takes a free place: the limit holds either
-    /// way.
+    /// way. `/get_token`: the claimed user, unless the claim is of another server than the
+    /// OpenID token's: then the same stand-in.
     /// `None`: wait (or the request ended), with `effects` to carry out.
     pub(super) fn requester(
         &mut self,
@@ -116,12 +119,23 @@ impl Admission {
         let Stage::Deciding(subject) = &self.stage else {
             return None;
         };
-        let mut subject = subject.clone();
-        // Only a `/sfu/get` decided on the request is still to be named: a token read on the
-        // response names its own requester, even when that name is empty.
-        if !subject.requester.is_empty() || !self.on_request || request.shape != Shape::Legacy {
+        let subject = subject.clone();
+        // Only a legacy request decided on the request is still to be named: a token read on
+        // the response names its own requester, even when that name is empty.
+        if self.route != Route::Legacy || !self.on_request || subject.unverified {
             return Some(subject);
         }
+        if request.shape == Shape::New {
+            if claim_provable(request) {
+                return Some(subject);
+            }
+            let reason = "the claimed user is of another server than the OpenID token's";
+            return Some(self.unverified(subject, request, reason.to_owned(), effects));
+        }
+        if !subject.requester.is_empty() {
+            return Some(subject);
+        }
+        let mut subject = subject;
         let openid = &request.openid;
         let cfg = env.config;
         let ours = cfg.synapse.server_name.as_deref().map_or(true, |ours| {
@@ -173,16 +187,29 @@ impl Admission {
                 format!("OpenID check failed: {reason}")
             }
         };
+        Some(self.unverified(subject, request, unverified, effects))
+    }
+
+    /// Decides `subject` as a requester nobody verified (`why`): the stand-in of the server
+    /// the request's OpenID token names asks, which only ever takes a free place, is never
+    /// exempt and is never counted as a user it names.
+    fn unverified(
+        &mut self,
+        mut subject: Subject,
+        request: &TokenRequest,
+        why: String,
+        effects: &mut Vec<Effect>,
+    ) -> Subject {
         effects.push(Effect::Count(Counter::UnverifiedRequesters));
         log::debug!(
             "room {}: who asks is not verified ({}): only a free place is taken",
             clip(&request.room),
-            clip(&unverified)
+            clip(&why)
         );
-        subject.requester = unverified_stand_in(&openid.matrix_server_name);
+        subject.requester = unverified_stand_in(&request.openid.matrix_server_name);
         subject.unverified = true;
         self.stage = Stage::Deciding(subject.clone());
-        Some(subject)
+        subject
     }
 }
 
@@ -193,6 +220,15 @@ impl Admission {
 /// the token issued names its user, whose place it then is ([`crate::occupancy::issued`]).
 pub(super) fn unverified_stand_in(server: &str) -> String {
     format!("unverified {}", hash_of_strings(&[server]))
+}
+
+/// Whether lk-jwt-service's OpenID check can prove a `/get_token` claim: the claimed user is
+/// of the server the OpenID token names (compared as [`rtc_request::same_server`] compares
+/// them, a port included). Not every lk-jwt-service build checks this itself, and a token
+/// of one server proves nothing about another server's users.
+pub(super) fn claim_provable(request: &TokenRequest) -> bool {
+    rtc_request::server_of(&request.claimed_user_id)
+        .is_some_and(|server| rtc_request::same_server(server, &request.openid.matrix_server_name))
 }
 
 /// How long who an OpenID token belongs to is kept: Synapse's OpenID tokens live an hour, and

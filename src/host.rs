@@ -94,6 +94,7 @@ fn counter_name(counter: Counter) -> &'static str {
         Counter::OversizedRequests => "voice_limit_guard.oversized_requests",
         Counter::CapacityRefusals => "voice_limit_guard.capacity_refusals",
         Counter::LookupsOverBudget => "voice_limit_guard.lookups_over_budget",
+        Counter::StaleOverBudget => "voice_limit_guard.stale_limits_over_budget",
         Counter::CoolingRefusals => "voice_limit_guard.cooling_refusals",
         Counter::OpenidCacheHits => "voice_limit_guard.openid_cache_hits",
         Counter::ExemptAdmissions => "voice_limit_guard.exempt_admissions",

@@ -7,8 +7,10 @@
 //! kept, *stale*, for `stale_limit_seconds` more: when a refresh fails meanwhile, the guard
 //! uses the stale answer (and serves it as fresh for one more TTL, so that one failing lookup
 //! per TTL is made, not one per request) instead of treating the room as unlimited. "No
-//! limit" answers are not kept stale: a room the guard never saw limited fails per
-//! `failure_mode` while Synapse is down.
+//! limit" answers are not used stale when Synapse fails: a room the guard never saw limited
+//! fails per `failure_mode` while Synapse is down. A lookup not made because the process's
+//! budget is spent ([`Unasked::OverBudget`]) takes any room answer still in its stale
+//! window, "no limit" too: a room the guard knows is never refused for a flood of others.
 //!
 //! While one request looks a room up, the room's entry carries a "lookup pending" mark for at
 //! most the Synapse timeout, so concurrent requests for the same room wait for that answer
@@ -42,6 +44,24 @@ impl Rule {
     fn keeps_stale(&self) -> bool {
         !matches!(self, Rule::Limit(Limit::None) | Rule::User(_))
     }
+
+    /// Whether the answer, past its TTL, stands in for a lookup not made for `why`.
+    fn serves_stale(&self, why: Unasked) -> bool {
+        match why {
+            Unasked::Failed => self.keeps_stale(),
+            Unasked::OverBudget => !matches!(self, Rule::User(_)),
+        }
+    }
+}
+
+/// Why a claimed lookup brought no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unasked {
+    /// Synapse failed: only an answer that [`Rule::keeps_stale`] is used stale.
+    Failed,
+    /// The lookup was not made, the process's budget being spent: any room answer still in
+    /// its stale window is used, "no limit" too.
+    OverBudget,
 }
 
 /// A kind of answer a [`Cache`] holds.
@@ -175,7 +195,7 @@ pub struct Entry {
     seen: Option<Rule>,
     /// Until when `seen` is served without asking Synapse.
     fresh_until: u64,
-    /// Until when `seen` is used if Synapse cannot be asked (when it [`Rule::keeps_stale`]).
+    /// Until when `seen` is used if Synapse is not asked or fails ([`Rule::serves_stale`]).
     stale_until: u64,
     /// Until when another request's lookup is awaited (0: none pending).
     pending_until: u64,
@@ -184,15 +204,15 @@ pub struct Entry {
 impl Entry {
     fn expires_at(&self) -> u64 {
         let stale = match &self.seen {
-            Some(rule) if rule.keeps_stale() => self.stale_until,
+            Some(rule) if rule.serves_stale(Unasked::OverBudget) => self.stale_until,
             _ => 0,
         };
         self.fresh_until.max(stale).max(self.pending_until)
     }
 
-    fn stale_rule(&self, now_ms: u64) -> Option<Rule> {
+    fn stale_rule(&self, now_ms: u64, why: Unasked) -> Option<Rule> {
         match &self.seen {
-            Some(rule) if rule.keeps_stale() && self.stale_until > now_ms => Some(rule.clone()),
+            Some(rule) if rule.serves_stale(why) && self.stale_until > now_ms => Some(rule.clone()),
             _ => None,
         }
     }
@@ -298,18 +318,19 @@ impl<V: Answer> Cache<V> {
         store_answer(&self.buckets, store, room, answer.into_rule(), now_ms, life)
     }
 
-    /// After a failed lookup: drops the pending mark, so the next request asks Synapse again,
-    /// and returns the stale answer to use, if one is known. That stale answer is then served
-    /// as fresh for one TTL, so an outage costs one failing lookup per TTL, not one per
-    /// request.
+    /// After a lookup that brought no answer (`why`): drops the pending mark, so the next
+    /// request asks Synapse again, and returns the stale answer to use, if one is known. That
+    /// stale answer is then served as fresh for one TTL, so an outage costs one failing lookup
+    /// per TTL, not one per request.
     pub fn release_claim(
         &self,
         store: &dyn SharedStore,
         room: &str,
         now_ms: u64,
         life: Lifetimes,
+        why: Unasked,
     ) -> Result<Option<V>, StoreError> {
-        release_claim(&self.buckets, store, room, now_ms, life)
+        release_claim(&self.buckets, store, room, now_ms, life, why)
             .map(|rule| rule.and_then(V::from_rule))
     }
 }
@@ -388,6 +409,7 @@ fn release_claim(
     room: &str,
     now_ms: u64,
     life: Lifetimes,
+    why: Unasked,
 ) -> Result<Option<Rule>, StoreError> {
     buckets.update(store, room, now_ms, |old: Option<(&Entry, u64)>| {
         let Some((entry, _)) = old else {
@@ -397,7 +419,7 @@ fn release_claim(
             // Another request stored an answer meanwhile.
             return (Change::Keep, Some(rule));
         }
-        let stale = entry.stale_rule(now_ms);
+        let stale = entry.stale_rule(now_ms, why);
         let mut next = Entry {
             pending_until: 0,
             ..entry.clone()
@@ -472,7 +494,10 @@ mod tests {
     fn a_failed_lookup_of_a_room_never_seen_is_not_cached() {
         let store = MemoryStore::default();
         LIMITS.read_or_claim(&store, "!r", 0, 5000).unwrap();
-        assert_eq!(LIMITS.release_claim(&store, "!r", 1, LIFE), Ok(None));
+        assert_eq!(
+            LIMITS.release_claim(&store, "!r", 1, LIFE, Unasked::Failed),
+            Ok(None)
+        );
         assert_eq!(
             LIMITS.read_or_claim(&store, "!r", 2, 5000),
             Ok(Cached::Claimed)
@@ -492,7 +517,7 @@ mod tests {
             Ok(Cached::Claimed)
         );
         assert_eq!(
-            LIMITS.release_claim(&store, "!r", later + 1, LIFE),
+            LIMITS.release_claim(&store, "!r", later + 1, LIFE, Unasked::Failed),
             Ok(Some(Limit::MaxUsers(2, None)))
         );
         // ...and served as cached for one TTL, so the outage costs one lookup per TTL.
@@ -507,7 +532,10 @@ mod tests {
         // Once the stale window has passed, nothing is left to enforce.
         let past = 10_000 + 3_600_000;
         LIMITS.read_or_claim(&store, "!r", past, 5000).unwrap();
-        assert_eq!(LIMITS.release_claim(&store, "!r", past + 1, LIFE), Ok(None));
+        assert_eq!(
+            LIMITS.release_claim(&store, "!r", past + 1, LIFE, Unasked::Failed),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -517,7 +545,42 @@ mod tests {
             .store_answer(&store, "!r", Limit::None, 0, LIFE)
             .unwrap();
         LIMITS.read_or_claim(&store, "!r", 20_000, 5000).unwrap();
-        assert_eq!(LIMITS.release_claim(&store, "!r", 20_001, LIFE), Ok(None));
+        assert_eq!(
+            LIMITS.release_claim(&store, "!r", 20_001, LIFE, Unasked::Failed),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn a_lookup_not_made_takes_any_room_answer_of_the_stale_window() {
+        let store = MemoryStore::default();
+        let end = 10_000 + 3_600_000;
+        for (room, answer) in [("!r", Limit::MaxUsers(2, None)), ("!s", Limit::None)] {
+            LIMITS.store_answer(&store, room, answer, 0, LIFE).unwrap();
+            LIMITS.read_or_claim(&store, room, end - 1, 5000).unwrap();
+            assert_eq!(
+                LIMITS.release_claim(&store, room, end - 1, LIFE, Unasked::OverBudget),
+                Ok(Some(answer))
+            );
+        }
+        // A failure still takes only the limit.
+        let store = MemoryStore::default();
+        LIMITS
+            .store_answer(&store, "!s", Limit::None, 0, LIFE)
+            .unwrap();
+        assert_eq!(
+            LIMITS.release_claim(&store, "!s", end - 1, LIFE, Unasked::Failed),
+            Ok(None)
+        );
+        // Past the window, nothing.
+        let store = MemoryStore::default();
+        LIMITS
+            .store_answer(&store, "!s", Limit::None, 0, LIFE)
+            .unwrap();
+        assert_eq!(
+            LIMITS.release_claim(&store, "!s", end, LIFE, Unasked::OverBudget),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -532,7 +595,7 @@ mod tests {
             .unwrap();
         assert_eq!(LIMITS.peek(&store, "!r", 1), None);
         assert_eq!(
-            LIMITS.release_claim(&store, "!r", 2, life),
+            LIMITS.release_claim(&store, "!r", 2, life, Unasked::Failed),
             Ok(Some(Limit::MaxUsers(2, None)))
         );
         LIMITS

@@ -3,7 +3,7 @@
 //! or, after a failure, the claim released and the stale answer, if any, returned.
 
 use crate::flow::{clip, CallKind, Env};
-use crate::limit_cache::{Answer, Cache, Lifetimes, LIMITS, POWER_LEVELS};
+use crate::limit_cache::{Answer, Cache, Lifetimes, Unasked, LIMITS, POWER_LEVELS};
 use crate::synapse::{self, Limit, PowerLevels};
 use crate::upstream::CallError;
 
@@ -67,7 +67,7 @@ fn settle<V: Answer + Clone>(
             }
             Ok(answer)
         }
-        Err(e) => match cache.release_claim(env.store, room, env.now_ms(), life) {
+        Err(e) => match cache.release_claim(env.store, room, env.now_ms(), life, Unasked::Failed) {
             Ok(Some(stale)) => Err(Settled::Stale(stale, e.to_string())),
             Ok(None) => Err(Settled::Failed(e.to_string())),
             Err(store) => Err(Settled::Failed(format!("{e}; {store}"))),
@@ -82,11 +82,18 @@ fn lifetimes(env: &Env) -> Lifetimes {
     }
 }
 
-/// Gives back the claim on a room's limit lookup that will not be made, so that the next
-/// request asks Synapse instead of waiting for an answer that never comes.
-pub fn give_back_limit_claim(room: &str, env: &Env) {
-    if let Err(e) = LIMITS.release_claim(env.store, room, env.now_ms(), lifetimes(env)) {
-        log::warn!("room {}: lookup claim not released: {e}", clip(room));
+/// A room's limit lookup that will not be made, the process's budget being spent: gives back
+/// its claim, so that the next request asks Synapse instead of waiting for an answer that
+/// never comes, and returns the limit (or "no limit") seen within its stale window, if any,
+/// to decide on instead.
+pub fn limit_over_budget(room: &str, env: &Env) -> Option<Limit> {
+    let life = lifetimes(env);
+    match LIMITS.release_claim(env.store, room, env.now_ms(), life, Unasked::OverBudget) {
+        Ok(stale) => stale,
+        Err(e) => {
+            log::warn!("room {}: lookup claim not released: {e}", clip(room));
+            None
+        }
     }
 }
 

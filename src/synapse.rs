@@ -411,6 +411,36 @@ mod tests {
     }
 
     #[test]
+    fn exempt_exactly_from_the_threshold_and_only_above_the_default() {
+        let pl = levels(
+            r#"{"users":{"@l60:x":60,"@l59:x":59,"@l30:x":30,"@l29:x":29,"@l11:x":11},
+                "users_default":10,"events":{"io.lotus.voice_limit":60}}"#,
+        );
+        // The room's level to send the limit event.
+        assert!(pl.exempts("@l60:x", None));
+        assert!(!pl.exempts("@l59:x", None));
+        // A threshold named by the limit event or the configuration.
+        assert!(pl.exempts("@l30:x", Some(30)));
+        assert!(!pl.exempts("@l29:x", Some(30)));
+        // At the default, never; one above, from a threshold at or below it.
+        assert!(pl.exempts("@l11:x", Some(10)));
+        assert!(!pl.exempts("@anyone:x", Some(10)));
+        assert!(!pl.exempts("@anyone:x", Some(9)));
+        assert!(pl.exempts("@l11:x", Some(11)));
+        assert!(!pl.exempts("@l11:x", Some(12)));
+    }
+
+    #[test]
+    fn a_version_12_rooms_creators_are_exempt_at_any_threshold_and_nobody_else() {
+        let body = br#"{"state":[{"type":"m.room.create","state_key":"","sender":"@c:x","content":{"room_version":"12"}}]}"#;
+        let creators = parse_creators(Some(200), body).unwrap();
+        for threshold in [None, Some(i64::MAX), Some(i64::MIN), Some(0)] {
+            assert!(creators.exempts("@c:x", threshold), "{threshold:?}");
+            assert!(!creators.exempts("@other:x", threshold), "{threshold:?}");
+        }
+    }
+
+    #[test]
     fn malformed_power_levels_make_nobody_exempt_and_fail_nothing() {
         for content in [
             r#"{"users":[1,2],"events":"x","users_default":"high"}"#,

@@ -43,7 +43,8 @@ GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_h
                                       "released_reservations", "token_mismatches",
                                       "unverified_requesters", "oversized_requests",
                                       "cooling_refusals", "capacity_refusals",
-                                      "lookups_over_budget", "webhooks_received",
+                                      "lookups_over_budget", "stale_limits_over_budget",
+                                      "webhooks_received",
                                       "webhooks_accepted", "webhooks_refused",
                                       "webhooks_unreadable", "livekit_lookups_avoided",
                                       "abandoned_reservations", "rekeyed_reservations")))

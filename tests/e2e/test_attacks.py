@@ -292,6 +292,7 @@ def test_a_flood_of_new_room_ids_costs_synapse_at_most_the_lookup_budget(
     looked up once the budget refills."""
     envoy = start_envoy(plugin_config(synapse={"max_lookups_per_second": LOOKUP_BUDGET}))
     assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
+    token_body("legacy", "mallory", "M", full_room)  # mallory's OpenID token, made once
     statuses: list[int] = []
     shed: list[tuple[str, dict, bytes]] = []
     deadline = time.monotonic() + 3.0
@@ -326,6 +327,62 @@ def test_a_flood_of_new_room_ids_costs_synapse_at_most_the_lookup_budget(
     assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "1"
     time.sleep(1.1)  # the budget's own refill time, not a wait for something to happen
     assert envoy.post("/sfu/get", token_body("legacy", "mallory", "M", room)).status_code == 200
+
+
+def test_a_flood_of_new_room_ids_leaves_rooms_seen_before_their_answer(
+        start_envoy, plugin_config, full_room, new_room, standins):
+    """I4, the other side: the lookup budget never refuses a room the guard knows.
+
+    A full room and a room without a limit are looked up, and their cache entries left to pass
+    their TTL (1 s). Then 16 clients flood the guard with room ids nobody has seen, spending the
+    budget. Throughout the flood, the full room is still refused (403, never 429) and the room
+    without a limit still passes: each is decided on the answer seen last, within
+    `stale_limit_seconds`, counted in `stale_limits_over_budget`."""
+    envoy = start_envoy(plugin_config(limit_cache_ttl_seconds=1,
+                                      synapse={"max_lookups_per_second": LOOKUP_BUDGET}))
+    open_room = new_room()
+    assert_channel_full(ask(envoy, "/sfu/get", "legacy", "carol", "C1", full_room))
+    assert_token_issued(ask(envoy, "/sfu/get", "legacy", "dave", "D1", open_room),
+                        open_room, "legacy", "dave", "D1", standins)
+    token_body("legacy", "mallory", "M", open_room)  # mallory's OpenID token, made once
+    time.sleep(1.2)  # both entries past the 1 s TTL, so each would cost a lookup
+    stop = time.monotonic() + 30.0
+    flood_statuses: list[int] = []
+
+    def flood(worker: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            room = f"!i4-known-{worker}-{n}-{time.monotonic_ns()}:test.local"
+            resp = envoy.post("/sfu/get", token_body("legacy", "mallory", "M", room))
+            flood_statuses.append(resp.status_code)
+            n += 1
+
+    answers: list[tuple[str, int]] = []
+    with counting(envoy) as counts:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            futures = [pool.submit(flood, worker) for worker in range(16)]
+            try:
+                wait_until(lambda: 429 in flood_statuses, "the flood to spend the budget", 10)
+                # Three rounds, each past the TTL of what the round before served.
+                for _ in range(3):
+                    for name, room in (("full", full_room), ("open", open_room)):
+                        resp = ask(envoy, "/sfu/get", "legacy", "carol", "C1", room)
+                        answers.append((name, resp.status_code))
+                        if name == "full":
+                            assert_channel_full(resp)
+                        else:
+                            assert_token_issued(resp, room, "legacy", "carol", "C1", standins)
+                    time.sleep(1.1)
+            finally:
+                stop = 0.0
+                for future in futures:
+                    future.result()
+    print(f"\n{len(flood_statuses)} flood requests, {flood_statuses.count(429)} answered 429; "
+          f"known rooms: {answers}")
+    assert answers == [("full", 403), ("open", 200)] * 3, answers
+    assert counts.guard.get("stale_limits_over_budget", 0) >= 1, counts.guard
+    assert counts.guard.get("lookups_over_budget") == flood_statuses.count(429), counts.guard
+    assert "fail_open" not in counts.guard, counts.guard
 
 
 @pytest.mark.check_fails

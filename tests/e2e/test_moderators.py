@@ -15,8 +15,8 @@ from typing import Any, Callable
 import pytest
 
 from conftest import requires_standins
-from guard import CHANNEL_FULL, assert_channel_full, ask, fill_room, poll, user
-from stack import LEGACY_SLOT, livekit_alias
+from guard import CHANNEL_FULL, assert_channel_full, ask, counting, fill_room, poll, user
+from stack import LEGACY_SLOT, join_body, livekit_alias, openid_token
 
 pytestmark = requires_standins
 
@@ -91,6 +91,37 @@ def test_the_creator_of_a_version_12_room_gets_into_it_when_full(synapse, guard,
     owner_name = owner.split(":")[0][1:]
     assert ask(guard, "/sfu/get", "legacy", owner_name, "O1", room).status_code == 200
     assert_channel_full(ask(guard, "/sfu/get", "legacy", "bob", "B1", room))
+
+
+def test_a_claim_of_the_creator_proven_by_another_servers_token_is_refused(
+        synapse, start_envoy, plugin_config, standins):
+    """/get_token, decided on the request: a claim of a version-12 room's creator made with an
+    OpenID token of another homeserver (example.org) proves nothing about a user of
+    test.local, whatever lk-jwt-service checks. The guard decides it as a requester nobody
+    verified: not exempt, not counted as the creator, a free place only; the room is full, so
+    it is refused before lk-jwt-service sees it. The creator's own claim still gets in."""
+    guard = start_envoy(plugin_config(limit_cache_ttl_seconds=TTL_S, decision_phase="request"))
+    password = secrets.token_hex(8)
+    owner = synapse.register_user("owner-" + secrets.token_hex(3), password)
+    token = synapse.login(owner.split(":")[0][1:], password)
+    room = synapse.create_room(token=token)
+    synapse.set_limit(room, 1, token=token)
+    fill_room(standins, room, "legacy", [("alice", "A1")])
+    forged = join_body(owner, "O1", room, shape="new", member_id="m-o1")
+    forged["openid_token"] = openid_token("@mallory:example.org", "example.org")
+    issued_before = standins.jwt.stats()["issued"]
+    before = counters(guard)
+    with counting(guard) as counts:
+        assert_channel_full(guard.post("/get_token", forged))
+    assert counts.guard == {"token_requests": 1, "synapse_lookups": 1, "livekit_lookups": 1,
+                            "unverified_requesters": 1, "blocked": 1}, counts.guard
+    assert standins.jwt.stats()["issued"] == issued_before
+    assert counters(guard) == {**before, "blocked": before["blocked"] + 1}
+    # The creator, proven by a token of the creator's own server, is exempt.
+    owner_name = owner.split(":")[0][1:]
+    assert ask(guard, "/get_token", "new", owner_name, "O2", room).status_code == 200
+    after = counters(guard)
+    assert after["exempt_admissions"] == before["exempt_admissions"] + 1
 
 
 def test_rooms_with_space_cost_no_power_level_lookup(synapse, guard, new_room, standins):
