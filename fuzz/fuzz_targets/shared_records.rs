@@ -120,7 +120,7 @@ fn limit_cache_ops(header: &Header, bucket: &[u8]) {
                     "a stored answer that is not seen"
                 );
             }
-            _ => match limit_cache::LIMITS.release_claim(&store, ROOM, now, life) {
+            _ => match limit_cache::LIMITS.release_claim(&store, ROOM, now, life, limit_cache::Unasked::Failed) {
                 Ok(Some(stale)) => {
                     let after = limit_cache::LIMITS.peek(&store, ROOM, now);
                     if life.ttl_ms > 0 {
