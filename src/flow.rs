@@ -1271,6 +1271,10 @@ mod power_tests;
 mod legacy_request_tests;
 
 #[cfg(test)]
+#[path = "flow_port_tests.rs"]
+mod port_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;

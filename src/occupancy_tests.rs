@@ -326,6 +326,78 @@ fn a_user_on_a_server_with_a_port_is_learnt() {
 }
 
 #[test]
+fn a_user_whose_server_name_has_a_port_is_recognised_by_an_identity_never_learnt() {
+    for (bob, first) in [
+        ("@bob:hs.test:8448", "@bob:hs.test:8448:B1"),
+        ("@bob:hs.test:8448", "@bob:hs.test:8448:b:1"),
+        ("@bob:[::1]:8448", "@bob:[::1]:8448:B1"),
+        ("@bob:10.0.0.1:8008", "@bob:10.0.0.1:8008:8448:B1"),
+    ] {
+        let store = MemoryStore::default();
+        // bob connected before the guard saw him: `first` reads as `@bob:hs.test` by name.
+        let full = [first, "@a:x:D"];
+        let v = ask(&store, 2, &full, bob, &format!("{bob}:B2"), 0);
+        assert!(v.admitted, "{first}: {v:?}");
+        assert_eq!((v.present, v.reserved), (2, 0), "{first}");
+        // A hashed identity of bob's (`/get_token`, MatrixRTC) asks the same.
+        let v = ask(&store, 2, &full, bob, "hashOfBob", 10);
+        assert!(v.admitted, "{first}: {v:?}");
+        assert!(!ask(&store, 2, &full, "@c:x", "@c:x:D", 20).admitted);
+        // His first device is learnt as his: alone in the call, he holds one place of two.
+        assert!(ask(&store, 2, &[first], "@c:x", "@c:x:D", 30).admitted);
+    }
+}
+
+#[test]
+fn the_port_reading_never_adds_a_user_in_a_full_room() {
+    let store = MemoryStore::default();
+    // `@bob:hs.test` is in the call on two devices, one of them `8448:B1`: reading that one
+    // as `@bob:hs.test:8448`'s would count one user more, so he asks as a newcomer.
+    let full = ["@bob:hs.test:8448:B1", "@bob:hs.test:E", "@a:x:D"];
+    let v = ask(
+        &store,
+        2,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B2",
+        0,
+    );
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    assert_eq!(v.present, 2);
+    // With a place free he gets in, as one more user.
+    let v = ask(
+        &store,
+        3,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B2",
+        10,
+    );
+    assert!(v.admitted);
+    assert_eq!(v.present, 2);
+    assert!(!ask(&store, 3, &full, "@c:x", "@c:x:D", 20).admitted);
+}
+
+#[test]
+fn an_identity_whose_server_may_end_in_a_port_is_learnt_whoever_it_names() {
+    let store = MemoryStore::default();
+    // `@bob:hs.test` asks with the device id `8448:B1`: the identity is learnt as his, so
+    // `@bob:hs.test:8448` cannot claim it.
+    assert!(ask(&store, 2, &[], "@bob:hs.test", "@bob:hs.test:8448:B1", 0).admitted);
+    let full = ["@bob:hs.test:8448:B1", "@a:x:D"];
+    let v = ask(
+        &store,
+        2,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B2",
+        10,
+    );
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    assert!(ask(&store, 2, &full, "@bob:hs.test", "@bob:hs.test:E", 20).admitted);
+}
+
+#[test]
 fn identities_per_user_are_capped_oldest_unconnected_first() {
     let store = MemoryStore::default();
     for n in 0..(MAX_IDENTITIES_PER_USER as u64 + 4) {

@@ -5,10 +5,10 @@
 //! Events are applied only to rooms the guard keeps a record of (rooms with a limit that
 //! someone asked a token for): every other room's events cost a read of shared data.
 
-use crate::occupancy::{user_named_by, BUCKETS, MAX_PAIRING_MS, ROOM_BUDGET};
+use crate::occupancy::{named_by, BUCKETS, MAX_PAIRING_MS, ROOM_BUDGET};
 use crate::room_record::RoomRecord;
-use crate::room_view::{Member, Presence, View};
-use crate::store::{digest, Change, SharedStore, StoreError};
+use crate::room_view::{Member, Named, Presence, View};
+use crate::store::{Change, SharedStore, StoreError};
 
 /// What a webhook says of a room.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,10 +95,10 @@ impl RoomRecord {
                 presence,
             } => (identity, *session, *presence),
         };
-        let identity_digest = digest(identity);
-        let named = user_named_by(identity);
+        let named = named_by(identity);
+        let identity_digest = named.identity.clone();
         let view = self.w.get_or_insert_with(View::default);
-        if !view.apply(&identity_digest, &named, session, presence, now) {
+        if !view.apply(&named, session, presence, now) {
             return false;
         }
         if let Some(p) = self.i.iter_mut().find(|p| p.identity == identity_digest) {
@@ -113,7 +113,7 @@ impl RoomRecord {
         // A session that began after the user's latest admission (joined, or already left:
         // events may come in any order): the token that admission let through may be this
         // one, used. The user counts by being connected, or no more.
-        let user = self.user_of(&identity_digest, Some(&named));
+        let user = self.user_of(&identity_digest, named.user());
         if let Some(n) = self
             .r
             .iter()
@@ -130,21 +130,14 @@ impl RoomRecord {
     /// then shows connected: the list, with what events told since it was taken.
     pub(crate) fn merge_list(
         &mut self,
-        listed: &[(String, Option<String>)],
+        listed: &[Named],
         sessions: &[u64],
         taken: u64,
-    ) -> Vec<(String, Option<String>)> {
-        let members: Vec<(&str, &str, u64)> = listed
+    ) -> Vec<Named> {
+        let members: Vec<(&Named, u64)> = listed
             .iter()
             .enumerate()
-            .map(|(n, (identity, named))| {
-                let session = sessions.get(n).copied().unwrap_or(0);
-                (
-                    identity.as_str(),
-                    named.as_deref().unwrap_or(identity),
-                    session,
-                )
-            })
+            .map(|(n, named)| (named, sessions.get(n).copied().unwrap_or(0)))
             .collect();
         let view = self.w.get_or_insert_with(View::default);
         view.merge(&members, taken);
@@ -164,24 +157,24 @@ impl RoomRecord {
     /// Whether the view shows `user` (a digest) connected only by events heard since its
     /// newest list, no list having shown them since. Such a join may be one of a session that
     /// ended long ago: LiveKit may deliver it minutes late, with its leave still on the way.
-    pub(crate) fn shown_only_by_events(&self, user: &str) -> bool {
+    /// `theirs`: identities read as the user's besides what their names and pairings say
+    /// ([`RoomRecord::users_of`]).
+    pub(crate) fn shown_only_by_events(&self, user: &str, theirs: &[String]) -> bool {
         self.w.as_ref().is_some_and(|view| {
             let mut shown = view
                 .members
                 .iter()
-                .filter(|m| !m.gone && self.user_of_member(m) == user)
+                .filter(|m| {
+                    !m.gone && (theirs.contains(&m.identity) || self.user_of_member(m) == user)
+                })
                 .peekable();
             shown.peek().is_some() && shown.all(|m| m.at > view.listed)
         })
     }
 
     fn user_of_member(&self, m: &Member) -> String {
-        let named = if m.user.is_empty() {
-            &m.identity
-        } else {
-            &m.user
-        };
-        self.user_of(&m.identity, Some(named))
+        let named = (!m.user.is_empty()).then_some(m.user.as_str());
+        self.user_of(&m.identity, named)
     }
 
     /// Drops the view's old tombstones, and the view itself once it is unverified and nothing

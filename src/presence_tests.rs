@@ -333,3 +333,35 @@ fn a_late_join_of_a_session_over_does_not_let_its_user_back_into_a_full_room() {
     event(&store, "@a:x:D", 1_000, Presence::Joined, 20_500);
     assert!(ask(&store, "@a:x", "@a:x:D2", 21_000).is_some_and(|v| v.admitted));
 }
+
+#[test]
+fn a_user_whose_server_name_has_a_port_is_recognised_on_the_view() {
+    let store = MemoryStore::default();
+    // bob connected before the guard saw him; the list verifies the view.
+    let full = ["@bob:hs.test:8448:B1", "@a:x:D"];
+    let v = ask_listing(&store, &full, "@c:x", "@c:x:D", 1_000);
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    let bob = "@bob:hs.test:8448";
+    let v = ask(&store, bob, "@bob:hs.test:8448:B2", 2_000).expect("decided on the view");
+    assert!(v.admitted && v.on_view, "{v:?}");
+    let v = ask(&store, "@c:x", "@c:x:D", 3_000).expect("decided on the view");
+    assert_eq!(v.refusal, Some(Refusal::Full));
+}
+
+#[test]
+fn an_identity_of_the_port_reading_shown_only_by_events_asks_for_a_list() {
+    let store = MemoryStore::default();
+    let v = ask_listing(&store, &["@a:x:D", "@c:x:D"], "@d:x", "@d:x:D", 1_000);
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    // A join heard since the list, of an identity bob's name may give: it may be late, its
+    // session long over; a list is to say whether bob is in the call.
+    event(
+        &store,
+        "@bob:hs.test:8448:B1",
+        1_500,
+        Presence::Joined,
+        1_600,
+    );
+    let bob = "@bob:hs.test:8448";
+    assert_eq!(ask(&store, bob, "@bob:hs.test:8448:B2", 2_000), None);
+}

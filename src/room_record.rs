@@ -271,6 +271,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_members_other_reading_is_written_only_when_it_has_one() {
+        let text = r#"[[],[],null,[],[],0,[9,[["id","u",5,false,7,"alt"],["id2","",6,true,8]],3]]"#;
+        let record: RoomRecord = serde_json::from_str(text).unwrap();
+        let view = record.w.as_ref().unwrap();
+        assert_eq!(view.members[0].alt, "alt");
+        assert_eq!(view.members[1].alt, "");
+        assert_eq!(serde_json::to_string(&record).unwrap(), text);
+    }
+
     fn reservation(until: u64) -> Reservation {
         Reservation {
             user: "@a:x".into(),

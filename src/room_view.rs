@@ -34,6 +34,28 @@ pub struct Member {
     pub gone: bool,
     /// When the guard learnt it (its own clock): a list taken earlier does not undo it.
     pub at: u64,
+    /// The digest of the other user the identity may name, when its server name may end in a
+    /// port ([`crate::livekit_names::port_reading`]); empty otherwise. Left out of the record
+    /// when empty.
+    #[serde(default)]
+    pub alt: String,
+}
+
+/// A participant as a list or an event names it (digests): its identity, the user its name
+/// says it is (empty when it names none, or only itself), and the other user it may name
+/// ([`Member::alt`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    pub identity: String,
+    pub user: String,
+    pub alt: String,
+}
+
+impl Named {
+    /// The user its name says it is, if any.
+    pub fn user(&self) -> Option<&str> {
+        (!self.user.is_empty()).then_some(self.user.as_str())
+    }
 }
 
 /// A room's view. Stored as `[listed, members, opened]`.
@@ -47,13 +69,24 @@ pub struct View {
     pub opened: u64,
 }
 
-crate::room_record::as_array!(Member {
-    identity,
-    user,
-    session,
-    gone,
-    at
-});
+impl serde::Serialize for Member {
+    /// `[identity, user, session, gone, at, alt]`, `alt` left out when empty (as records of
+    /// earlier versions are written).
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let with_alt = !self.alt.is_empty();
+        let mut tuple = serializer.serialize_tuple(if with_alt { 6 } else { 5 })?;
+        tuple.serialize_element(&self.identity)?;
+        tuple.serialize_element(&self.user)?;
+        tuple.serialize_element(&self.session)?;
+        tuple.serialize_element(&self.gone)?;
+        tuple.serialize_element(&self.at)?;
+        if with_alt {
+            tuple.serialize_element(&self.alt)?;
+        }
+        tuple.end()
+    }
+}
 crate::room_record::as_array!(View {
     listed,
     members,
@@ -65,17 +98,26 @@ crate::room_record::as_array!(View {
 pub const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
 
 impl Member {
-    fn new(identity: &str, user: &str, session: u64, gone: bool, at: u64) -> Member {
+    fn new(named: &Named, session: u64, gone: bool, at: u64) -> Member {
         Member {
-            identity: identity.to_owned(),
-            user: if user == identity {
+            identity: named.identity.clone(),
+            user: if named.user == named.identity {
                 String::new()
             } else {
-                user.to_owned()
+                named.user.clone()
             },
             session,
             gone,
             at,
+            alt: named.alt.clone(),
+        }
+    }
+
+    fn named(&self) -> Named {
+        Named {
+            identity: self.identity.clone(),
+            user: self.user.clone(),
+            alt: self.alt.clone(),
         }
     }
 }
@@ -158,16 +200,12 @@ pub enum Presence {
 }
 
 impl View {
-    /// The participants connected, as a list: each identity's digest and its named user's.
-    pub fn listed(&self) -> Vec<(String, Option<String>)> {
-        let named = |m: &Member| match m.user.as_str() {
-            "" => m.identity.clone(),
-            user => user.to_owned(),
-        };
+    /// The participants connected, as a list.
+    pub fn listed(&self) -> Vec<Named> {
         self.members
             .iter()
             .filter(|m| !m.gone)
-            .map(|m| (m.identity.clone(), Some(named(m))))
+            .map(Member::named)
             .collect()
     }
 
@@ -177,16 +215,10 @@ impl View {
         self.listed > doubt_ms && self.listed.saturating_add(verify_ms) > now
     }
 
-    /// Takes in what an event says of `identity`'s (named user `user`) session `session`,
-    /// learnt at `now`. Whether it changed the view.
-    pub fn apply(
-        &mut self,
-        identity: &str,
-        user: &str,
-        session: u64,
-        presence: Presence,
-        now: u64,
-    ) -> bool {
+    /// Takes in what an event says of a participant's session `session`, learnt at `now`.
+    /// Whether it changed the view.
+    pub fn apply(&mut self, named: &Named, session: u64, presence: Presence, now: u64) -> bool {
+        let identity = named.identity.as_str();
         let gone = presence == Presence::Left;
         // Heard after the newest list even in the millisecond it was taken: that list may
         // predate the event, so only a later one undoes it.
@@ -201,8 +233,7 @@ impl View {
                 true
             }
             None => {
-                self.members
-                    .push(Member::new(identity, user, session, gone, now));
+                self.members.push(Member::new(named, session, gone, now));
                 true
             }
         }
@@ -213,7 +244,7 @@ impl View {
     /// older than one merged already changes nothing). The end
     /// of a session stays known whatever a list says (a late or replayed join of it must not
     /// bring it back); a participant learnt before the list and not in it has left.
-    pub fn merge(&mut self, listed: &[(&str, &str, u64)], taken: u64) {
+    pub fn merge(&mut self, listed: &[(&Named, u64)], taken: u64) {
         if taken < self.listed {
             // A newer list was merged: what this one says, that one said later.
             return;
@@ -224,18 +255,18 @@ impl View {
             }
             match listed
                 .iter()
-                .find(|(identity, _, _)| *identity == m.identity)
+                .find(|(named, _)| named.identity == m.identity)
             {
                 // A session the entry does not know of (without LiveKit's session times, any
                 // later than the one that ended).
-                Some((_, _, session)) if m.gone && *session <= m.session => {
+                Some((_, session)) if m.gone && *session <= m.session => {
                     if *session == 0 {
                         m.session = m.session.saturating_add(1);
                         m.gone = false;
                         m.at = taken;
                     }
                 }
-                Some((_, _, session)) => {
+                Some((_, session)) => {
                     m.session = m.session.max(*session);
                     m.gone = false;
                     m.at = taken;
@@ -243,9 +274,9 @@ impl View {
                 None => m.gone = true,
             }
         }
-        for (identity, user, session) in listed {
-            if !self.members.iter().any(|m| m.identity == *identity) {
-                let member = Member::new(identity, user, *session, false, taken);
+        for (named, session) in listed {
+            if !self.members.iter().any(|m| m.identity == named.identity) {
+                let member = Member::new(named, *session, false, taken);
                 self.members.push(member);
             }
         }
@@ -282,36 +313,59 @@ mod tests {
     fn connected(view: &View) -> Vec<String> {
         view.listed()
             .into_iter()
-            .map(|(identity, _)| identity)
+            .map(|named| named.identity)
             .collect()
+    }
+
+    /// A participant whose identity names itself.
+    fn named(identity: &str) -> Named {
+        Named {
+            identity: identity.to_owned(),
+            user: identity.to_owned(),
+            alt: String::new(),
+        }
+    }
+
+    /// Merges a list of (identity, named user, session) taken at `taken`.
+    fn merge(view: &mut View, listed: &[(&str, &str, u64)], taken: u64) {
+        let named: Vec<(Named, u64)> = listed
+            .iter()
+            .map(|(identity, user, session)| {
+                let mut n = named(identity);
+                n.user = (*user).to_owned();
+                (n, *session)
+            })
+            .collect();
+        let listed: Vec<(&Named, u64)> = named.iter().map(|(n, s)| (n, *s)).collect();
+        view.merge(&listed, taken);
     }
 
     #[test]
     fn a_later_session_replaces_an_earlier_one_and_leaving_is_final() {
         let mut view = View::default();
-        assert!(view.apply("a", "a", 10, Presence::Joined, 100));
+        assert!(view.apply(&named("a"), 10, Presence::Joined, 100));
         assert_eq!(connected(&view), ["a"]);
-        assert!(view.apply("a", "a", 10, Presence::Left, 200));
+        assert!(view.apply(&named("a"), 10, Presence::Left, 200));
         // The join of the session that ended, late or replayed, changes nothing.
-        assert!(!view.apply("a", "a", 10, Presence::Joined, 300));
+        assert!(!view.apply(&named("a"), 10, Presence::Joined, 300));
         assert!(connected(&view).is_empty());
         // A new session does; the end of the old one, arriving late, does not undo it.
-        assert!(view.apply("a", "a", 20, Presence::Joined, 400));
-        assert!(!view.apply("a", "a", 10, Presence::Left, 500));
+        assert!(view.apply(&named("a"), 20, Presence::Joined, 400));
+        assert!(!view.apply(&named("a"), 10, Presence::Left, 500));
         assert_eq!(connected(&view), ["a"]);
         // A leave heard before its join: the join never shows the session.
-        assert!(view.apply("b", "b", 30, Presence::Left, 600));
-        assert!(!view.apply("b", "b", 30, Presence::Joined, 700));
+        assert!(view.apply(&named("b"), 30, Presence::Left, 600));
+        assert!(!view.apply(&named("b"), 30, Presence::Joined, 700));
         assert_eq!(connected(&view), ["a"]);
     }
 
     #[test]
     fn a_list_replaces_only_what_was_learnt_before_it_was_taken() {
         let mut view = View::default();
-        view.apply("early", "early", 1, Presence::Joined, 100);
-        view.apply("late", "late", 2, Presence::Joined, 300);
-        view.apply("left-late", "left-late", 3, Presence::Left, 300);
-        view.apply("ended", "ended", 5, Presence::Left, 150);
+        view.apply(&named("early"), 1, Presence::Joined, 100);
+        view.apply(&named("late"), 2, Presence::Joined, 300);
+        view.apply(&named("left-late"), 3, Presence::Left, 300);
+        view.apply(&named("ended"), 5, Presence::Left, 150);
         // Taken at 200: shows "left-late", "ended" (its session 5) and "other", not "early"
         // nor "late".
         let listed = [
@@ -319,7 +373,7 @@ mod tests {
             ("ended", "ended", 5),
             ("other", "@o:x", 4),
         ];
-        view.merge(&listed, 200);
+        merge(&mut view, &listed, 200);
         let mut now = connected(&view);
         now.sort_unstable();
         assert_eq!(now, ["late", "other"]);
@@ -328,16 +382,16 @@ mod tests {
         assert!(!view.verified(1_000, 60_000, 200));
         // The ends of sessions stay known: a late join of them changes nothing.
         for (identity, session) in [("early", 1), ("ended", 5), ("left-late", 3)] {
-            assert!(!view.apply(identity, identity, session, Presence::Joined, 250));
+            assert!(!view.apply(&named(identity), session, Presence::Joined, 250));
         }
         // An older list changes nothing.
-        view.merge(&[("early", "early", 7)], 150);
+        merge(&mut view, &[("early", "early", 7)], 150);
         let mut now = connected(&view);
         now.sort_unstable();
         assert_eq!(now, ["late", "other"]);
         assert!(view.verified(60_199, 60_000, 0));
         // A list taken later shows "ended" in a session of its own.
-        view.merge(&[("ended", "ended", 9)], 400);
+        merge(&mut view, &[("ended", "ended", 9)], 400);
         assert_eq!(connected(&view), ["ended"]);
     }
 
@@ -360,21 +414,21 @@ mod tests {
         let store = crate::store::MemoryStore::default();
         assert_eq!(doubt_since(&store), 0);
         let mut view = View::default();
-        view.merge(&[], 1_000);
+        merge(&mut view, &[], 1_000);
         assert!(view.verified(2_000, 60_000, doubt_since(&store)));
         doubt(&store, 1_500);
         doubt(&store, 1_200); // an earlier doubt changes nothing
         assert_eq!(doubt_since(&store), 1_500);
         assert!(!view.verified(2_000, 60_000, doubt_since(&store)));
-        view.merge(&[], 1_600);
+        merge(&mut view, &[], 1_600);
         assert!(view.verified(2_000, 60_000, doubt_since(&store)));
     }
 
     #[test]
     fn tombstones_are_forgotten_after_their_time() {
         let mut view = View::default();
-        view.apply("a", "a", 1, Presence::Left, 100);
-        view.apply("b", "b", 1, Presence::Joined, 100);
+        view.apply(&named("a"), 1, Presence::Left, 100);
+        view.apply(&named("b"), 1, Presence::Joined, 100);
         view.forget_past(100 + TOMBSTONE_MS);
         assert_eq!(view.members.len(), 1);
         assert_eq!(connected(&view), ["b"]);
