@@ -47,6 +47,7 @@ use crate::livekit_names::{matrix_user_of_identity, port_reading};
 pub use crate::room_record::RoomRecord;
 use crate::room_record::{CachedList, Departure, Lapse, Pairing, Reservation};
 use crate::room_view::Named;
+use crate::session::Session;
 use crate::store::{digest, Buckets, Change, SharedStore, StoreError};
 
 /// Where this state lives in shared data (created when the VM starts).
@@ -106,8 +107,8 @@ pub enum Participants<'a> {
     /// list was asked for (ms since the epoch).
     Fresh {
         identities: &'a [String],
-        /// LiveKit's `joined_at_ms` of each, in the same order (missing ones read as 0).
-        sessions: &'a [u64],
+        /// The session of each, in the same order (missing ones read as unknown).
+        sessions: &'a [Session],
         taken_ms: u64,
     },
     /// The room's view kept by LiveKit's webhooks, if it is verified; else the list cached in

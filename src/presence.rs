@@ -8,16 +8,17 @@
 use crate::occupancy::{named_by, BUCKETS, MAX_PAIRING_MS, ROOM_BUDGET};
 use crate::room_record::RoomRecord;
 use crate::room_view::{Member, Named, Presence, View};
+use crate::session::Session;
 use crate::store::{Change, SharedStore, StoreError};
 
 /// What a webhook says of a room.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RoomEvent {
     /// A participant connected (`participant_joined`) or left (`participant_left`,
-    /// `participant_connection_aborted`): its identity, and the session's `joined_at_ms`.
+    /// `participant_connection_aborted`): its identity, and its session.
     Participant {
         identity: String,
-        session: u64,
+        session: Session,
         presence: Presence,
     },
     /// The room closed (`room_finished`): nothing is known of it until a list is taken.
@@ -93,7 +94,7 @@ impl RoomRecord {
                 identity,
                 session,
                 presence,
-            } => (identity, *session, *presence),
+            } => (identity, session, *presence),
         };
         let named = named_by(identity);
         let identity_digest = named.identity.clone();
@@ -117,11 +118,11 @@ impl RoomRecord {
         if let Some(n) = self
             .r
             .iter()
-            .position(|res| res.user == user && res.since < session)
+            .position(|res| res.user == user && res.since < session.start)
         {
             self.r.remove(n);
             // A list taken after the session began shows it, while it lasts.
-            self.depart(user, session.min(now), now);
+            self.depart(user, session.start.min(now), now);
         }
         true
     }
@@ -131,13 +132,14 @@ impl RoomRecord {
     pub(crate) fn merge_list(
         &mut self,
         listed: &[Named],
-        sessions: &[u64],
+        sessions: &[Session],
         taken: u64,
     ) -> Vec<Named> {
-        let members: Vec<(&Named, u64)> = listed
+        let unknown = Session::default();
+        let members: Vec<(&Named, &Session)> = listed
             .iter()
             .enumerate()
-            .map(|(n, named)| (named, sessions.get(n).copied().unwrap_or(0)))
+            .map(|(n, named)| (named, sessions.get(n).unwrap_or(&unknown)))
             .collect();
         let view = self.w.get_or_insert_with(View::default);
         view.merge(&members, taken);

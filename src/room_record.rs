@@ -281,6 +281,22 @@ mod tests {
         assert_eq!(serde_json::to_string(&record).unwrap(), text);
     }
 
+    #[test]
+    fn the_sids_of_a_members_second_are_written_only_when_known() {
+        let text = r#"[[],[],null,[],[],0,[9,[["id","u",5000,false,7,"","-PA_1 PA_2"]],3]]"#;
+        let record: RoomRecord = serde_json::from_str(text).unwrap();
+        let view = record.w.as_ref().unwrap();
+        assert_eq!(
+            (view.members[0].alt.as_str(), view.members[0].sid.as_str()),
+            ("", "-PA_1 PA_2")
+        );
+        assert_eq!(serde_json::to_string(&record).unwrap(), text);
+        // A member of the earlier format has neither.
+        let old: RoomRecord =
+            serde_json::from_str(r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]],3]]"#).unwrap();
+        assert_eq!(old.w.as_ref().unwrap().members[0].sid, "");
+    }
+
     fn reservation(until: u64) -> Reservation {
         Reservation {
             user: "@a:x".into(),

@@ -19,6 +19,7 @@
 
 use serde::Deserialize;
 
+use crate::session::{self, Session};
 use crate::store::SharedStore;
 
 /// One participant identity (its [`crate::store::digest`]).
@@ -28,7 +29,8 @@ pub struct Member {
     /// The digest of the user the identity's name says it is; empty when it names none (a
     /// hashed identity, whose user only a learnt pairing tells).
     pub user: String,
-    /// LiveKit's `joined_at_ms` of the session last heard of (0: from a list without it).
+    /// When the session last heard of began (LiveKit's `joined_at_ms`; 0: from a list without
+    /// it).
     pub session: u64,
     /// That session ended (a tombstone, kept for late or repeated events of it).
     pub gone: bool,
@@ -39,6 +41,11 @@ pub struct Member {
     /// when empty.
     #[serde(default)]
     pub alt: String,
+    /// When LiveKit gives session times to the second only: the sids of that second's
+    /// sessions, and which ended ([`session::take`]); empty otherwise. Left out of the record
+    /// when empty.
+    #[serde(default)]
+    pub sid: String,
 }
 
 /// A participant as a list or an event names it (digests): its identity, the user its name
@@ -70,12 +77,14 @@ pub struct View {
 }
 
 impl serde::Serialize for Member {
-    /// `[identity, user, session, gone, at, alt]`, `alt` left out when empty (as records of
-    /// earlier versions are written).
+    /// `[identity, user, session, gone, at, alt, sid]`, trailing empty fields left out (as
+    /// records of earlier versions are written).
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeTuple;
-        let with_alt = !self.alt.is_empty();
-        let mut tuple = serializer.serialize_tuple(if with_alt { 6 } else { 5 })?;
+        let with_sid = !self.sid.is_empty();
+        let with_alt = with_sid || !self.alt.is_empty();
+        let fields = 5 + usize::from(with_alt) + usize::from(with_sid);
+        let mut tuple = serializer.serialize_tuple(fields)?;
         tuple.serialize_element(&self.identity)?;
         tuple.serialize_element(&self.user)?;
         tuple.serialize_element(&self.session)?;
@@ -83,6 +92,9 @@ impl serde::Serialize for Member {
         tuple.serialize_element(&self.at)?;
         if with_alt {
             tuple.serialize_element(&self.alt)?;
+        }
+        if with_sid {
+            tuple.serialize_element(&self.sid)?;
         }
         tuple.end()
     }
@@ -98,7 +110,7 @@ crate::room_record::as_array!(View {
 pub const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
 
 impl Member {
-    fn new(named: &Named, session: u64, gone: bool, at: u64) -> Member {
+    fn new(named: &Named, session: &Session, gone: bool, at: u64) -> Member {
         Member {
             identity: named.identity.clone(),
             user: if named.user == named.identity {
@@ -106,11 +118,18 @@ impl Member {
             } else {
                 named.user.clone()
             },
-            session,
+            session: session.start,
             gone,
             at,
             alt: named.alt.clone(),
+            sid: session::first_of_second(&session.sid, gone),
         }
+    }
+
+    /// Whether an event of `session` is one of the second of the member's session, told apart
+    /// by sid (see [`crate::session`]).
+    fn of_its_second(&self, session: &Session) -> bool {
+        session.start == self.session && !session.sid.is_empty() && !self.sid.is_empty()
     }
 
     fn named(&self) -> Named {
@@ -217,17 +236,35 @@ impl View {
 
     /// Takes in what an event says of a participant's session `session`, learnt at `now`.
     /// Whether it changed the view.
-    pub fn apply(&mut self, named: &Named, session: u64, presence: Presence, now: u64) -> bool {
+    pub fn apply(
+        &mut self,
+        named: &Named,
+        session: &Session,
+        presence: Presence,
+        now: u64,
+    ) -> bool {
         let identity = named.identity.as_str();
         let gone = presence == Presence::Left;
         // Heard after the newest list even in the millisecond it was taken: that list may
         // predate the event, so only a later one undoes it.
         let now = now.max(self.listed.saturating_add(1));
         match self.members.iter_mut().find(|m| m.identity == identity) {
+            // Sessions of one second: which began first is not known, so an end hides only
+            // its own session.
+            Some(m) if m.of_its_second(session) => {
+                let Some(known) = session::take(&m.sid, &session.sid, gone) else {
+                    return false;
+                };
+                m.gone = !session::connected(&known);
+                m.sid = known;
+                m.at = now;
+                true
+            }
             // An older session, or the same one already as far (left is final).
-            Some(m) if (session, gone) <= (m.session, m.gone) => false,
+            Some(m) if (session.start, gone) <= (m.session, m.gone) => false,
             Some(m) => {
-                m.session = session;
+                m.session = session.start;
+                m.sid = session::first_of_second(&session.sid, gone);
                 m.gone = gone;
                 m.at = now;
                 true
@@ -244,7 +281,7 @@ impl View {
     /// older than one merged already changes nothing). The end
     /// of a session stays known whatever a list says (a late or replayed join of it must not
     /// bring it back); a participant learnt before the list and not in it has left.
-    pub fn merge(&mut self, listed: &[(&Named, u64)], taken: u64) {
+    pub fn merge(&mut self, listed: &[(&Named, &Session)], taken: u64) {
         if taken < self.listed {
             // A newer list was merged: what this one says, that one said later.
             return;
@@ -257,26 +294,38 @@ impl View {
                 .iter()
                 .find(|(named, _)| named.identity == m.identity)
             {
+                // A session of the second the entry knows of: connected, unless it ended.
+                Some((_, session)) if m.of_its_second(session) => {
+                    m.sid = session::listed(&m.sid, &session.sid);
+                    m.gone = !session::connected(&m.sid);
+                    m.at = taken;
+                }
                 // A session the entry does not know of (without LiveKit's session times, any
                 // later than the one that ended).
-                Some((_, session)) if m.gone && *session <= m.session => {
-                    if *session == 0 {
+                Some((_, session)) if m.gone && session.start <= m.session => {
+                    if session.start == 0 {
                         m.session = m.session.saturating_add(1);
                         m.gone = false;
                         m.at = taken;
                     }
                 }
                 Some((_, session)) => {
-                    m.session = m.session.max(*session);
+                    if session.start >= m.session {
+                        m.session = session.start;
+                        m.sid = session::first_of_second(&session.sid, false);
+                    }
                     m.gone = false;
                     m.at = taken;
                 }
-                None => m.gone = true,
+                None => {
+                    m.gone = true;
+                    m.sid = session::all_ended(&m.sid);
+                }
             }
         }
         for (named, session) in listed {
             if !self.members.iter().any(|m| m.identity == named.identity) {
-                let member = Member::new(named, *session, false, taken);
+                let member = Member::new(named, session, false, taken);
                 self.members.push(member);
             }
         }
@@ -328,44 +377,44 @@ mod tests {
 
     /// Merges a list of (identity, named user, session) taken at `taken`.
     fn merge(view: &mut View, listed: &[(&str, &str, u64)], taken: u64) {
-        let named: Vec<(Named, u64)> = listed
+        let named: Vec<(Named, Session)> = listed
             .iter()
             .map(|(identity, user, session)| {
                 let mut n = named(identity);
                 n.user = (*user).to_owned();
-                (n, *session)
+                (n, Session::at(*session))
             })
             .collect();
-        let listed: Vec<(&Named, u64)> = named.iter().map(|(n, s)| (n, *s)).collect();
+        let listed: Vec<(&Named, &Session)> = named.iter().map(|(n, s)| (n, s)).collect();
         view.merge(&listed, taken);
     }
 
     #[test]
     fn a_later_session_replaces_an_earlier_one_and_leaving_is_final() {
         let mut view = View::default();
-        assert!(view.apply(&named("a"), 10, Presence::Joined, 100));
+        assert!(view.apply(&named("a"), &Session::at(10), Presence::Joined, 100));
         assert_eq!(connected(&view), ["a"]);
-        assert!(view.apply(&named("a"), 10, Presence::Left, 200));
+        assert!(view.apply(&named("a"), &Session::at(10), Presence::Left, 200));
         // The join of the session that ended, late or replayed, changes nothing.
-        assert!(!view.apply(&named("a"), 10, Presence::Joined, 300));
+        assert!(!view.apply(&named("a"), &Session::at(10), Presence::Joined, 300));
         assert!(connected(&view).is_empty());
         // A new session does; the end of the old one, arriving late, does not undo it.
-        assert!(view.apply(&named("a"), 20, Presence::Joined, 400));
-        assert!(!view.apply(&named("a"), 10, Presence::Left, 500));
+        assert!(view.apply(&named("a"), &Session::at(20), Presence::Joined, 400));
+        assert!(!view.apply(&named("a"), &Session::at(10), Presence::Left, 500));
         assert_eq!(connected(&view), ["a"]);
         // A leave heard before its join: the join never shows the session.
-        assert!(view.apply(&named("b"), 30, Presence::Left, 600));
-        assert!(!view.apply(&named("b"), 30, Presence::Joined, 700));
+        assert!(view.apply(&named("b"), &Session::at(30), Presence::Left, 600));
+        assert!(!view.apply(&named("b"), &Session::at(30), Presence::Joined, 700));
         assert_eq!(connected(&view), ["a"]);
     }
 
     #[test]
     fn a_list_replaces_only_what_was_learnt_before_it_was_taken() {
         let mut view = View::default();
-        view.apply(&named("early"), 1, Presence::Joined, 100);
-        view.apply(&named("late"), 2, Presence::Joined, 300);
-        view.apply(&named("left-late"), 3, Presence::Left, 300);
-        view.apply(&named("ended"), 5, Presence::Left, 150);
+        view.apply(&named("early"), &Session::at(1), Presence::Joined, 100);
+        view.apply(&named("late"), &Session::at(2), Presence::Joined, 300);
+        view.apply(&named("left-late"), &Session::at(3), Presence::Left, 300);
+        view.apply(&named("ended"), &Session::at(5), Presence::Left, 150);
         // Taken at 200: shows "left-late", "ended" (its session 5) and "other", not "early"
         // nor "late".
         let listed = [
@@ -382,7 +431,12 @@ mod tests {
         assert!(!view.verified(1_000, 60_000, 200));
         // The ends of sessions stay known: a late join of them changes nothing.
         for (identity, session) in [("early", 1), ("ended", 5), ("left-late", 3)] {
-            assert!(!view.apply(&named(identity), session, Presence::Joined, 250));
+            assert!(!view.apply(
+                &named(identity),
+                &Session::at(session),
+                Presence::Joined,
+                250
+            ));
         }
         // An older list changes nothing.
         merge(&mut view, &[("early", "early", 7)], 150);
@@ -427,8 +481,8 @@ mod tests {
     #[test]
     fn tombstones_are_forgotten_after_their_time() {
         let mut view = View::default();
-        view.apply(&named("a"), 1, Presence::Left, 100);
-        view.apply(&named("b"), 1, Presence::Joined, 100);
+        view.apply(&named("a"), &Session::at(1), Presence::Left, 100);
+        view.apply(&named("b"), &Session::at(1), Presence::Joined, 100);
         view.forget_past(100 + TOMBSTONE_MS);
         assert_eq!(view.members.len(), 1);
         assert_eq!(connected(&view), ["b"]);
