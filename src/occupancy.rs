@@ -421,20 +421,21 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     // A participant may stay connected long after its token expired (LiveKit checks a token
     // when it connects), so a pairing is kept a day unless a list shows its identity gone.
     let pairing_until = now.saturating_add(MAX_PAIRING_MS);
-    let learnt = theirs.iter().try_for_each(|identity| {
-        record.pair(
-            identity.clone(),
-            requester.clone(),
-            pairing_until,
-            &connected,
-        )
-    });
-    if learnt
-        .and_then(|()| record.remember(q.identity, q.requester, pairing_until, &connected))
+    if record
+        .remember(q.identity, q.requester, pairing_until, &connected)
         .is_err()
     {
         verdict.refuse(Refusal::TooManyDevices);
         return Some(verdict);
+    }
+    // The identities read as the requester's by their port reading are learnt as theirs in
+    // the places their cap leaves free: one not learnt reads by its name again, as one user.
+    for identity in theirs {
+        if record.i.iter().filter(|p| p.user == requester).count() >= MAX_IDENTITIES_PER_USER {
+            break;
+        }
+        // Within the cap, pairing evicts nothing and cannot fail.
+        let _ = record.pair(identity, requester.clone(), pairing_until, &connected);
     }
     record.reserve(&requester, present.contains(requester.as_str()), q);
     verdict.holds = q.releasable;
@@ -536,37 +537,42 @@ impl RoomRecord {
 
     /// The user behind each participant listed, and the identities read as the requester's
     /// (`requester`, a digest) by their port reading: an identity `@a:x:8448:DEV` the guard
-    /// learnt no pairing of, shown by a list, names `@a:x` (device `8448:DEV`) or `@a:x:8448`
-    /// (device `DEV`); when `@a:x:8448` asks, it is read as theirs, unless `@a:x` is counted
-    /// by anything else (another identity, a reservation, a departure): then reading it so would
-    /// add a user, and `@a:x:8448` takes a place as a newcomer would. Either way the identity is
-    /// one user, and both readings are users of one host name's server.
+    /// learnt no pairing of names `@a:x` (device `8448:DEV`) or `@a:x:8448` (device `DEV`);
+    /// when `@a:x:8448` asks, it is read as theirs, unless `@a:x` is counted by anything else
+    /// (an identity that cannot be `@a:x:8448`'s, a reservation, a departure): then reading it
+    /// so would add a user, and `@a:x:8448` takes a place as a newcomer would. Either way the
+    /// identity is one user, and both readings are users of one host name's server.
     fn users_of(&self, listed: &[Named], requester: &str) -> (Vec<String>, Vec<String>) {
         let mut users: Vec<String> = listed
             .iter()
             .map(|n| self.user_of(&n.identity, n.user()))
             .collect();
-        let mut theirs = Vec::new();
-        for (n, named) in listed.iter().enumerate() {
-            let counted_elsewhere = |user: &str| {
-                users
-                    .iter()
-                    .enumerate()
-                    .any(|(other, u)| other != n && u == user)
-                    || self.r.iter().any(|res| res.user == user)
-                    || self.d.iter().any(|d| d.user == user)
-            };
-            let port_user = named.alt == requester
-                && !self.i.iter().any(|p| p.identity == named.identity)
-                && users.get(n).is_some_and(|u| !counted_elsewhere(u));
-            if port_user {
-                if let Some(user) = users.get_mut(n) {
-                    user.clone_from(&named.alt);
-                }
-                theirs.push(named.identity.clone());
+        let theirs_by_port = |named: &Named| {
+            named.alt == requester && !self.i.iter().any(|p| p.identity == named.identity)
+        };
+        let counted_otherwise = |user: &str| {
+            listed
+                .iter()
+                .zip(&users)
+                .any(|(named, u)| u == user && !theirs_by_port(named))
+                || self.r.iter().any(|res| res.user == user)
+                || self.d.iter().any(|d| d.user == user)
+        };
+        let theirs: Vec<usize> = listed
+            .iter()
+            .zip(&users)
+            .enumerate()
+            .filter(|(_, (named, user))| theirs_by_port(named) && !counted_otherwise(user))
+            .map(|(n, _)| n)
+            .collect();
+        let mut identities = Vec::with_capacity(theirs.len());
+        for n in theirs {
+            if let (Some(user), Some(named)) = (users.get_mut(n), listed.get(n)) {
+                user.clone_from(&named.alt);
+                identities.push(named.identity.clone());
             }
         }
-        (users, theirs)
+        (users, identities)
     }
 
     /// Pairings of identities the list (taken at `taken`) shows connected are kept a day past

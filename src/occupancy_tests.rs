@@ -379,6 +379,42 @@ fn the_port_reading_never_adds_a_user_in_a_full_room() {
 }
 
 #[test]
+fn every_unseen_device_of_a_user_whose_server_name_has_a_port_is_theirs() {
+    let store = MemoryStore::default();
+    // Two devices of bob's, neither seen by the guard, both read as `@bob:hs.test` by name.
+    let full = ["@bob:hs.test:8448:B1", "@bob:hs.test:8448:B2", "@a:x:D"];
+    let v = ask(
+        &store,
+        2,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B3",
+        0,
+    );
+    assert!(v.admitted, "{v:?}");
+    assert!(!ask(&store, 2, &full, "@c:x", "@c:x:D", 10).admitted);
+    // Both are learnt as his: without alice, carol gets the second place.
+    let bob = ["@bob:hs.test:8448:B1", "@bob:hs.test:8448:B2"];
+    assert!(ask(&store, 2, &bob, "@c:x", "@c:x:D", 20).admitted);
+}
+
+#[test]
+fn unseen_devices_past_the_cap_never_refuse_the_user_whose_server_name_has_a_port() {
+    let store = MemoryStore::default();
+    let mut full: Vec<String> = (0..2 * MAX_IDENTITIES_PER_USER)
+        .map(|n| format!("@bob:hs.test:8448:B{n}"))
+        .collect();
+    full.push("@a:x:D".to_owned());
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    for n in 0..3 {
+        let device = format!("@bob:hs.test:8448:N{n}");
+        let v = ask(&store, 2, &full, "@bob:hs.test:8448", &device, n * 10);
+        assert!(v.admitted, "{v:?}");
+    }
+    assert!(!ask(&store, 2, &full, "@c:x", "@c:x:D", 100).admitted);
+}
+
+#[test]
 fn an_identity_whose_server_may_end_in_a_port_is_learnt_whoever_it_names() {
     let store = MemoryStore::default();
     // `@bob:hs.test` asks with the device id `8448:B1`: the identity is learnt as his, so
