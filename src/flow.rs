@@ -1412,6 +1412,10 @@ mod budget_tests;
 mod claim_tests;
 
 #[cfg(test)]
+#[path = "flow_port_tests.rs"]
+mod port_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;

@@ -40,6 +40,7 @@ mod room_record;
 pub mod room_view;
 pub mod route;
 pub mod rtc_request;
+pub mod session;
 pub mod store;
 pub mod stream;
 pub mod synapse;

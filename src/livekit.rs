@@ -4,6 +4,7 @@ use serde::Deserialize;
 
 use crate::json::{self, Scalar};
 use crate::jwt;
+use crate::session::Session;
 use crate::upstream::{CallError, Request, Service};
 
 pub const LIST_PARTICIPANTS_PATH: &str = "/twirp/livekit.RoomService/ListParticipants";
@@ -54,14 +55,20 @@ struct Participant {
     /// When the participant's session began (ms): protojson writes int64 as a string.
     #[serde(default, alias = "joinedAtMs")]
     joined_at_ms: Scalar,
+    /// The same in seconds, all that LiveKit versions without `joined_at_ms` give.
+    #[serde(default, alias = "joinedAt")]
+    joined_at: Scalar,
+    /// The session's id: each connection gets a new one.
+    #[serde(default)]
+    sid: Scalar,
 }
 
-/// The participants of a room that hold a place: their identities, and the `joined_at_ms`
-/// of each one's session (0 when not given), in the same order.
+/// The participants of a room that hold a place: their identities, and each one's session,
+/// in the same order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParticipantList {
     pub identities: Vec<String>,
-    pub sessions: Vec<u64>,
+    pub sessions: Vec<Session>,
 }
 
 impl Participant {
@@ -84,7 +91,10 @@ pub fn parse_list_response(status: Option<u32>, body: &[u8]) -> Result<Participa
         .into_iter()
         .filter(Participant::holds_a_place)
     {
-        list.sessions.push(whole_number(&p.joined_at_ms));
+        let ms = whole_number(&p.joined_at_ms);
+        let s = whole_number(&p.joined_at);
+        list.sessions
+            .push(Session::of(ms, s, p.sid.as_str().unwrap_or_default()));
         list.identities.push(p.identity.unwrap_or_default());
     }
     Ok(list)
@@ -137,7 +147,23 @@ mod tests {
         ]}"#;
         let list = parse_list_response(Some(200), body).unwrap();
         assert_eq!(list.identities, ["a", "b", "c", "d"]);
-        assert_eq!(list.sessions, [1_700_000_000_123, 1_700_000_000_456, 0, 0]);
+        let starts: Vec<u64> = list.sessions.iter().map(|s| s.start).collect();
+        assert_eq!(starts, [1_700_000_000_123, 1_700_000_000_456, 0, 0]);
+        // A LiveKit without `joined_at_ms`: the seconds, and the sid that tells sessions of
+        // one second apart.
+        let body = br#"{"participants":[
+            {"sid":"PA_1","identity":"a","joined_at":"1700000000","joined_at_ms":"0"},
+            {"sid":"PA_2","identity":"b","joinedAt":1700000001,"joinedAtMs":1700000001234}
+        ]}"#;
+        let list = parse_list_response(Some(200), body).unwrap();
+        assert_eq!(
+            list.sessions,
+            [
+                Session::of(0, 1_700_000_000, "PA_1"),
+                Session::at(1_700_000_001_234)
+            ]
+        );
+        assert_eq!(list.sessions[0].sid, "PA_1");
     }
 
     #[test]

@@ -52,10 +52,30 @@ pub fn hash_of_strings(items: &[&str]) -> String {
 /// lk-jwt-service does not check device ids, so a device id may hold colons (`@a:x:b:1`):
 /// everything after the server name is the device's, and one user's devices all read as that
 /// user. The one ambiguity is a server name with a port (`@a:x:8448:DEV`), which reads as
-/// `@a:x`; for the requester the guard knows better (see [`requester_of_identity`]) and learns
-/// the pairing, so only a participant whose token the guard never saw is read that way.
+/// `@a:x` here and as `@a:x:8448` in [`port_reading`]; for the requester the guard knows
+/// better (see [`requester_of_identity`]) and learns the pairing, and a participant whose
+/// token the guard never saw is read as the user asking when that user is the port reading
+/// ([`crate::occupancy`]).
 pub fn matrix_user_of_identity(identity: &str) -> &str {
     user_prefix_len(identity).map_or(identity, |len| &identity[..len])
+}
+
+/// The other user a `/sfu/get` identity may name: `@a:x:8448:DEV` is `@a:x`'s device
+/// `8448:DEV` or `@a:x:8448`'s device `DEV` (a server name may end in a port, 1 to 65535).
+/// `Some("@a:x:8448")` when what follows the user of [`matrix_user_of_identity`] is a port and
+/// a colon; `None` otherwise (no port, or a hashed identity). Both users are of one host name,
+/// `x`: only whoever runs `x` can give either of them an account.
+pub fn port_reading(identity: &str) -> Option<&str> {
+    let len = user_prefix_len(identity)?;
+    let rest = identity[len..].strip_prefix(':')?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if rest.as_bytes().get(digits) != Some(&b':') || !(1..=5).contains(&digits) {
+        return None;
+    }
+    match rest[..digits].parse::<u16>() {
+        Ok(port) if port > 0 => Some(&identity[..len + 1 + digits]),
+        _ => None,
+    }
 }
 
 /// The length of the `@localpart:server_name` prefix of `identity`, if it has one.
@@ -130,6 +150,36 @@ mod tests {
         ];
         for (identity, user) in cases {
             assert_eq!(matrix_user_of_identity(identity), user, "{identity}");
+        }
+    }
+
+    #[test]
+    fn identities_whose_server_may_end_in_a_port_have_a_second_reading() {
+        let cases = [
+            ("@bob:hs.test:8448:DEV", Some("@bob:hs.test:8448")),
+            ("@bob:hs.test:8448:", Some("@bob:hs.test:8448")),
+            // A device id with colons after the port: still the port's user.
+            ("@bob:hs.test:8448:a:1", Some("@bob:hs.test:8448")),
+            ("@bob:hs.test:1:z", Some("@bob:hs.test:1")),
+            ("@bob:[::1]:8448:DEV", Some("@bob:[::1]:8448")),
+            ("@bob:[2001:db8::1]:443:D:E", Some("@bob:[2001:db8::1]:443")),
+            ("@bob:10.0.0.1:8008:DEV", Some("@bob:10.0.0.1:8008")),
+            ("@bob:hs.test:65535:D", Some("@bob:hs.test:65535")),
+            // Not a port: none.
+            ("@bob:hs.test:DEV", None),
+            ("@bob:hs.test:8448", None),
+            ("@bob:hs.test:65536:D", None),
+            ("@bob:hs.test:0:D", None),
+            ("@bob:hs.test:123456:D", None),
+            ("@bob:hs.test::D", None),
+            ("@bob:hs.test:84a8:D", None),
+            ("@bob:[::1]:DEV", None),
+            ("J+T45tGr/x:8448:D", None),
+            ("@:x:8448:D", None),
+            ("", None),
+        ];
+        for (identity, user) in cases {
+            assert_eq!(port_reading(identity), user, "{identity}");
         }
     }
 

@@ -50,9 +50,11 @@
 use std::collections::BTreeSet;
 
 use crate::decision::should_block;
-use crate::livekit_names::matrix_user_of_identity;
+use crate::livekit_names::{matrix_user_of_identity, port_reading};
 pub use crate::room_record::RoomRecord;
 use crate::room_record::{CachedList, Departure, Lapse, Pairing, Reservation};
+use crate::room_view::Named;
+use crate::session::Session;
 use crate::store::{digest, Buckets, Change, SharedStore, StoreError};
 
 /// Where this state lives in shared data (created when the VM starts).
@@ -88,6 +90,23 @@ pub(crate) fn user_named_by(identity: &str) -> String {
     digest(matrix_user_of_identity(identity))
 }
 
+/// What an identity's name says (digests): the identity, the user it names (empty for a
+/// hashed identity, which names only itself), and the other user it may name when its server
+/// name may end in a port ([`port_reading`]).
+pub(crate) fn named_by(identity: &str) -> Named {
+    let identity_digest = digest(identity);
+    let user = user_named_by(identity);
+    Named {
+        user: if user == identity_digest {
+            String::new()
+        } else {
+            user
+        },
+        identity: identity_digest,
+        alt: port_reading(identity).map(digest).unwrap_or_default(),
+    }
+}
+
 /// Where the decision takes LiveKit's participant list from.
 #[derive(Clone, Copy)]
 pub enum Participants<'a> {
@@ -95,8 +114,8 @@ pub enum Participants<'a> {
     /// list was asked for (ms since the epoch).
     Fresh {
         identities: &'a [String],
-        /// LiveKit's `joined_at_ms` of each, in the same order (missing ones read as 0).
-        sessions: &'a [u64],
+        /// The session of each, in the same order (missing ones read as unknown).
+        sessions: &'a [Session],
         taken_ms: u64,
     },
     /// The room's view kept by LiveKit's webhooks, if it is verified; else the list cached in
@@ -350,7 +369,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     // `collect` (which sorts a vector first) keep the set code in the module once, several KB
     // each time otherwise.
     let mut connected = BTreeSet::new();
-    connected.extend(listed.iter().map(|(d, _)| d.as_str()));
+    connected.extend(listed.iter().map(|n| n.identity.as_str()));
     // The view is up to date as its events arrived: its sightings and the reservations they
     // ended were recorded then ([`crate::presence`]). Its departures are weighed below.
     let taken = if on_view {
@@ -366,20 +385,14 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
         record.n = record.n.min(now).max(taken);
     }
     record.own_identity_listed(q, &connected);
-    let users: Vec<String> = listed
-        .iter()
-        .map(|(d, named)| record.user_of(d, named.as_deref()))
-        .collect();
+    let requester = digest(q.requester);
+    let (users, theirs) = record.users_of(&listed, &requester);
     let mut present = BTreeSet::new();
     present.extend(users.iter().map(String::as_str));
     // Who the list saw in the call when it was taken: a leave heard since does not undo that
     // they used a token (and so whether their reservation lapsed unused).
-    let seen_users: Option<Vec<String>> = shown_by_list.map(|shown| {
-        shown
-            .iter()
-            .map(|(d, named)| record.user_of(d, named.as_deref()))
-            .collect()
-    });
+    let seen_users: Option<Vec<String>> =
+        shown_by_list.map(|shown| record.users_of(&shown, &requester).0);
     let mut seen = BTreeSet::new();
     seen.extend(
         seen_users
@@ -391,7 +404,6 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
     let sighted = if on_view { None } else { Some(taken) };
     record.settle_reservations(&seen, sighted, now, q.reservation_ms);
 
-    let requester = digest(q.requester);
     let mut occupied = present.clone();
     occupied.extend(record.r.iter().map(|res| res.user.as_str()));
     // Gone from the reservations after this list was taken: it may predate their connection.
@@ -435,7 +447,7 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
         }
     };
     let mut counted = occupied.contains(requester.as_str());
-    if counted && !reserved && (!listed || record.shown_only_by_events(&requester)) {
+    if counted && !reserved && (!listed || record.shown_only_by_events(&requester, &theirs)) {
         // Whether they are in the call is not known: they are counted only by a departure
         // (this list may predate their connection), or shown only by events since the view's
         // newest list (a join may arrive after its leave; I2 is for users in the call). When
@@ -488,14 +500,23 @@ fn decide(record: &mut RoomRecord, q: &Request) -> Option<Verdict> {
         verdict.refuse(Refusal::TooManyDevices);
         return Some(verdict);
     }
+    // The identities read as the requester's by their port reading are learnt as theirs in
+    // the places their cap leaves free: one not learnt reads by its name again, as one user.
+    for identity in theirs {
+        if record.i.iter().filter(|p| p.user == requester).count() >= MAX_IDENTITIES_PER_USER {
+            break;
+        }
+        // Within the cap, pairing evicts nothing and cannot fail.
+        let _ = record.pair(identity, requester.clone(), pairing_until, &connected);
+    }
     record.reserve(&requester, present.contains(requester.as_str()), q);
     verdict.holds = q.releasable;
     Some(verdict)
 }
 
-/// A participant list: each identity's digest, and the digest of the user its name says it is,
-/// when known (a cached list holds identity digests only).
-type Listed = Vec<(String, Option<String>)>;
+/// A participant list: what each identity's name says, when known (a cached list holds
+/// identity digests only).
+type Listed = Vec<Named>;
 
 /// The time [`RoomRecord::take_list`] gives the room's view: it is as new as its events.
 const ON_VIEW: u64 = u64::MAX;
@@ -535,10 +556,7 @@ impl RoomRecord {
                 if taken_ms.saturating_add(MAX_LIST_AGE_MS) <= q.now_ms || taken_ms > q.now_ms {
                     return None;
                 }
-                let listed: Listed = identities
-                    .iter()
-                    .map(|identity| (digest(identity), Some(user_named_by(identity))))
-                    .collect();
+                let listed: Listed = identities.iter().map(|i| named_by(i)).collect();
                 let newer = self.p.as_ref().map_or(true, |p| p.taken <= taken_ms);
                 if q.list_cache_ms > 0 && newer {
                     let fresh_until = taken_ms.saturating_add(q.list_cache_ms.min(MAX_LIST_AGE_MS));
@@ -546,7 +564,7 @@ impl RoomRecord {
                         (listed.len() <= MAX_CACHED_LIST && fresh_until > q.now_ms).then(|| {
                             CachedList {
                                 fresh_until,
-                                identities: listed.iter().map(|(d, _)| d.clone()).collect(),
+                                identities: listed.iter().map(|n| n.identity.clone()).collect(),
                                 taken: taken_ms,
                             }
                         });
@@ -565,7 +583,14 @@ impl RoomRecord {
                     Some((view.listed(), None, ON_VIEW))
                 }
                 _ => self.p.as_ref().map(|p| {
-                    let listed = p.identities.iter().map(|d| (d.clone(), None)).collect();
+                    let listed = p
+                        .identities
+                        .iter()
+                        .map(|d| Named {
+                            identity: d.clone(),
+                            ..Named::default()
+                        })
+                        .collect();
                     (listed, None, p.taken)
                 }),
             },
@@ -597,6 +622,46 @@ impl RoomRecord {
             Some(p) => p.user.clone(),
             None => named.unwrap_or(identity_digest).to_owned(),
         }
+    }
+
+    /// The user behind each participant listed, and the identities read as the requester's
+    /// (`requester`, a digest) by their port reading: an identity `@a:x:8448:DEV` the guard
+    /// learnt no pairing of names `@a:x` (device `8448:DEV`) or `@a:x:8448` (device `DEV`);
+    /// when `@a:x:8448` asks, it is read as theirs, unless `@a:x` is counted by anything else
+    /// (an identity that cannot be `@a:x:8448`'s, a reservation, a departure): then reading it
+    /// so would add a user, and `@a:x:8448` takes a place as a newcomer would. Either way the
+    /// identity is one user, and both readings are users of one host name's server.
+    fn users_of(&self, listed: &[Named], requester: &str) -> (Vec<String>, Vec<String>) {
+        let mut users: Vec<String> = listed
+            .iter()
+            .map(|n| self.user_of(&n.identity, n.user()))
+            .collect();
+        let theirs_by_port = |named: &Named| {
+            named.alt == requester && !self.i.iter().any(|p| p.identity == named.identity)
+        };
+        let counted_otherwise = |user: &str| {
+            listed
+                .iter()
+                .zip(&users)
+                .any(|(named, u)| u == user && !theirs_by_port(named))
+                || self.r.iter().any(|res| res.user == user)
+                || self.d.iter().any(|d| d.user == user)
+        };
+        let theirs: Vec<usize> = listed
+            .iter()
+            .zip(&users)
+            .enumerate()
+            .filter(|(_, (named, user))| theirs_by_port(named) && !counted_otherwise(user))
+            .map(|(n, _)| n)
+            .collect();
+        let mut identities = Vec::with_capacity(theirs.len());
+        for n in theirs {
+            if let (Some(user), Some(named)) = (users.get_mut(n), listed.get(n)) {
+                user.clone_from(&named.alt);
+                identities.push(named.identity.clone());
+            }
+        }
+        (users, identities)
     }
 
     /// Pairings of identities the list (taken at `taken`) shows connected are kept a day past
@@ -778,6 +843,8 @@ impl RoomRecord {
     /// Pairs an identity with its verified user. Identities whose name already says who they
     /// are need no pairing. The cap per user drops the oldest identity that is not connected
     /// (`connected`); when all are, the pairing cannot be kept: `Err(())`.
+    /// An identity whose server name may end in a port is paired whichever user it names:
+    /// its name alone would leave the other reading open ([`RoomRecord::users_of`]).
     fn remember(
         &mut self,
         identity: &str,
@@ -786,10 +853,22 @@ impl RoomRecord {
         connected: &BTreeSet<&str>,
     ) -> Result<(), ()> {
         let user = digest(user);
-        if identity.is_empty() || user_named_by(identity) == user {
+        if identity.is_empty()
+            || (user_named_by(identity) == user && port_reading(identity).is_none())
+        {
             return Ok(());
         }
-        let identity = digest(identity);
+        self.pair(digest(identity), user, until, connected)
+    }
+
+    /// Pairs an identity with a user (both digests); see [`RoomRecord::remember`].
+    fn pair(
+        &mut self,
+        identity: String,
+        user: String,
+        until: u64,
+        connected: &BTreeSet<&str>,
+    ) -> Result<(), ()> {
         if let Some(entry) = self.i.iter_mut().find(|p| p.identity == identity) {
             if entry.until.saturating_add(REFRESH_SLACK_MS) < until {
                 entry.until = until;

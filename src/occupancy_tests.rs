@@ -326,6 +326,114 @@ fn a_user_on_a_server_with_a_port_is_learnt() {
 }
 
 #[test]
+fn a_user_whose_server_name_has_a_port_is_recognised_by_an_identity_never_learnt() {
+    for (bob, first) in [
+        ("@bob:hs.test:8448", "@bob:hs.test:8448:B1"),
+        ("@bob:hs.test:8448", "@bob:hs.test:8448:b:1"),
+        ("@bob:[::1]:8448", "@bob:[::1]:8448:B1"),
+        ("@bob:10.0.0.1:8008", "@bob:10.0.0.1:8008:8448:B1"),
+    ] {
+        let store = MemoryStore::default();
+        // bob connected before the guard saw him: `first` reads as `@bob:hs.test` by name.
+        let full = [first, "@a:x:D"];
+        let v = ask(&store, 2, &full, bob, &format!("{bob}:B2"), 0);
+        assert!(v.admitted, "{first}: {v:?}");
+        assert_eq!((v.present, v.reserved), (2, 0), "{first}");
+        // A hashed identity of bob's (`/get_token`, MatrixRTC) asks the same.
+        let v = ask(&store, 2, &full, bob, "hashOfBob", 10);
+        assert!(v.admitted, "{first}: {v:?}");
+        assert!(!ask(&store, 2, &full, "@c:x", "@c:x:D", 20).admitted);
+        // His first device is learnt as his: alone in the call, he holds one place of two.
+        assert!(ask(&store, 2, &[first], "@c:x", "@c:x:D", 30).admitted);
+    }
+}
+
+#[test]
+fn the_port_reading_never_adds_a_user_in_a_full_room() {
+    let store = MemoryStore::default();
+    // `@bob:hs.test` is in the call on two devices, one of them `8448:B1`: reading that one
+    // as `@bob:hs.test:8448`'s would count one user more, so he asks as a newcomer.
+    let full = ["@bob:hs.test:8448:B1", "@bob:hs.test:E", "@a:x:D"];
+    let v = ask(
+        &store,
+        2,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B2",
+        0,
+    );
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    assert_eq!(v.present, 2);
+    // With a place free he gets in, as one more user.
+    let v = ask(
+        &store,
+        3,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B2",
+        10,
+    );
+    assert!(v.admitted);
+    assert_eq!(v.present, 2);
+    assert!(!ask(&store, 3, &full, "@c:x", "@c:x:D", 20).admitted);
+}
+
+#[test]
+fn every_unseen_device_of_a_user_whose_server_name_has_a_port_is_theirs() {
+    let store = MemoryStore::default();
+    // Two devices of bob's, neither seen by the guard, both read as `@bob:hs.test` by name.
+    let full = ["@bob:hs.test:8448:B1", "@bob:hs.test:8448:B2", "@a:x:D"];
+    let v = ask(
+        &store,
+        2,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B3",
+        0,
+    );
+    assert!(v.admitted, "{v:?}");
+    assert!(!ask(&store, 2, &full, "@c:x", "@c:x:D", 10).admitted);
+    // Both are learnt as his: without alice, carol gets the second place.
+    let bob = ["@bob:hs.test:8448:B1", "@bob:hs.test:8448:B2"];
+    assert!(ask(&store, 2, &bob, "@c:x", "@c:x:D", 20).admitted);
+}
+
+#[test]
+fn unseen_devices_past_the_cap_never_refuse_the_user_whose_server_name_has_a_port() {
+    let store = MemoryStore::default();
+    let mut full: Vec<String> = (0..2 * MAX_IDENTITIES_PER_USER)
+        .map(|n| format!("@bob:hs.test:8448:B{n}"))
+        .collect();
+    full.push("@a:x:D".to_owned());
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    for n in 0..3 {
+        let device = format!("@bob:hs.test:8448:N{n}");
+        let v = ask(&store, 2, &full, "@bob:hs.test:8448", &device, n * 10);
+        assert!(v.admitted, "{v:?}");
+    }
+    assert!(!ask(&store, 2, &full, "@c:x", "@c:x:D", 100).admitted);
+}
+
+#[test]
+fn an_identity_whose_server_may_end_in_a_port_is_learnt_whoever_it_names() {
+    let store = MemoryStore::default();
+    // `@bob:hs.test` asks with the device id `8448:B1`: the identity is learnt as his, so
+    // `@bob:hs.test:8448` cannot claim it.
+    assert!(ask(&store, 2, &[], "@bob:hs.test", "@bob:hs.test:8448:B1", 0).admitted);
+    let full = ["@bob:hs.test:8448:B1", "@a:x:D"];
+    let v = ask(
+        &store,
+        2,
+        &full,
+        "@bob:hs.test:8448",
+        "@bob:hs.test:8448:B2",
+        10,
+    );
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    assert!(ask(&store, 2, &full, "@bob:hs.test", "@bob:hs.test:E", 20).admitted);
+}
+
+#[test]
 fn identities_per_user_are_capped_oldest_unconnected_first() {
     let store = MemoryStore::default();
     for n in 0..(MAX_IDENTITIES_PER_USER as u64 + 4) {

@@ -5,19 +5,20 @@
 //! Events are applied only to rooms the guard keeps a record of (rooms with a limit that
 //! someone asked a token for): every other room's events cost a read of shared data.
 
-use crate::occupancy::{user_named_by, BUCKETS, MAX_PAIRING_MS, ROOM_BUDGET};
+use crate::occupancy::{named_by, BUCKETS, MAX_PAIRING_MS, ROOM_BUDGET};
 use crate::room_record::RoomRecord;
-use crate::room_view::{Member, Presence, View};
-use crate::store::{digest, Change, SharedStore, StoreError};
+use crate::room_view::{Member, Named, Presence, View};
+use crate::session::Session;
+use crate::store::{Change, SharedStore, StoreError};
 
 /// What a webhook says of a room.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RoomEvent {
     /// A participant connected (`participant_joined`) or left (`participant_left`,
-    /// `participant_connection_aborted`): its identity, and the session's `joined_at_ms`.
+    /// `participant_connection_aborted`): its identity, and its session.
     Participant {
         identity: String,
-        session: u64,
+        session: Session,
         presence: Presence,
     },
     /// The room closed (`room_finished`): nothing is known of it until a list is taken.
@@ -93,12 +94,12 @@ impl RoomRecord {
                 identity,
                 session,
                 presence,
-            } => (identity, *session, *presence),
+            } => (identity, session, *presence),
         };
-        let identity_digest = digest(identity);
-        let named = user_named_by(identity);
+        let named = named_by(identity);
+        let identity_digest = named.identity.clone();
         let view = self.w.get_or_insert_with(View::default);
-        if !view.apply(&identity_digest, &named, session, presence, now) {
+        if !view.apply(&named, session, presence, now) {
             return false;
         }
         if let Some(p) = self.i.iter_mut().find(|p| p.identity == identity_digest) {
@@ -113,15 +114,15 @@ impl RoomRecord {
         // A session that began after the user's latest admission (joined, or already left:
         // events may come in any order): the token that admission let through may be this
         // one, used. The user counts by being connected, or no more.
-        let user = self.user_of(&identity_digest, Some(&named));
+        let user = self.user_of(&identity_digest, named.user());
         if let Some(n) = self
             .r
             .iter()
-            .position(|res| res.user == user && res.since < session)
+            .position(|res| res.user == user && res.since < session.start)
         {
             self.r.remove(n);
             // A list taken after the session began shows it, while it lasts.
-            self.depart(user, session.min(now), now);
+            self.depart(user, session.start.min(now), now);
         }
         true
     }
@@ -130,21 +131,15 @@ impl RoomRecord {
     /// then shows connected: the list, with what events told since it was taken.
     pub(crate) fn merge_list(
         &mut self,
-        listed: &[(String, Option<String>)],
-        sessions: &[u64],
+        listed: &[Named],
+        sessions: &[Session],
         taken: u64,
-    ) -> Vec<(String, Option<String>)> {
-        let members: Vec<(&str, &str, u64)> = listed
+    ) -> Vec<Named> {
+        let unknown = Session::default();
+        let members: Vec<(&Named, &Session)> = listed
             .iter()
             .enumerate()
-            .map(|(n, (identity, named))| {
-                let session = sessions.get(n).copied().unwrap_or(0);
-                (
-                    identity.as_str(),
-                    named.as_deref().unwrap_or(identity),
-                    session,
-                )
-            })
+            .map(|(n, named)| (named, sessions.get(n).unwrap_or(&unknown)))
             .collect();
         let view = self.w.get_or_insert_with(View::default);
         view.merge(&members, taken);
@@ -164,24 +159,24 @@ impl RoomRecord {
     /// Whether the view shows `user` (a digest) connected only by events heard since its
     /// newest list, no list having shown them since. Such a join may be one of a session that
     /// ended long ago: LiveKit may deliver it minutes late, with its leave still on the way.
-    pub(crate) fn shown_only_by_events(&self, user: &str) -> bool {
+    /// `theirs`: identities read as the user's besides what their names and pairings say
+    /// ([`RoomRecord::users_of`]).
+    pub(crate) fn shown_only_by_events(&self, user: &str, theirs: &[String]) -> bool {
         self.w.as_ref().is_some_and(|view| {
             let mut shown = view
                 .members
                 .iter()
-                .filter(|m| !m.gone && self.user_of_member(m) == user)
+                .filter(|m| {
+                    !m.gone && (theirs.contains(&m.identity) || self.user_of_member(m) == user)
+                })
                 .peekable();
             shown.peek().is_some() && shown.all(|m| m.at > view.listed)
         })
     }
 
     fn user_of_member(&self, m: &Member) -> String {
-        let named = if m.user.is_empty() {
-            &m.identity
-        } else {
-            &m.user
-        };
-        self.user_of(&m.identity, Some(named))
+        let named = (!m.user.is_empty()).then_some(m.user.as_str());
+        self.user_of(&m.identity, named)
     }
 
     /// Drops the view's old tombstones, and the view itself once it is unverified and nothing

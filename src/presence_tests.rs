@@ -43,7 +43,7 @@ fn ask_listing(
     now_ms: u64,
 ) -> Verdict {
     let identities: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
-    let sessions: Vec<u64> = vec![1; listed.len()];
+    let sessions: Vec<Session> = vec![Session::at(1); listed.len()];
     let mut q = on_record(requester, identity, now_ms);
     q.participants = Participants::Fresh {
         identities: &identities,
@@ -65,7 +65,7 @@ fn event(
 ) -> Applied {
     let event = RoomEvent::Participant {
         identity: identity.to_owned(),
-        session,
+        session: session.into(),
         presence,
     };
     observe(store, ROOM, &event, now).unwrap()
@@ -148,9 +148,10 @@ fn a_list_taken_before_an_event_arrived_does_not_undo_it() {
     // A list asked for at 4,900 (before bob's event arrived) is decided on at 5,100.
     let identities = vec!["@alice:x:D".to_owned()];
     let mut q = on_record("@carol:x", "@carol:x:D", 5_100);
+    let sessions = [Session::at(1_100)];
     q.participants = Participants::Fresh {
         identities: &identities,
-        sessions: &[1_100],
+        sessions: &sessions,
         taken_ms: 4_900,
     };
     assert!(matches!(admit(&store, &q).unwrap(), Outcome::Decided(v) if !v.admitted));
@@ -164,9 +165,10 @@ fn a_late_leave_of_an_earlier_session_does_not_hide_a_participant_a_list_showed(
     // The list shows bob in his second session (joined at 3,000).
     let identities = vec!["@bob:x:D".to_owned()];
     let mut q = on_record("@alice:x", "@alice:x:D", 4_000);
+    let sessions = [Session::at(3_000)];
     q.participants = Participants::Fresh {
         identities: &identities,
-        sessions: &[3_000],
+        sessions: &sessions,
         taken_ms: 4_000,
     };
     assert!(matches!(admit(&store, &q).unwrap(), Outcome::Decided(v) if v.admitted));
@@ -280,9 +282,10 @@ fn a_leave_while_a_list_is_on_its_way_is_kept_for_it() {
     let identities = vec!["@bob:x:D".to_owned()];
     let mut q = on_record("@carol:x", "@carol:x:D", 1_200);
     q.max_users = 1;
+    let sessions = [Session::at(500)];
     q.participants = Participants::Fresh {
         identities: &identities,
-        sessions: &[500],
+        sessions: &sessions,
         taken_ms: 1_000,
     };
     let carol = admit(&store, &q).unwrap();
@@ -332,4 +335,125 @@ fn a_late_join_of_a_session_over_does_not_let_its_user_back_into_a_full_room() {
     assert!(ask_listing(&store, &[], "@c:x", "@c:x:D", 20_000).admitted);
     event(&store, "@a:x:D", 1_000, Presence::Joined, 20_500);
     assert!(ask(&store, "@a:x", "@a:x:D2", 21_000).is_some_and(|v| v.admitted));
+}
+
+#[test]
+fn a_user_whose_server_name_has_a_port_is_recognised_on_the_view() {
+    let store = MemoryStore::default();
+    // bob connected before the guard saw him; the list verifies the view.
+    let full = ["@bob:hs.test:8448:B1", "@a:x:D"];
+    let v = ask_listing(&store, &full, "@c:x", "@c:x:D", 1_000);
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    let bob = "@bob:hs.test:8448";
+    let v = ask(&store, bob, "@bob:hs.test:8448:B2", 2_000).expect("decided on the view");
+    assert!(v.admitted && v.on_view, "{v:?}");
+    let v = ask(&store, "@c:x", "@c:x:D", 3_000).expect("decided on the view");
+    assert_eq!(v.refusal, Some(Refusal::Full));
+}
+
+#[test]
+fn an_identity_of_the_port_reading_shown_only_by_events_asks_for_a_list() {
+    let store = MemoryStore::default();
+    let v = ask_listing(&store, &["@a:x:D", "@c:x:D"], "@d:x", "@d:x:D", 1_000);
+    assert_eq!(v.refusal, Some(Refusal::Full));
+    // A join heard since the list, of an identity bob's name may give: it may be late, its
+    // session long over; a list is to say whether bob is in the call.
+    event(
+        &store,
+        "@bob:hs.test:8448:B1",
+        1_500,
+        Presence::Joined,
+        1_600,
+    );
+    let bob = "@bob:hs.test:8448";
+    assert_eq!(ask(&store, bob, "@bob:hs.test:8448:B2", 2_000), None);
+}
+
+/// An event of `identity`'s session begun in second `second`, with sid `sid`, as LiveKit
+/// versions that give only `joinedAt` write it.
+fn event_of_second(
+    store: &MemoryStore,
+    identity: &str,
+    (second, sid): (u64, &str),
+    presence: Presence,
+    now: u64,
+) -> Applied {
+    let event = RoomEvent::Participant {
+        identity: identity.to_owned(),
+        session: Session::of(0, second, sid),
+        presence,
+    };
+    observe(store, ROOM, &event, now).unwrap()
+}
+
+#[test]
+fn a_participant_who_reconnects_within_a_second_stays_in_the_view() {
+    for leave_first in [true, false] {
+        let store = MemoryStore::default();
+        let v = ask_listing(&store, &["@a:x:D"], "@b:x", "@b:x:D", 1_000);
+        assert!(v.admitted);
+        // bob connects, drops and reconnects within the second 2 (LiveKit gives no ms).
+        event_of_second(&store, "@b:x:D", (2, "PA_1"), Presence::Joined, 2_100);
+        let (first, second) = if leave_first {
+            ((2, "PA_1"), (2, "PA_2"))
+        } else {
+            ((2, "PA_2"), (2, "PA_1"))
+        };
+        let presence = |s: (u64, &str)| {
+            if s.1 == "PA_1" {
+                Presence::Left
+            } else {
+                Presence::Joined
+            }
+        };
+        assert_eq!(
+            event_of_second(&store, "@b:x:D", first, presence(first), 2_200),
+            Applied::Changed
+        );
+        assert_eq!(
+            event_of_second(&store, "@b:x:D", second, presence(second), 2_300),
+            Applied::Changed
+        );
+        // Replays of the ended session change nothing.
+        for p in [Presence::Joined, Presence::Left] {
+            let replay = event_of_second(&store, "@b:x:D", (2, "PA_1"), p, 2_400);
+            assert_eq!(replay, Applied::Known, "leave first: {leave_first}");
+        }
+        // bob is in the call: carol is refused, on the view; bob gets another device.
+        let carol = ask(&store, "@carol:x", "@carol:x:D", 40_000).expect("on the view");
+        assert_eq!(
+            carol.refusal,
+            Some(Refusal::Full),
+            "leave first: {leave_first}"
+        );
+        assert!(carol.on_view);
+        // The new session ends: bob has left, and carol gets in.
+        event_of_second(&store, "@b:x:D", (2, "PA_2"), Presence::Left, 40_100);
+        let carol = ask(&store, "@carol:x", "@carol:x:D", 40_200).expect("on the view");
+        assert!(carol.admitted, "leave first: {leave_first}");
+    }
+}
+
+#[test]
+fn a_list_tells_a_session_of_the_second_of_one_that_ended_from_it() {
+    let store = MemoryStore::default();
+    ask_listing(&store, &[], "@b:x", "@b:x:D", 1_000);
+    event_of_second(&store, "@b:x:D", (2, "PA_1"), Presence::Joined, 2_100);
+    event_of_second(&store, "@b:x:D", (2, "PA_1"), Presence::Left, 2_200);
+    // A list taken since shows bob in another session of that second.
+    let identities = vec!["@b:x:D".to_owned(), "@a:x:D".to_owned()];
+    let sessions = [Session::of(0, 2, "PA_2"), Session::at(1)];
+    let mut q = on_record("@carol:x", "@carol:x:D", 3_000);
+    q.participants = Participants::Fresh {
+        identities: &identities,
+        sessions: &sessions,
+        taken_ms: 3_000,
+    };
+    assert!(matches!(admit(&store, &q).unwrap(), Outcome::Decided(v) if !v.admitted));
+    // A late join of the session that ended changes nothing; the end of the one listed does.
+    let late = event_of_second(&store, "@b:x:D", (2, "PA_1"), Presence::Joined, 3_100);
+    assert_eq!(late, Applied::Known);
+    event_of_second(&store, "@b:x:D", (2, "PA_2"), Presence::Left, 3_200);
+    let carol = ask(&store, "@carol:x", "@carol:x:D", 3_300).expect("on the view");
+    assert!(carol.admitted);
 }

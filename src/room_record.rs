@@ -271,6 +271,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_members_other_reading_is_written_only_when_it_has_one() {
+        let text = r#"[[],[],null,[],[],0,[9,[["id","u",5,false,7,"alt"],["id2","",6,true,8]],3]]"#;
+        let record: RoomRecord = serde_json::from_str(text).unwrap();
+        let view = record.w.as_ref().unwrap();
+        assert_eq!(view.members[0].alt, "alt");
+        assert_eq!(view.members[1].alt, "");
+        assert_eq!(serde_json::to_string(&record).unwrap(), text);
+    }
+
+    #[test]
+    fn the_sids_of_a_members_second_are_written_only_when_known() {
+        let text = r#"[[],[],null,[],[],0,[9,[["id","u",5000,false,7,"","-PA_1 PA_2"]],3]]"#;
+        let record: RoomRecord = serde_json::from_str(text).unwrap();
+        let view = record.w.as_ref().unwrap();
+        assert_eq!(
+            (view.members[0].alt.as_str(), view.members[0].sid.as_str()),
+            ("", "-PA_1 PA_2")
+        );
+        assert_eq!(serde_json::to_string(&record).unwrap(), text);
+        // A member of the earlier format has neither.
+        let old: RoomRecord =
+            serde_json::from_str(r#"[[],[],null,[],[],0,[9,[["id","",5,true,7]],3]]"#).unwrap();
+        assert_eq!(old.w.as_ref().unwrap().members[0].sid, "");
+    }
+
     fn reservation(until: u64) -> Reservation {
         Reservation {
             user: "@a:x".into(),

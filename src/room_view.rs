@@ -19,6 +19,7 @@
 
 use serde::Deserialize;
 
+use crate::session::{self, Session};
 use crate::store::SharedStore;
 
 /// One participant identity (its [`crate::store::digest`]).
@@ -28,12 +29,40 @@ pub struct Member {
     /// The digest of the user the identity's name says it is; empty when it names none (a
     /// hashed identity, whose user only a learnt pairing tells).
     pub user: String,
-    /// LiveKit's `joined_at_ms` of the session last heard of (0: from a list without it).
+    /// When the session last heard of began (LiveKit's `joined_at_ms`; 0: from a list without
+    /// it).
     pub session: u64,
     /// That session ended (a tombstone, kept for late or repeated events of it).
     pub gone: bool,
     /// When the guard learnt it (its own clock): a list taken earlier does not undo it.
     pub at: u64,
+    /// The digest of the other user the identity may name, when its server name may end in a
+    /// port ([`crate::livekit_names::port_reading`]); empty otherwise. Left out of the record
+    /// when empty.
+    #[serde(default)]
+    pub alt: String,
+    /// When LiveKit gives session times to the second only: the sids of that second's
+    /// sessions, and which ended ([`session::take`]); empty otherwise. Left out of the record
+    /// when empty.
+    #[serde(default)]
+    pub sid: String,
+}
+
+/// A participant as a list or an event names it (digests): its identity, the user its name
+/// says it is (empty when it names none, or only itself), and the other user it may name
+/// ([`Member::alt`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    pub identity: String,
+    pub user: String,
+    pub alt: String,
+}
+
+impl Named {
+    /// The user its name says it is, if any.
+    pub fn user(&self) -> Option<&str> {
+        (!self.user.is_empty()).then_some(self.user.as_str())
+    }
 }
 
 /// A room's view. Stored as `[listed, members, opened]`.
@@ -47,13 +76,29 @@ pub struct View {
     pub opened: u64,
 }
 
-crate::room_record::as_array!(Member {
-    identity,
-    user,
-    session,
-    gone,
-    at
-});
+impl serde::Serialize for Member {
+    /// `[identity, user, session, gone, at, alt, sid]`, trailing empty fields left out (as
+    /// records of earlier versions are written).
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let with_sid = !self.sid.is_empty();
+        let with_alt = with_sid || !self.alt.is_empty();
+        let fields = 5 + usize::from(with_alt) + usize::from(with_sid);
+        let mut tuple = serializer.serialize_tuple(fields)?;
+        tuple.serialize_element(&self.identity)?;
+        tuple.serialize_element(&self.user)?;
+        tuple.serialize_element(&self.session)?;
+        tuple.serialize_element(&self.gone)?;
+        tuple.serialize_element(&self.at)?;
+        if with_alt {
+            tuple.serialize_element(&self.alt)?;
+        }
+        if with_sid {
+            tuple.serialize_element(&self.sid)?;
+        }
+        tuple.end()
+    }
+}
 crate::room_record::as_array!(View {
     listed,
     members,
@@ -65,17 +110,33 @@ crate::room_record::as_array!(View {
 pub const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
 
 impl Member {
-    fn new(identity: &str, user: &str, session: u64, gone: bool, at: u64) -> Member {
+    fn new(named: &Named, session: &Session, gone: bool, at: u64) -> Member {
         Member {
-            identity: identity.to_owned(),
-            user: if user == identity {
+            identity: named.identity.clone(),
+            user: if named.user == named.identity {
                 String::new()
             } else {
-                user.to_owned()
+                named.user.clone()
             },
-            session,
+            session: session.start,
             gone,
             at,
+            alt: named.alt.clone(),
+            sid: session::first_of_second(&session.sid, gone),
+        }
+    }
+
+    /// Whether an event of `session` is one of the second of the member's session, told apart
+    /// by sid (see [`crate::session`]).
+    fn of_its_second(&self, session: &Session) -> bool {
+        session.start == self.session && !session.sid.is_empty() && !self.sid.is_empty()
+    }
+
+    fn named(&self) -> Named {
+        Named {
+            identity: self.identity.clone(),
+            user: self.user.clone(),
+            alt: self.alt.clone(),
         }
     }
 }
@@ -158,16 +219,12 @@ pub enum Presence {
 }
 
 impl View {
-    /// The participants connected, as a list: each identity's digest and its named user's.
-    pub fn listed(&self) -> Vec<(String, Option<String>)> {
-        let named = |m: &Member| match m.user.as_str() {
-            "" => m.identity.clone(),
-            user => user.to_owned(),
-        };
+    /// The participants connected, as a list.
+    pub fn listed(&self) -> Vec<Named> {
         self.members
             .iter()
             .filter(|m| !m.gone)
-            .map(|m| (m.identity.clone(), Some(named(m))))
+            .map(Member::named)
             .collect()
     }
 
@@ -177,32 +234,43 @@ impl View {
         self.listed > doubt_ms && self.listed.saturating_add(verify_ms) > now
     }
 
-    /// Takes in what an event says of `identity`'s (named user `user`) session `session`,
-    /// learnt at `now`. Whether it changed the view.
+    /// Takes in what an event says of a participant's session `session`, learnt at `now`.
+    /// Whether it changed the view.
     pub fn apply(
         &mut self,
-        identity: &str,
-        user: &str,
-        session: u64,
+        named: &Named,
+        session: &Session,
         presence: Presence,
         now: u64,
     ) -> bool {
+        let identity = named.identity.as_str();
         let gone = presence == Presence::Left;
         // Heard after the newest list even in the millisecond it was taken: that list may
         // predate the event, so only a later one undoes it.
         let now = now.max(self.listed.saturating_add(1));
         match self.members.iter_mut().find(|m| m.identity == identity) {
+            // Sessions of one second: which began first is not known, so an end hides only
+            // its own session.
+            Some(m) if m.of_its_second(session) => {
+                let Some(known) = session::take(&m.sid, &session.sid, gone) else {
+                    return false;
+                };
+                m.gone = !session::connected(&known);
+                m.sid = known;
+                m.at = now;
+                true
+            }
             // An older session, or the same one already as far (left is final).
-            Some(m) if (session, gone) <= (m.session, m.gone) => false,
+            Some(m) if (session.start, gone) <= (m.session, m.gone) => false,
             Some(m) => {
-                m.session = session;
+                m.session = session.start;
+                m.sid = session::first_of_second(&session.sid, gone);
                 m.gone = gone;
                 m.at = now;
                 true
             }
             None => {
-                self.members
-                    .push(Member::new(identity, user, session, gone, now));
+                self.members.push(Member::new(named, session, gone, now));
                 true
             }
         }
@@ -213,7 +281,7 @@ impl View {
     /// older than one merged already changes nothing). The end
     /// of a session stays known whatever a list says (a late or replayed join of it must not
     /// bring it back); a participant learnt before the list and not in it has left.
-    pub fn merge(&mut self, listed: &[(&str, &str, u64)], taken: u64) {
+    pub fn merge(&mut self, listed: &[(&Named, &Session)], taken: u64) {
         if taken < self.listed {
             // A newer list was merged: what this one says, that one said later.
             return;
@@ -224,28 +292,40 @@ impl View {
             }
             match listed
                 .iter()
-                .find(|(identity, _, _)| *identity == m.identity)
+                .find(|(named, _)| named.identity == m.identity)
             {
+                // A session of the second the entry knows of: connected, unless it ended.
+                Some((_, session)) if m.of_its_second(session) => {
+                    m.sid = session::listed(&m.sid, &session.sid);
+                    m.gone = !session::connected(&m.sid);
+                    m.at = taken;
+                }
                 // A session the entry does not know of (without LiveKit's session times, any
                 // later than the one that ended).
-                Some((_, _, session)) if m.gone && *session <= m.session => {
-                    if *session == 0 {
+                Some((_, session)) if m.gone && session.start <= m.session => {
+                    if session.start == 0 {
                         m.session = m.session.saturating_add(1);
                         m.gone = false;
                         m.at = taken;
                     }
                 }
-                Some((_, _, session)) => {
-                    m.session = m.session.max(*session);
+                Some((_, session)) => {
+                    if session.start >= m.session {
+                        m.session = session.start;
+                        m.sid = session::first_of_second(&session.sid, false);
+                    }
                     m.gone = false;
                     m.at = taken;
                 }
-                None => m.gone = true,
+                None => {
+                    m.gone = true;
+                    m.sid = session::all_ended(&m.sid);
+                }
             }
         }
-        for (identity, user, session) in listed {
-            if !self.members.iter().any(|m| m.identity == *identity) {
-                let member = Member::new(identity, user, *session, false, taken);
+        for (named, session) in listed {
+            if !self.members.iter().any(|m| m.identity == named.identity) {
+                let member = Member::new(named, session, false, taken);
                 self.members.push(member);
             }
         }
@@ -282,36 +362,59 @@ mod tests {
     fn connected(view: &View) -> Vec<String> {
         view.listed()
             .into_iter()
-            .map(|(identity, _)| identity)
+            .map(|named| named.identity)
             .collect()
+    }
+
+    /// A participant whose identity names itself.
+    fn named(identity: &str) -> Named {
+        Named {
+            identity: identity.to_owned(),
+            user: identity.to_owned(),
+            alt: String::new(),
+        }
+    }
+
+    /// Merges a list of (identity, named user, session) taken at `taken`.
+    fn merge(view: &mut View, listed: &[(&str, &str, u64)], taken: u64) {
+        let named: Vec<(Named, Session)> = listed
+            .iter()
+            .map(|(identity, user, session)| {
+                let mut n = named(identity);
+                n.user = (*user).to_owned();
+                (n, Session::at(*session))
+            })
+            .collect();
+        let listed: Vec<(&Named, &Session)> = named.iter().map(|(n, s)| (n, s)).collect();
+        view.merge(&listed, taken);
     }
 
     #[test]
     fn a_later_session_replaces_an_earlier_one_and_leaving_is_final() {
         let mut view = View::default();
-        assert!(view.apply("a", "a", 10, Presence::Joined, 100));
+        assert!(view.apply(&named("a"), &Session::at(10), Presence::Joined, 100));
         assert_eq!(connected(&view), ["a"]);
-        assert!(view.apply("a", "a", 10, Presence::Left, 200));
+        assert!(view.apply(&named("a"), &Session::at(10), Presence::Left, 200));
         // The join of the session that ended, late or replayed, changes nothing.
-        assert!(!view.apply("a", "a", 10, Presence::Joined, 300));
+        assert!(!view.apply(&named("a"), &Session::at(10), Presence::Joined, 300));
         assert!(connected(&view).is_empty());
         // A new session does; the end of the old one, arriving late, does not undo it.
-        assert!(view.apply("a", "a", 20, Presence::Joined, 400));
-        assert!(!view.apply("a", "a", 10, Presence::Left, 500));
+        assert!(view.apply(&named("a"), &Session::at(20), Presence::Joined, 400));
+        assert!(!view.apply(&named("a"), &Session::at(10), Presence::Left, 500));
         assert_eq!(connected(&view), ["a"]);
         // A leave heard before its join: the join never shows the session.
-        assert!(view.apply("b", "b", 30, Presence::Left, 600));
-        assert!(!view.apply("b", "b", 30, Presence::Joined, 700));
+        assert!(view.apply(&named("b"), &Session::at(30), Presence::Left, 600));
+        assert!(!view.apply(&named("b"), &Session::at(30), Presence::Joined, 700));
         assert_eq!(connected(&view), ["a"]);
     }
 
     #[test]
     fn a_list_replaces_only_what_was_learnt_before_it_was_taken() {
         let mut view = View::default();
-        view.apply("early", "early", 1, Presence::Joined, 100);
-        view.apply("late", "late", 2, Presence::Joined, 300);
-        view.apply("left-late", "left-late", 3, Presence::Left, 300);
-        view.apply("ended", "ended", 5, Presence::Left, 150);
+        view.apply(&named("early"), &Session::at(1), Presence::Joined, 100);
+        view.apply(&named("late"), &Session::at(2), Presence::Joined, 300);
+        view.apply(&named("left-late"), &Session::at(3), Presence::Left, 300);
+        view.apply(&named("ended"), &Session::at(5), Presence::Left, 150);
         // Taken at 200: shows "left-late", "ended" (its session 5) and "other", not "early"
         // nor "late".
         let listed = [
@@ -319,7 +422,7 @@ mod tests {
             ("ended", "ended", 5),
             ("other", "@o:x", 4),
         ];
-        view.merge(&listed, 200);
+        merge(&mut view, &listed, 200);
         let mut now = connected(&view);
         now.sort_unstable();
         assert_eq!(now, ["late", "other"]);
@@ -328,16 +431,21 @@ mod tests {
         assert!(!view.verified(1_000, 60_000, 200));
         // The ends of sessions stay known: a late join of them changes nothing.
         for (identity, session) in [("early", 1), ("ended", 5), ("left-late", 3)] {
-            assert!(!view.apply(identity, identity, session, Presence::Joined, 250));
+            assert!(!view.apply(
+                &named(identity),
+                &Session::at(session),
+                Presence::Joined,
+                250
+            ));
         }
         // An older list changes nothing.
-        view.merge(&[("early", "early", 7)], 150);
+        merge(&mut view, &[("early", "early", 7)], 150);
         let mut now = connected(&view);
         now.sort_unstable();
         assert_eq!(now, ["late", "other"]);
         assert!(view.verified(60_199, 60_000, 0));
         // A list taken later shows "ended" in a session of its own.
-        view.merge(&[("ended", "ended", 9)], 400);
+        merge(&mut view, &[("ended", "ended", 9)], 400);
         assert_eq!(connected(&view), ["ended"]);
     }
 
@@ -360,21 +468,21 @@ mod tests {
         let store = crate::store::MemoryStore::default();
         assert_eq!(doubt_since(&store), 0);
         let mut view = View::default();
-        view.merge(&[], 1_000);
+        merge(&mut view, &[], 1_000);
         assert!(view.verified(2_000, 60_000, doubt_since(&store)));
         doubt(&store, 1_500);
         doubt(&store, 1_200); // an earlier doubt changes nothing
         assert_eq!(doubt_since(&store), 1_500);
         assert!(!view.verified(2_000, 60_000, doubt_since(&store)));
-        view.merge(&[], 1_600);
+        merge(&mut view, &[], 1_600);
         assert!(view.verified(2_000, 60_000, doubt_since(&store)));
     }
 
     #[test]
     fn tombstones_are_forgotten_after_their_time() {
         let mut view = View::default();
-        view.apply("a", "a", 1, Presence::Left, 100);
-        view.apply("b", "b", 1, Presence::Joined, 100);
+        view.apply(&named("a"), &Session::at(1), Presence::Left, 100);
+        view.apply(&named("b"), &Session::at(1), Presence::Joined, 100);
         view.forget_past(100 + TOMBSTONE_MS);
         assert_eq!(view.members.len(), 1);
         assert_eq!(connected(&view), ["b"]);

@@ -25,6 +25,7 @@ use crate::json::{self, Scalar};
 use crate::livekit::whole_number;
 use crate::presence::{self, RoomEvent};
 use crate::room_view::{self, Presence};
+use crate::session::Session;
 use crate::store::SharedStore;
 
 /// The most of a webhook body kept for reading. LiveKit's events carry the room (with its
@@ -277,6 +278,8 @@ struct Participant {
     joined_at_ms: Scalar,
     #[serde(default, rename = "joinedAt", alias = "joined_at")]
     joined_at: Scalar,
+    #[serde(default)]
+    sid: Scalar,
 }
 
 /// Reads a webhook's body (only once its signature is checked, [`Intake`]): the room and what
@@ -304,11 +307,13 @@ pub fn read_event(body: &[u8]) -> Option<Option<(String, RoomEvent)>> {
     if identity.is_empty() {
         return None;
     }
-    // The session began at `joinedAtMs`; LiveKit versions without it give `joinedAt` (s).
-    let session = match whole_number(&participant.joined_at_ms) {
-        0 => whole_number(&participant.joined_at).saturating_mul(1000),
-        ms => ms,
-    };
+    // The session began at `joinedAtMs`; LiveKit versions without it give `joinedAt` (s),
+    // and then the sid tells sessions of one second apart.
+    let session = Session::of(
+        whole_number(&participant.joined_at_ms),
+        whole_number(&participant.joined_at),
+        participant.sid.as_str().unwrap_or_default(),
+    );
     let event = RoomEvent::Participant {
         identity: identity.to_owned(),
         session,

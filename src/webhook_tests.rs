@@ -42,7 +42,7 @@ const VALID: &str = r#""iss":"devkey","exp":1700000302,"nbf":1700000002"#;
 fn joined(room: &str, identity: &str, session: u64) -> Received {
     let event = RoomEvent::Participant {
         identity: identity.to_owned(),
-        session,
+        session: session.into(),
         presence: Presence::Joined,
     };
     Received::Read(Some((room.to_owned(), event)))
@@ -139,7 +139,7 @@ fn the_events_the_guard_uses_and_those_it_skips() {
     for event in ["participant_left", "participant_connection_aborted"] {
         let expected = RoomEvent::Participant {
             identity: "i".to_owned(),
-            session: 5,
+            session: 5.into(),
             presence: Presence::Left,
         };
         assert_eq!(
@@ -164,6 +164,32 @@ fn the_events_the_guard_uses_and_those_it_skips() {
             r#"{"event":"participant_joined","room":{"name":"r"},"participant":{"identity":"i","joined_at":"7"}}"#
         ),
         joined("r", "i", 7_000)
+    );
+    // To the second only, the sid tells sessions of one second apart; with the milliseconds
+    // it is not needed.
+    let with_sid = |participant: &str| {
+        read(&format!(
+            r#"{{"event":"participant_left","room":{{"name":"r"}},"participant":{{"identity":"i",{participant}}}}}"#
+        ))
+    };
+    let left_in = |start, sid: &str| {
+        let event = RoomEvent::Participant {
+            identity: "i".to_owned(),
+            session: Session {
+                start,
+                sid: sid.to_owned(),
+            },
+            presence: Presence::Left,
+        };
+        Received::Read(Some(("r".to_owned(), event)))
+    };
+    assert_eq!(
+        with_sid(r#""sid":"PA_x1","joinedAt":"7""#),
+        left_in(7_000, "PA_x1")
+    );
+    assert_eq!(
+        with_sid(r#""sid":"PA_x1","joinedAt":"7","joinedAtMs":"7123""#),
+        left_in(7_123, "")
     );
     for unreadable in [
         "[]",

@@ -29,7 +29,7 @@ from guard import (
     still_serving,
     token_body,
 )
-from stack import DECISION_PHASE, livekit_alias
+from stack import DECISION_PHASE, join_body, livekit_alias
 
 pytestmark = [requires_wasm, requires_standins]
 
@@ -151,6 +151,38 @@ def test_user_id_with_port_recognised_as_present(envoy, standins, new_room):
         assert_channel_full(second)
         assert counts.guard["allowed"] == 1 and counts.guard["blocked"] == 2
         assert counts.guard["unverified_requesters"] == 3
+
+
+@pytest.mark.parametrize("path, shape", SHAPES)
+def test_user_id_with_port_in_the_call_unseen_gets_another_device(envoy, standins, new_room,
+                                                                   path, shape):
+    """``@alice:example.org:8448`` is in the call on a device whose token the guard never saw
+    (she joined before the room had its limit, or before this Envoy started):
+    ``@alice:example.org:8448:A1``, which the Matrix grammar alone reads as ``@alice:example.org``'s
+    device ``8448:A1``. Where the guard knows who asks (decided on lk-jwt-service's token, or
+    ``/get_token``, whose claim lk-jwt-service proves), her new device gets in without a new
+    place: carol stays out; once bob leaves, carol gets his place (alice counted once)."""
+    room = new_room(limit=2)
+    alias = livekit_alias(room)
+    alice_a1 = ("@alice:example.org:8448:A1", "ACTIVE")
+    bob = (identity(shape, "bob", "B1"), "ACTIVE")
+    standins.set_room(alias, [alice_a1, bob])
+    body = join_body("@alice:example.org:8448", "A2", room, shape=shape, member_id="m-alice-A2")
+    with counting(envoy, standins) as counts:
+        second = envoy.post(path, body)
+        assert_channel_full(ask(envoy, path, shape, "carol", "C1", room))
+    assert "fail_open" not in counts.guard
+    if shape == "legacy" and DECISION_PHASE == "request":
+        # Decided on the request, nobody can say whose another homeserver's OpenID token is:
+        # it may only take a free place, and there is none.
+        assert_channel_full(second)
+        return
+    assert second.status_code == 200, second.text
+    assert counts.guard["allowed"] == 1 and counts.guard["blocked"] == 1
+    standins.connect(second)
+    standins.leave(alias, bob[0])
+    assert_token_issued(ask(envoy, path, shape, "carol", "C1", room), room, shape, "carol", "C1",
+                        standins)
 
 
 @pytest.mark.parametrize("path, shape", SHAPES)

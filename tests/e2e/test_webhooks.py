@@ -56,6 +56,16 @@ def participant_event(event: str, room: str, identity: str, joined_at_ms: int) -
                        "id": "EV_x", "createdAt": str(int(time.time()))}).encode()
 
 
+def participant_event_of_second(event: str, room: str, identity: str, sid: str,
+                                joined_at_s: int) -> bytes:
+    """A participant event as a LiveKit without ``joinedAtMs`` writes it: the session's start
+    in seconds only (``joinedAt``), and its sid."""
+    return json.dumps({"event": event, "room": {"sid": "RM_x", "name": room},
+                       "participant": {"sid": sid, "identity": identity, "state": "ACTIVE",
+                                       "joinedAt": str(joined_at_s)},
+                       "id": f"EV_{sid}_{event}", "createdAt": str(int(time.time()))}).encode()
+
+
 def post_webhook(envoy: Any, body: bytes, authorization: str, path: str = WEBHOOK_PATH) -> requests.Response:
     return envoy.post(path, body, headers={"Authorization": authorization,
                                            "Content-Type": "application/webhook+json"})
@@ -196,6 +206,30 @@ def test_events_out_of_order_leave_a_participant_who_left_gone(
     with counting(call.envoy, livekit) as counts:
         resp = call.ask("carol")
     assert resp.status_code == 200, resp.text
+    assert counts.list_participants == 0 and counts.guard["livekit_lookups_avoided"] == 1
+
+
+@pytest.mark.parametrize("leave_first", [True, False])
+def test_a_reconnection_within_a_second_keeps_the_participant_in_the_view(
+        start_envoy, plugin_config, new_room, livekit, leave_first):
+    """A LiveKit that gives a session's start in seconds only (``joinedAt``): dave drops and
+    reconnects within one second, and LiveKit posts his leave and his new session's join (in
+    either order). The new session is told from the one that ended by its sid: dave stays in
+    the room's view, and carol is refused on it, without a list."""
+    call = Call(start_envoy, plugin_config, new_room, livekit, limit=2)
+    call.join("alice")
+    second = int(time.time())
+    dave = "@dave:test.local:D1"
+    events = [("participant_joined", "PA_dave1"), ("participant_left", "PA_dave1"),
+              ("participant_joined", "PA_dave2")]
+    if not leave_first:
+        events[1], events[2] = events[2], events[1]
+    with counting(call.envoy, livekit) as counts:
+        for event, sid in events:
+            body = participant_event_of_second(event, call.alias, dave, sid, second)
+            assert post_webhook(call.envoy, body, sign(body)).status_code == 200
+        assert_channel_full(call.ask("carol"))
+    assert counts.guard["webhooks_accepted"] >= 3
     assert counts.list_participants == 0 and counts.guard["livekit_lookups_avoided"] == 1
 
 
