@@ -52,11 +52,14 @@ GUARD_COUNTERS = tuple(dict.fromkeys((*COUNTERS, "fail_closed", "livekit_cache_h
 CHANNEL_FULL = b'{"errcode":"M_FORBIDDEN","error":"This voice channel is full."}'
 
 
-def unverified_when_synapse_fails() -> dict[str, int]:
-    """The counter a ``/sfu/get`` decided on the request adds when Synapse cannot answer who
+def unverified_when_synapse_fails(issued: bool = False) -> dict[str, int]:
+    """The counters a ``/sfu/get`` decided on the request adds when Synapse cannot answer who
     its OpenID token belongs to (the guard's Synapse is down or a fault server): the requester
-    is unverified, and may only take a free place. Decided on the response, nothing."""
-    return {"unverified_requesters": 1} if DECISION_PHASE == "request" else {}
+    is unverified, and may only take a free place; once lk-jwt-service ``issued`` the token,
+    that place is the user's it names. Decided on the response, nothing."""
+    if DECISION_PHASE != "request":
+        return {}
+    return {"unverified_requesters": 1, **({"rekeyed_reservations": 1} if issued else {})}
 
 # What lk-jwt-service puts on every answer of its token endpoints; the guard's own answers
 # must carry the same, or browsers would hide them from Element Call.
