@@ -13,7 +13,7 @@ LIVEKIT  := target/livekit/$(LIVEKIT_VERSION)/server
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock 2>/dev/null)
 TOOLS    := $(CURDIR)/target/tools
 
-.PHONY: all build livekit lkstack clockshift venv test test-unit test-wasm test-monitoring test-e2e envoy-oldest lint demo bench bench-ab clean
+.PHONY: all build livekit lkstack clockshift venv test test-layers test-unit test-wasm test-monitoring test-e2e envoy-oldest lint demo bench bench-ab clean
 
 all: build
 
@@ -57,7 +57,7 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 
 ## Everything: unit tests (native and on a 32-bit Wasm target), the decoder differential test
 ## against Go, and the end-to-end suite.
-test: test-unit test-wasm test-oracle fuzz-smoke test-monitoring test-e2e
+test: test-layers test-unit test-wasm test-oracle fuzz-smoke test-monitoring test-e2e
 
 ## The alerting rules: promtool (Debian's prometheus package) checks them and runs their unit
 ## tests; the metric names they and the dashboard use are checked against a running Envoy by
@@ -69,6 +69,10 @@ test-monitoring:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 	$(PROMTOOL) check rules deploy/monitoring/alerts.yaml
 	cd deploy/monitoring && $(PROMTOOL) test rules alerts.test.yaml
+
+## The arrows between src/'s modules (docs/development.md): no layer uses one above it.
+test-layers:
+	$(PYTHON) tests/layers.py
 
 test-unit:
 	$(CARGO) test --workspace
@@ -103,7 +107,7 @@ test-oracle:
 FUZZ_TARGETS       ?= token_body rtc_request synapse_answer livekit_answer jwt shared_records config webhook
 FUZZ_SECONDS       ?= 600
 FUZZ_SMOKE_SECONDS ?= 5
-## Generated interleavings of the room occupancy (src/occupancy_interleavings.rs): 256 cases
+## Generated interleavings of the room occupancy (src/occupancy/interleavings.rs): 256 cases
 ## in `make test`, this many under `make fuzz`.
 OCCUPANCY_CASES    ?= 200000
 FUZZ_TOOLCHAIN     ?=

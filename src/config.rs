@@ -12,28 +12,9 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::key_path::key_path_at;
-use crate::route::{self, Route};
-
-/// A secret value; its `Debug` form never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret(value)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(..)")
-    }
-}
+use crate::request::key_path::key_path_at;
+use crate::request::route::{self, Route};
+use crate::request::secret::Secret;
 
 /// Where an upstream API is reached from Envoy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +117,7 @@ pub struct EdgeConfig {
 }
 
 impl EdgeConfig {
-    /// The token route of a request path, if it is one (see [`crate::route`]).
+    /// The token route of a request path, if it is one (see [`crate::request::route`]).
     pub fn route_of(&self, path: &str) -> Option<Route> {
         route::classify(&self.token_paths, path)
     }
@@ -195,7 +176,7 @@ fn read<T: DeserializeOwned>(json: &[u8]) -> Result<T, ConfigError> {
     let not_json =
         |e: serde_json::Error| ConfigError(format!("configuration is not valid JSON: {e}"));
     // serde would also read a struct from an array (its fields in order).
-    if crate::json::first_byte(json).is_some_and(|b| b != b'{') {
+    if crate::request::json::first_byte(json).is_some_and(|b| b != b'{') {
         return err("configuration: expected a JSON object");
     }
     let e = match serde_json::from_slice(json) {
@@ -554,7 +535,7 @@ fn secret(
     if value.is_empty() {
         return err(format!("{field}: must not be empty"));
     }
-    Ok(Secret(value))
+    Ok(Secret::new(value))
 }
 
 fn webhook_config(

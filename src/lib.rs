@@ -1,59 +1,25 @@
 //! voice-limit-guard: an Envoy proxy-wasm filter that enforces per-room participant limits
 //! on Matrix (MatrixRTC) calls by refusing LiveKit tokens issued by lk-jwt-service.
 //!
-//! The crate is a sans-IO core plus a thin host adapter:
-//! - [`flow`] is the whole admission of a token request, top to bottom, driven by events and
-//!   answering with effects. Start reading there.
-//! - [`route`] tells the token routes apart; [`token_request`] (on [`gojson`]) reads the
-//!   legacy routes' bodies and [`rtc_request`] the MatrixRTC routes' requests; [`watch`]
-//!   checks a token issued after a request-phase admission.
-//! - [`synapse`] (limits, power levels) and [`livekit`] (participants) ask the services, both
-//!   on [`upstream`] and [`json`]; [`lookup`] settles Synapse's answers into [`limit_cache`].
-//! - [`jwt`], [`livekit_names`], [`decision`], [`occupancy`] and [`limit_cache`] (both on
-//!   [`store`]), [`reply`] and [`config`] each hold one concern.
-//! - [`affinity`] is the edge role: it names a token request's room in a header, so that
-//!   Envoy's consistent hashing sends each room to one guard replica.
-//! - [`stream`] carries a stream's effects out through a small `Host` trait (tested natively);
-//!   `host` (compiled for the proxy-wasm target only) implements it with proxy-wasm host calls,
-//!   and `edge` is the edge role's adapter.
+//! The crate is a sans-IO core under a thin host adapter, in layers; a module uses only the
+//! layers below it (`tests/layers.py` checks the arrows, `docs/development.md` draws them):
+//!
+//! | layer | module | what lives there |
+//! | --- | --- | --- |
+//! | 5 | [`host`] | the proxy-wasm adapters: root and stream contexts, the edge and webhook roles, and the stream logic they drive ([`host::stream`], tested natively) |
+//! | 4 | [`admission`] | the sans-IO admission of one token request, events in, effects out: start reading there |
+//! | 3 | [`upstream`] | what Synapse, LiveKit and lk-jwt-service say: requests to them, their answers, issued tokens, signed webhooks |
+//! | 2 | [`occupancy`], [`config`] | who is in a room (reservations, pairings, the view kept by webhooks); the filter's configuration |
+//! | 1 | [`request`] | what clients send: routes, bodies as lk-jwt-service's Go decoder reads them, LiveKit names derived from them |
+//! | 0 | [`state`], [`counter`] | shared data and per-VM memory; the counters the guard exports |
 
-pub mod affinity;
-pub mod budget;
+pub mod admission;
 pub mod config;
-pub mod decision;
-mod decoded;
-pub mod flow;
-pub mod gojson;
-pub mod json;
-pub mod jwt;
-mod key_path;
-pub mod limit_cache;
-pub mod livekit;
-pub mod livekit_names;
-pub mod lookup;
-mod memo;
+pub mod counter;
+pub mod host;
 pub mod occupancy;
-pub mod openid;
-pub mod presence;
-pub mod reply;
-mod room_record;
-pub mod room_view;
-pub mod route;
-pub mod rtc_request;
-pub mod session;
-pub mod store;
-pub mod stream;
-pub mod synapse;
+pub mod request;
+pub mod state;
 #[cfg(test)]
 mod test_support;
-pub mod token_request;
 pub mod upstream;
-pub mod watch;
-pub mod webhook;
-
-#[cfg(target_os = "wasi")]
-mod edge;
-#[cfg(target_os = "wasi")]
-mod host;
-#[cfg(target_os = "wasi")]
-mod webhook_host;

@@ -4,9 +4,9 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
+use crate::admission::CallKind;
 use crate::config::Config;
-use crate::flow::CallKind;
-use crate::livekit_names::room_alias;
+use crate::request::livekit_names::room_alias;
 
 pub const ROOM: &str = "!room:example.com";
 

@@ -26,8 +26,8 @@ use std::time::Instant;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::Value;
-use voice_limit_guard::livekit_names::{hash_of_strings, room_alias};
-use voice_limit_guard::token_request::{self, Shape, TokenRequest};
+use voice_limit_guard::request::livekit_names::{hash_of_strings, room_alias};
+use voice_limit_guard::request::token_request::{self, Shape, TokenRequest};
 
 mod strict_token;
 use strict_token::Endpoint;

@@ -11,7 +11,7 @@
 use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::jwt::{join_claims, ClaimsError, JoinClaims};
+use voice_limit_guard::upstream::jwt::{join_claims, ClaimsError, JoinClaims};
 
 const HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
 const SIGNATURE: &str = "c2lnbmF0dXJl";

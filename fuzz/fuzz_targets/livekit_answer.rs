@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::livekit::parse_list_response;
-use voice_limit_guard::upstream::{CallError, Service};
+use voice_limit_guard::upstream::livekit::parse_list_response;
+use voice_limit_guard::upstream::call::{CallError, Service};
 
 fuzz_target!(|data: &[u8]| {
     match parse_list_response(Some(200), data) {

@@ -8,9 +8,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::livekit_names::room_alias;
-use voice_limit_guard::route::Route;
-use voice_limit_guard::rtc_request::{parse, Asked, RtcHeaders};
+use voice_limit_guard::request::livekit_names::room_alias;
+use voice_limit_guard::request::route::Route;
+use voice_limit_guard::request::rtc_request::{parse, Asked, RtcHeaders};
 
 fuzz_target!(|data: &[u8]| {
     let client = RtcHeaders {

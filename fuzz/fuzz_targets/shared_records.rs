@@ -22,10 +22,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::limit_cache::{self, Cached, Lifetimes};
+use voice_limit_guard::admission::limit_cache::{self, Cached, Lifetimes};
 use voice_limit_guard::occupancy::{self, Outcome, Participants, Request};
-use voice_limit_guard::store::{MemoryStore, SharedStore};
-use voice_limit_guard::synapse::Limit;
+use voice_limit_guard::state::store::{MemoryStore, SharedStore};
+use voice_limit_guard::upstream::synapse::Limit;
 
 const HEADER_LEN: usize = 16;
 const ROOM: &str = "!room:example.org";

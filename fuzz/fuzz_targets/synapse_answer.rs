@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::synapse::{parse_power_levels, parse_state_response, Limit, MAX_PRIVILEGED};
-use voice_limit_guard::upstream::{CallError, Service};
+use voice_limit_guard::upstream::synapse::{parse_power_levels, parse_state_response, Limit, MAX_PRIVILEGED};
+use voice_limit_guard::upstream::call::{CallError, Service};
 
 const STATE_TYPE: &str = "io.lotus.voice_limit";
 

@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::token_request::{parse, BodyError};
+use voice_limit_guard::request::token_request::{parse, BodyError};
 
 #[path = "../../tests/strict_token/mod.rs"]
 mod strict_token;

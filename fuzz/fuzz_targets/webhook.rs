@@ -10,8 +10,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use voice_limit_guard::presence::RoomEvent;
-use voice_limit_guard::webhook::{read_event, Intake, Received};
+use voice_limit_guard::occupancy::presence::RoomEvent;
+use voice_limit_guard::upstream::webhook::{read_event, Intake, Received};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {

@@ -15,9 +15,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
-use voice_limit_guard::config::Secret;
-use voice_limit_guard::gojson::{self, key_matches, Value};
-use voice_limit_guard::token_request::{
+use voice_limit_guard::request::gojson::{self, key_matches, Value};
+use voice_limit_guard::request::secret::Secret;
+use voice_limit_guard::request::token_request::{
     assign_string, BodyError, OpenId, Shape, TokenRequest, LEGACY_SLOT,
 };
 
@@ -429,7 +429,7 @@ impl NewBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use voice_limit_guard::token_request::parse;
+    use voice_limit_guard::request::token_request::parse;
 
     const LEGACY: &str = r#"{"room":"!abc:example.com","openid_token":{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600},"device_id":"DEV"}"#;
     const NEW: &str = r#"{"room_id":"!abc","slot_id":"m.call#ROOM","openid_token":{"access_token":"t","token_type":"Bearer","matrix_server_name":"example.com","expires_in":3600},"member":{"id":"mem","claimed_user_id":"@alice:example.com","claimed_device_id":"DEV"}}"#;
