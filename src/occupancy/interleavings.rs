@@ -77,7 +77,9 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("OCCUPANCY_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(512)
+    ))]
     /// Within a reservation time, with nobody connecting: the places the room's record holds
     /// are exactly those of requests in flight and of tokens issued.
     /// - I5: a stand-in for requesters nobody verified holds a place only while a request of
@@ -167,7 +169,9 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("OCCUPANCY_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
+    ))]
     /// I7: a user whose hashed identity is connected, but who was never admitted by this
     /// process (in the call before the room had a limit, or before a restart), is never
     /// refused when asking again for an identity they hold, whatever the limit.
