@@ -7,6 +7,15 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
 const ROOM: &str = "alias";
+
+/// How many cases each property runs: `default` in `make test`, `OCCUPANCY_CASES` (200,000
+/// under `make fuzz`) when set.
+fn cases(default: u32) -> u32 {
+    std::env::var("OCCUPANCY_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
 /// Verified users.
 const USERS: [&str; 5] = ["@a:x", "@b:x", "@c:x", "@d:x", "@e:x"];
 /// Accounts of other homeservers, whose OpenID tokens nobody here verifies, and the stand-in
@@ -77,9 +86,7 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("OCCUPANCY_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(512)
-    ))]
+    #![proptest_config(ProptestConfig::with_cases(cases(512)))]
     /// Within a reservation time, with nobody connecting: the places the room's record holds
     /// are exactly those of requests in flight and of tokens issued.
     /// - I5: a stand-in for requesters nobody verified holds a place only while a request of
@@ -169,9 +176,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("OCCUPANCY_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
-    ))]
+    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
     /// I7: a user whose hashed identity is connected, but who was never admitted by this
     /// process (in the call before the room had a limit, or before a restart), is never
     /// refused when asking again for an identity they hold, whatever the limit.
@@ -903,9 +908,7 @@ mod orders {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("OCCUPANCY_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
-        ))]
+        #![proptest_config(ProptestConfig::with_cases(cases(256)))]
         #[test]
         fn no_order_of_events_lets_one_user_too_many_in(
             limit in 1u32..5,
