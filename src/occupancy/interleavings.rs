@@ -905,6 +905,41 @@ mod orders {
         ];
         let outcome = run_events(1, 0, 60_000, true, seconds);
         assert!(outcome.is_ok(), "{outcome:?}");
+        // A user reconnected long after their admission, the events of both sessions heard at
+        // once (the leave first, or the join), and lists taken in that millisecond; the old
+        // session's leave, replayed a millisecond later, was taken for a leave since the
+        // lists were taken, and a newcomer got the only place.
+        let replayed_leave = [
+            vec![
+                Ask(2),
+                Answer(0),
+                Connect(2),
+                Tick(7_200_000),
+                Reconnect(2, true),
+                Ask(3),
+                Ask(0),
+                Tick(1),
+                Replay(2),
+                Answer(0),
+            ],
+            vec![
+                Ask(3),
+                Answer(0),
+                Connect(3),
+                Tick(7_200_000),
+                Reconnect(3, false),
+                Ask(0),
+                Ask(0),
+                Ask(0),
+                Tick(1),
+                Replay(1),
+                Answer(0),
+            ],
+        ];
+        for events in replayed_leave {
+            let outcome = run_events(1, 0, 60_000, false, events);
+            assert!(outcome.is_ok(), "{outcome:?}");
+        }
     }
 
     proptest! {

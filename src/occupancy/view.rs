@@ -294,6 +294,27 @@ impl View {
         }
         for m in &mut self.members {
             if m.at > taken {
+                // Learnt since the list was taken: newer than what the list says of that
+                // session. But a session the list shows that began after the entry's, or one of
+                // its second the entry does not know, is one no event told of: connected (an
+                // old session's leave, late or replayed, does not hide the new one).
+                if let Some((_, session)) = listed
+                    .iter()
+                    .find(|(named, _)| named.identity == m.identity)
+                {
+                    if m.of_its_second(session) {
+                        if let Some(known) = session::take(&m.sid, &session.sid, false) {
+                            m.gone = !session::connected(&known);
+                            m.sid = known;
+                        }
+                    } else if session.start > m.session {
+                        // What was heard since is all of an older session: the list says more.
+                        m.session = session.start;
+                        m.sid = session::first_of_second(&session.sid, false);
+                        m.gone = false;
+                        m.at = taken;
+                    }
+                }
                 continue;
             }
             match listed
@@ -480,6 +501,30 @@ mod tests {
         assert!(!view.verified(2_000, 60_000, doubt_since(&store)));
         merge(&mut view, &[], 1_600);
         assert!(view.verified(2_000, 60_000, doubt_since(&store)));
+    }
+
+    #[test]
+    fn an_old_sessions_leave_heard_after_a_list_does_not_hide_the_session_it_shows() {
+        let mut view = View::default();
+        // The leave of session 10, heard (or replayed) at 300, after a list taken at 200
+        // that shows session 20.
+        assert!(view.apply(&named("a"), &Session::at(10), Presence::Left, 300));
+        merge(&mut view, &[("a", "a", 20)], 200);
+        assert_eq!(connected(&view), ["a"]);
+        // The leave of the session the list shows, heard since, is final.
+        let mut view = View::default();
+        assert!(view.apply(&named("a"), &Session::at(20), Presence::Left, 300));
+        merge(&mut view, &[("a", "a", 20)], 200);
+        assert!(connected(&view).is_empty());
+        // To the second: an end of another sid of that second hides only its own.
+        let mut view = View::default();
+        let ended = Session::of(0, 1, "PA_x");
+        assert!(view.apply(&named("a"), &ended, Presence::Left, 300));
+        let shown = Session::of(0, 1, "PA_y");
+        let a = named("a");
+        view.merge(&[(&a, &shown)], 200);
+        assert_eq!(connected(&view), ["a"]);
+        assert_eq!(view.members[0].sid, "-PA_x PA_y");
     }
 
     #[test]
