@@ -342,8 +342,9 @@ mod orders {
         in_flight: Vec<(usize, u64, bool, u64)>,
         /// Events delivered, and when (for replays).
         delivered: Vec<(usize, u64, bool, u64)>,
-        /// With webhooks, the lists decided on: when taken, and whom they showed.
-        lists: Vec<(u64, BTreeSet<usize>)>,
+        /// With webhooks, the lists decided on: when taken, whom they showed, and how many
+        /// events had been delivered by then.
+        lists: Vec<(u64, BTreeSet<usize>, usize)>,
         /// Users who connected since their latest admission. With webhooks, they connect
         /// again only with a new admission: a reconnection on a token already used is counted
         /// once its event arrives, and I1 does not cover what the guard admitted meanwhile
@@ -420,18 +421,38 @@ mod orders {
             })
         }
 
-        /// `user` admitted; `in_call`: on the view, which shows them connected (their place is
-        /// held from now on, as by a new run).
-        /// The events delivered show `user` connected: a session joined and not left.
+        /// The view shows `user` connected: a join delivered of a session not left, and not
+        /// undone by a list decided on since.
         fn shown_by_view(&self, user: usize) -> bool {
-            let sessions = |left: bool| {
+            let left = |s: u64| {
                 self.delivered
                     .iter()
-                    .filter(move |(u, _, l, _)| *u == user && *l == left)
+                    .any(|(u, l, gone, _)| *u == user && *gone && *l >= s)
             };
-            sessions(false).any(|(_, s, _, _)| !sessions(true).any(|(_, l, _, _)| l >= s))
+            self.delivered
+                .iter()
+                .enumerate()
+                .any(|(n, (u, s, gone, at))| {
+                    *u == user && !gone && !left(*s) && !self.undone(user, n, *at)
+                })
         }
 
+        /// Whether the newest list decided on after the `n`-th event delivered (a join of
+        /// `user`, heard at `at`) and taken no earlier than the view dates that event (after
+        /// the newest list decided on before it) showed `user` gone: the view merged it, and
+        /// shows them gone.
+        fn undone(&self, user: usize, n: usize, at: u64) -> bool {
+            let before = self.lists.iter().filter(|(.., d)| *d <= n);
+            let dated = before.map(|(t, ..)| t + 1).fold(at, u64::max);
+            self.lists
+                .iter()
+                .filter(|(t, _, d)| *d > n && *t >= dated)
+                .max_by_key(|(t, ..)| *t)
+                .is_some_and(|(_, users, _)| !users.contains(&user))
+        }
+
+        /// `user` admitted; `in_call`: on the view, which shows them connected (their place is
+        /// held from now on, as by a new run).
         fn admitted(&mut self, user: usize, in_call: bool) {
             self.had_session.remove(&user);
             self.admissions.push((user, self.now));
@@ -550,14 +571,16 @@ mod orders {
             let superseded = |m: &Model, taken: u64| {
                 m.lists
                     .iter()
-                    .any(|(t, users)| *t > taken && !users.contains(&user))
+                    .any(|(t, users, _)| *t > taken && !users.contains(&user))
             };
             let gone_since = match basis {
                 Basis::List(taken, _) => self.verify_ms > 0 && superseded(m, taken),
                 Basis::Record => false,
             };
             if let (true, Basis::List(taken, shown)) = (self.verify_ms > 0, &basis) {
-                m.lists.push((*taken, shown.keys().copied().collect()));
+                let delivered = m.delivered.len();
+                m.lists
+                    .push((*taken, shown.keys().copied().collect(), delivered));
             }
             if verdict.admitted {
                 let in_call = matches!(basis, Basis::Record) && m.shown_by_view(user);
@@ -940,6 +963,29 @@ mod orders {
             let outcome = run_events(1, 0, 60_000, false, events);
             assert!(outcome.is_ok(), "{outcome:?}");
         }
+        // To the second, a join of the second of the admission leaves its reservation. A list
+        // taken after the user left showed them gone, their leave still on the way; asking
+        // again later did not start a new reservation time, as the view no longer showed
+        // them (the model took the join alone for the view's word).
+        let seconds_rejoin = vec![
+            Ask(0),
+            Tick(30_000),
+            Ask(1),
+            Ask(0),
+            Answer(1),
+            Connect(1),
+            Deliver(0),
+            Leave(1),
+            Answer(2),
+            Answer(1),
+            Tick(15_000),
+            Ask(1),
+            Tick(15_000),
+            Ask(0),
+            Answer(1),
+        ];
+        let outcome = run_events(1, 0, 60_000, true, seconds_rejoin);
+        assert!(outcome.is_ok(), "{outcome:?}");
     }
 
     proptest! {
