@@ -4,7 +4,8 @@
 //! Events may arrive late, twice or out of order, and a list may be answered after events
 //! newer than it. Each participant's entry is therefore ordered: a session (LiveKit's
 //! `joined_at_ms`) replaces an older one, and within a session leaving is final; what an
-//! event established is undone only by a newer event or a list *taken* after it arrived.
+//! event established is undone only by a newer event or a list *taken* after it arrived (or
+//! one that shows a later session than the event's).
 //! A mistake in that order can only make the view show someone who is gone (a place held
 //! until the next list), never hide someone connected whose events arrived; and someone shown
 //! only by events since the newest list is not let into a room a newcomer could not enter
@@ -283,10 +284,11 @@ impl View {
     }
 
     /// Merges a list taken at `taken` (identity and named user digests, and sessions): it
-    /// replaces what was learnt before it was taken, and leaves what was learnt since (a list
-    /// older than one merged already changes nothing). The end
-    /// of a session stays known whatever a list says (a late or replayed join of it must not
-    /// bring it back); a participant learnt before the list and not in it has left.
+    /// replaces what was learnt before it was taken, and leaves what was learnt since, but for
+    /// a session it shows that began after the one learnt of since (a list older than one
+    /// merged already changes nothing). The end of a session stays known whatever a list says
+    /// (a late or replayed join of it must not bring it back); a participant learnt before the
+    /// list and not in it has left.
     pub fn merge(&mut self, listed: &[(&Named, &Session)], taken: u64) {
         if taken < self.listed {
             // A newer list was merged: what this one says, that one said later.
