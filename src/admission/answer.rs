@@ -172,10 +172,7 @@ impl Admission {
         let owner = match &self.request {
             Some(Ok(request)) if hold.unverified => {
                 let user = requester_of_identity(identity, &request.device_id);
-                let server = &request.openid.matrix_server_name;
-                rtc_request::server_of(user)
-                    .is_some_and(|of| rtc_request::same_server(of, server))
-                    .then_some(user)
+                requester::of_token_server(user, request).then_some(user)
             }
             _ => None,
         };

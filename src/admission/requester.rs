@@ -229,7 +229,13 @@ pub(super) fn unverified_stand_in(server: &str) -> String {
 /// them, a port included). Not every lk-jwt-service build checks this itself, and a token
 /// of one server proves nothing about another server's users.
 pub(super) fn claim_provable(request: &TokenRequest) -> bool {
-    rtc_request::server_of(&request.claimed_user_id)
+    of_token_server(&request.claimed_user_id, request)
+}
+
+/// Whether `user` is of the server the request's OpenID token names: the only users that
+/// token's check can say anything of.
+pub(super) fn of_token_server(user: &str, request: &TokenRequest) -> bool {
+    rtc_request::server_of(user)
         .is_some_and(|server| rtc_request::same_server(server, &request.openid.matrix_server_name))
 }
 
