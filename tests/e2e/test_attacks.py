@@ -280,6 +280,21 @@ def test_a_flood_of_room_ids_does_not_push_out_a_limit(start_envoy, plugin_confi
 LOOKUP_BUDGET = 20
 
 
+def flood_new_rooms(envoy, tag: str, until: float, statuses: list[int],
+                    shed: list[tuple[str, dict, bytes]] | None = None) -> None:
+    """One flooding client: mallory's `/sfu/get` for a room id nobody has seen, again and
+    again until ``until``; each answer's status is kept, and a 429's room, headers and body in
+    ``shed``."""
+    n = 0
+    while time.monotonic() < until:
+        room = f"!{tag}-{n}-{time.monotonic_ns()}:test.local"
+        resp = envoy.post("/sfu/get", token_body("legacy", "mallory", "M", room))
+        statuses.append(resp.status_code)
+        if shed is not None and resp.status_code == 429:
+            shed.append((room, dict(resp.headers), resp.content))
+        n += 1
+
+
 def test_a_flood_of_new_room_ids_costs_synapse_at_most_the_lookup_budget(
         start_envoy, plugin_config, full_room):
     """I4: what a client that proves nothing makes Synapse do is bounded per process.
@@ -298,14 +313,7 @@ def test_a_flood_of_new_room_ids_costs_synapse_at_most_the_lookup_budget(
     deadline = time.monotonic() + 3.0
 
     def flood(worker: int) -> None:
-        n = 0
-        while time.monotonic() < deadline:
-            room = f"!i4-{worker}-{n}-{time.monotonic_ns()}:test.local"
-            resp = envoy.post("/sfu/get", token_body("legacy", "mallory", "M", room))
-            statuses.append(resp.status_code)
-            if resp.status_code == 429:
-                shed.append((room, dict(resp.headers), resp.content))
-            n += 1
+        flood_new_rooms(envoy, f"i4-{worker}", deadline, statuses, shed)
 
     with counting(envoy) as counts:
         t0 = time.monotonic()
@@ -350,12 +358,7 @@ def test_a_flood_of_new_room_ids_leaves_rooms_seen_before_their_answer(
     flood_statuses: list[int] = []
 
     def flood(worker: int) -> None:
-        n = 0
-        while time.monotonic() < stop:
-            room = f"!i4-known-{worker}-{n}-{time.monotonic_ns()}:test.local"
-            resp = envoy.post("/sfu/get", token_body("legacy", "mallory", "M", room))
-            flood_statuses.append(resp.status_code)
-            n += 1
+        flood_new_rooms(envoy, f"i4-known-{worker}", stop, flood_statuses)
 
     answers: list[tuple[str, int]] = []
     with counting(envoy) as counts:
